@@ -1,0 +1,275 @@
+//! The flow state machine: what one packet means for one flow. Plain functions
+//! over the boundary types, called by the eBPF programs per packet, by the
+//! offline analyzer per captured packet, and by host tests.
+
+use crate::parse::Packet;
+use crate::types::{
+    state, Dir, Event, EventKind, Flow, FlowKey, NEVER, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+};
+
+/// The flow key for `pkt` seen in direction `dir` (server side normalised).
+#[inline(always)]
+pub fn flow_key(pkt: &Packet, dir: Dir) -> FlowKey {
+    let (client_addr, server_addr, client_port, server_port) = match dir {
+        Dir::In => (pkt.src_addr, pkt.dst_addr, pkt.src_port, pkt.dst_port),
+        Dir::Out => (pkt.dst_addr, pkt.src_addr, pkt.dst_port, pkt.src_port),
+    };
+    FlowKey {
+        client_addr,
+        server_addr,
+        client_port,
+        server_port,
+        family: pkt.family,
+        _pad: [0; 3],
+    }
+}
+
+/// Should a packet for an unknown flow create a table entry? Not a lone RST or
+/// FIN: that would fill the table with flows that are already over.
+#[inline(always)]
+pub fn opens_flow(pkt: &Packet) -> bool {
+    pkt.tcp_flags & (TCP_RST | TCP_FIN) == 0
+}
+
+/// A new, empty flow first seen at `now`. Apply its first packet with
+/// [`update`] (after [`classify`] said [`EventKind::Opened`]).
+#[inline(always)]
+pub fn new_flow(pkt: &Packet, dir: Dir, now: u64) -> Flow {
+    let mut flow = Flow {
+        first_seen_ns: now,
+        last_payload_dir: 0xff,
+        ..Flow::default()
+    };
+    // A connection starts with the client's SYN; anything else means we joined late.
+    let handshake = dir == Dir::In && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if !handshake {
+        flow.state |= state::MIDSTREAM;
+    }
+    flow
+}
+
+/// A fresh SYN on a closed 4-tuple: a new connection reusing the ports.
+#[inline(always)]
+fn reopens(flow: &Flow, pkt: &Packet, dir: Dir) -> bool {
+    flow.state & state::CLOSED != 0
+        && dir == Dir::In
+        && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+#[inline(always)]
+fn since(now: u64, then: u64) -> u64 {
+    if then == 0 {
+        NEVER
+    } else {
+        now.saturating_sub(then)
+    }
+}
+
+#[inline(always)]
+fn silence(flow: &Flow, now: u64) -> u64 {
+    let last_any = if flow.last_in_ns > flow.last_out_ns {
+        flow.last_in_ns
+    } else {
+        flow.last_out_ns
+    };
+    if last_any == 0 {
+        0
+    } else {
+        now.saturating_sub(last_any)
+    }
+}
+
+/// Is sequence number `a` after `b`, modulo 2^32?
+#[inline(always)]
+pub fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+/// What `pkt` means for `flow`, before any change: at most one event kind.
+/// Most packets mean nothing worth an event (events are for silences and
+/// endings, not per packet).
+#[inline(always)]
+pub fn classify(
+    flow: &Flow,
+    pkt: &Packet,
+    dir: Dir,
+    now: u64,
+    gap_threshold_ns: u64,
+) -> Option<EventKind> {
+    if reopens(flow, pkt, dir) {
+        return Some(EventKind::Opened);
+    }
+    if flow.state & state::CLOSED != 0 {
+        return None;
+    }
+    let flags = pkt.tcp_flags;
+    if flags & (TCP_FIN | TCP_RST) != 0 {
+        return Some(EventKind::Closed);
+    }
+    if dir == Dir::Out
+        && pkt.payload_len > 0
+        && flow.state & (state::SEQ_KNOWN | state::RETRANS_REPORTED) == state::SEQ_KNOWN
+        && !seq_after(pkt.seq.wrapping_add(pkt.payload_len), flow.server_seq_next)
+        && flow.last_in_ns != 0
+        && now.saturating_sub(flow.last_in_ns) >= gap_threshold_ns
+    {
+        // Data already sent, sent again, to a client silent for a while: the
+        // server's answer may be falling into a black hole.
+        return Some(EventKind::Retransmit);
+    }
+    if dir == Dir::In && flow.state & state::RETRANS_REPORTED != 0 {
+        return Some(EventKind::RetransAnswered);
+    }
+    let gap = silence(flow, now);
+    if gap != 0 && gap >= gap_threshold_ns {
+        return Some(EventKind::GapEnded);
+    }
+    None
+}
+
+/// Write the event for `pkt` into `ev` (in the kernel: straight into the ring
+/// buffer slot), with the flow as it was *before* the packet.
+#[inline(always)]
+pub fn fill_event(
+    ev: &mut Event,
+    kind: EventKind,
+    key: &FlowKey,
+    f: &Flow,
+    pkt: &Packet,
+    dir: Dir,
+    now: u64,
+) {
+    ev.key = *key;
+    ev.ts_ns = now;
+    ev.first_seen_ns = f.first_seen_ns;
+    ev.silence_ns = silence(f, now);
+    ev.since_client_ns = since(now, f.last_in_ns);
+    ev.since_server_ns = since(now, f.last_out_ns);
+    ev.since_payload_ns = since(now, f.last_payload_ns);
+    ev.max_gap_ns = f.max_gap_ns;
+    ev.bytes_in = f.bytes_in;
+    ev.bytes_out = f.bytes_out;
+    ev.pkts_in = f.pkts_in;
+    ev.pkts_out = f.pkts_out;
+    ev.payload_len = pkt.payload_len;
+    ev.ip_id = pkt.ip_id;
+    ev.window = pkt.window;
+    ev.base_ip_id = f.client_ip_id;
+    ev.base_window = f.client_window;
+    ev.kind = kind as u8;
+    ev.dir = dir as u8;
+    ev.tcp_flags = pkt.tcp_flags;
+    ev.ttl = pkt.ttl;
+    ev.ttl_min = f.ttl_min;
+    ev.ttl_max = f.ttl_max;
+    ev.last_payload_dir = f.last_payload_dir;
+    ev.flow_state = f.state;
+    ev._pad = 0;
+}
+
+/// Fold `pkt` into `flow`, given what [`classify`] said of it.
+#[inline(always)]
+pub fn update(flow: &mut Flow, pkt: &Packet, dir: Dir, now: u64, kind: Option<EventKind>) {
+    match kind {
+        Some(EventKind::Opened) if flow.state & state::CLOSED != 0 => {
+            *flow = new_flow(pkt, dir, now);
+        }
+        Some(EventKind::Closed) => flow.state |= state::CLOSED,
+        Some(EventKind::Retransmit) => flow.state |= state::RETRANS_REPORTED,
+        _ => {}
+    }
+    let gap = silence(flow, now);
+    if gap > flow.max_gap_ns {
+        flow.max_gap_ns = gap;
+    }
+    apply(flow, pkt, dir, now);
+}
+
+/// The whole step for one packet of a known flow, for callers with stack to
+/// spare (host, offline analysis): [`classify`], [`fill_event`], [`update`].
+pub fn on_packet(
+    flow: &mut Flow,
+    key: &FlowKey,
+    pkt: &Packet,
+    dir: Dir,
+    now: u64,
+    gap_threshold_ns: u64,
+) -> Option<Event> {
+    let kind = classify(flow, pkt, dir, now, gap_threshold_ns);
+    let ev = kind.map(|k| {
+        let mut ev = Event::zeroed();
+        fill_event(&mut ev, k, key, flow, pkt, dir, now);
+        ev
+    });
+    update(flow, pkt, dir, now, kind);
+    ev
+}
+
+/// A packet for a flow not in the table: the new flow and its `Opened` event,
+/// or `None` when the packet should not create a flow (see [`opens_flow`]).
+pub fn open_flow(key: &FlowKey, pkt: &Packet, dir: Dir, now: u64) -> Option<(Flow, Event)> {
+    if !opens_flow(pkt) {
+        return None;
+    }
+    let mut flow = new_flow(pkt, dir, now);
+    let mut ev = Event::zeroed();
+    fill_event(&mut ev, EventKind::Opened, key, &flow, pkt, dir, now);
+    update(&mut flow, pkt, dir, now, None);
+    Some((flow, ev))
+}
+
+/// Fold the packet into the flow's counters and baselines.
+#[inline(always)]
+fn apply(flow: &mut Flow, pkt: &Packet, dir: Dir, now: u64) {
+    let flags = pkt.tcp_flags;
+    match dir {
+        Dir::In => {
+            flow.last_in_ns = now;
+            flow.pkts_in = flow.pkts_in.wrapping_add(1);
+            flow.bytes_in = flow.bytes_in.wrapping_add(pkt.ip_len as u64);
+            flow.flags_in |= flags;
+            flow.state &= !state::RETRANS_REPORTED;
+            // RSTs stay out of the baseline: an injected one must not pollute it.
+            if flags & TCP_RST == 0 {
+                if flow.state & state::CLIENT_SEEN == 0 {
+                    flow.ttl_min = pkt.ttl;
+                    flow.ttl_max = pkt.ttl;
+                    flow.state |= state::CLIENT_SEEN;
+                } else {
+                    if pkt.ttl < flow.ttl_min {
+                        flow.ttl_min = pkt.ttl;
+                    }
+                    if pkt.ttl > flow.ttl_max {
+                        flow.ttl_max = pkt.ttl;
+                    }
+                }
+                flow.client_ip_id = pkt.ip_id;
+                flow.client_window = pkt.window;
+            }
+        }
+        Dir::Out => {
+            flow.last_out_ns = now;
+            flow.pkts_out = flow.pkts_out.wrapping_add(1);
+            flow.bytes_out = flow.bytes_out.wrapping_add(pkt.ip_len as u64);
+            flow.flags_out |= flags;
+            if flags & TCP_RST == 0 {
+                // SYN and FIN each take one sequence number.
+                let mut end = pkt.seq.wrapping_add(pkt.payload_len);
+                if flags & (TCP_SYN | TCP_FIN) != 0 {
+                    end = end.wrapping_add(1);
+                }
+                if flow.state & state::SEQ_KNOWN == 0 || seq_after(end, flow.server_seq_next) {
+                    flow.server_seq_next = end;
+                    flow.state |= state::SEQ_KNOWN;
+                }
+            }
+        }
+    }
+    if pkt.payload_len > 0 {
+        flow.last_payload_ns = now;
+        flow.last_payload_dir = dir as u8;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,12 @@
+//! Types shared by the kernel programs and user space, and the flow state
+//! machine itself: one source of truth for "what a packet means", used by the
+//! eBPF programs, by offline analysis and by host unit tests.
+#![no_std]
+
+pub mod flow;
+pub mod parse;
+pub mod types;
+
+pub use flow::{on_packet, open_flow};
+pub use parse::{parse_ethernet, Frame, Packet, ParseError};
+pub use types::*;

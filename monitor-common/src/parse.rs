@@ -1,0 +1,224 @@
+//! Bounds-checked header parsing over any byte source: a packet in the kernel
+//! (XDP or TC) or a slice on the host (tests, captures, fuzzing).
+//!
+//! Ethernet, one optional 802.1Q tag, IPv4 (options skipped) or IPv6 (a bounded
+//! chain of extension headers skipped), then TCP. Anything else is "not ours".
+
+use crate::types::{FAMILY_V4, FAMILY_V6};
+
+/// A source of packet bytes. Reads take a whole fixed-size header at once,
+/// bounds-checked, and return `None` past the end. One check per header keeps
+/// the kernel verifier happy (a one-byte check can be folded by LLVM into a
+/// form the verifier cannot use) and costs fewer instructions.
+pub trait Frame {
+    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
+}
+
+impl Frame for [u8] {
+    #[inline(always)]
+    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        let b = self.get(off..off.checked_add(N)?)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(b);
+        Some(a)
+    }
+}
+
+#[inline(always)]
+fn be16(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
+}
+
+#[inline(always)]
+fn be32(b: &[u8], i: usize) -> u32 {
+    u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// Why a frame was not turned into a [`Packet`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParseError {
+    /// Not IPv4/IPv6 (ARP, LLDP, stacked VLANs...): not ours, not an error.
+    NotIp,
+    /// IP but not TCP, or a non-first fragment: not ours, not an error.
+    NotTcp,
+    /// Ends inside a header it announces.
+    Truncated,
+    /// A header field is impossible (IHL < 5, TCP data offset < 5, bad version...).
+    Malformed,
+}
+
+impl ParseError {
+    /// Failures are counted; "not ours" is not.
+    pub fn is_failure(self) -> bool {
+        matches!(self, ParseError::Truncated | ParseError::Malformed)
+    }
+}
+
+/// The header fields the state machine needs from one TCP packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Packet {
+    pub family: u8,
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub tcp_flags: u8,
+    pub ttl: u8,
+    pub ip_id: u16,
+    pub window: u16,
+    /// Bytes of IP packet (header included), as the IP header states.
+    pub ip_len: u32,
+    /// TCP payload bytes, as the headers state (not what was captured).
+    pub payload_len: u32,
+}
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+const IPPROTO_TCP: u8 = 6;
+const IPV6_HLEN: usize = 40;
+/// How many IPv6 extension headers we walk before giving up (verifier bound).
+pub const MAX_IPV6_EXT_HEADERS: usize = 4;
+
+/// Parse an Ethernet frame down to TCP.
+#[inline(always)]
+pub fn parse_ethernet<F: Frame + ?Sized>(f: &F) -> Result<Packet, ParseError> {
+    let eth: [u8; ETH_HLEN] = f.read(0).ok_or(ParseError::Truncated)?;
+    let mut ethertype = be16(&eth, 12);
+    let mut l3 = ETH_HLEN;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        // One tag only: stacked tags (QinQ) fall through as "not IP".
+        let tag: [u8; 4] = f.read(ETH_HLEN).ok_or(ParseError::Truncated)?;
+        ethertype = be16(&tag, 2);
+        l3 += 4;
+    }
+    match ethertype {
+        ETH_P_IP => parse_ipv4(f, l3),
+        ETH_P_IPV6 => parse_ipv6(f, l3),
+        _ => Err(ParseError::NotIp),
+    }
+}
+
+/// Parse from an IP header at `l3` (raw-IP captures).
+#[inline(always)]
+pub fn parse_ip<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Packet, ParseError> {
+    let v: [u8; 1] = f.read(l3).ok_or(ParseError::Truncated)?;
+    match v[0] >> 4 {
+        4 => parse_ipv4(f, l3),
+        6 => parse_ipv6(f, l3),
+        _ => Err(ParseError::Malformed),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Packet, ParseError> {
+    let h: [u8; 20] = f.read(l3).ok_or(ParseError::Truncated)?;
+    if h[0] >> 4 != 4 {
+        return Err(ParseError::Malformed);
+    }
+    let ihl = ((h[0] & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return Err(ParseError::Malformed);
+    }
+    let total_len = be16(&h, 2) as u32;
+    if h[9] != IPPROTO_TCP || be16(&h, 6) & 0x1fff != 0 {
+        // Non-first fragments carry no TCP header.
+        return Err(ParseError::NotTcp);
+    }
+    if total_len < ihl as u32 {
+        return Err(ParseError::Malformed);
+    }
+    let mut p = Packet {
+        family: FAMILY_V4,
+        ttl: h[8],
+        ip_id: be16(&h, 4),
+        ip_len: total_len,
+        ..Packet::default()
+    };
+    p.src_addr[..4].copy_from_slice(&h[12..16]);
+    p.dst_addr[..4].copy_from_slice(&h[16..20]);
+    parse_tcp(f, l3 + ihl, total_len - ihl as u32, p)
+}
+
+#[inline(always)]
+fn parse_ipv6<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Packet, ParseError> {
+    let h: [u8; IPV6_HLEN] = f.read(l3).ok_or(ParseError::Truncated)?;
+    if h[0] >> 4 != 6 {
+        return Err(ParseError::Malformed);
+    }
+    let payload_len = be16(&h, 4) as u32;
+    let mut next = h[6];
+    let mut off = l3 + IPV6_HLEN;
+    let mut ext_len: u32 = 0;
+    let mut i = 0;
+    while i < MAX_IPV6_EXT_HEADERS {
+        // Every extension header we skip is at least 8 bytes: read them whole.
+        match next {
+            // Hop-by-hop, routing, destination options: length in 8-byte units, minus one.
+            0 | 43 | 60 => {
+                let e: [u8; 8] = f.read(off).ok_or(ParseError::Truncated)?;
+                let len = (e[1] as usize + 1) * 8;
+                next = e[0];
+                off += len;
+                ext_len += len as u32;
+            }
+            // Fragment header: fixed 8 bytes; only the first fragment carries TCP.
+            44 => {
+                let e: [u8; 8] = f.read(off).ok_or(ParseError::Truncated)?;
+                if be16(&e, 2) & 0xfff8 != 0 {
+                    return Err(ParseError::NotTcp);
+                }
+                next = e[0];
+                off += 8;
+                ext_len += 8;
+            }
+            _ => break,
+        }
+        i += 1;
+    }
+    if next != IPPROTO_TCP {
+        return Err(ParseError::NotTcp);
+    }
+    if payload_len < ext_len {
+        return Err(ParseError::Malformed);
+    }
+    let mut p = Packet {
+        family: FAMILY_V6,
+        ttl: h[7],
+        ip_len: payload_len + IPV6_HLEN as u32,
+        ..Packet::default()
+    };
+    p.src_addr.copy_from_slice(&h[8..24]);
+    p.dst_addr.copy_from_slice(&h[24..40]);
+    parse_tcp(f, off, payload_len - ext_len, p)
+}
+
+/// `l4_len`: TCP header plus payload, as the IP header states.
+#[inline(always)]
+fn parse_tcp<F: Frame + ?Sized>(
+    f: &F,
+    l4: usize,
+    l4_len: u32,
+    mut p: Packet,
+) -> Result<Packet, ParseError> {
+    let t: [u8; 20] = f.read(l4).ok_or(ParseError::Truncated)?;
+    p.src_port = be16(&t, 0);
+    p.dst_port = be16(&t, 2);
+    p.seq = be32(&t, 4);
+    p.ack = be32(&t, 8);
+    let doff = ((t[12] >> 4) as u32) * 4;
+    p.tcp_flags = t[13];
+    p.window = be16(&t, 14);
+    if doff < 20 || doff > l4_len {
+        return Err(ParseError::Malformed);
+    }
+    p.payload_len = l4_len - doff;
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests;

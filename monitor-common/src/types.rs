@@ -1,0 +1,311 @@
+//! `#[repr(C)]` boundary types. Kernel and user space must agree on every byte:
+//! explicit padding, no `bool`, and a size assertion beside each type.
+
+use core::mem::size_of;
+
+/// How many server ports one agent can track.
+pub const MAX_PORTS: usize = 8;
+/// Default number of flows the kernel table holds (overridable at load time).
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 262_144;
+/// Ring buffer size for events, in bytes (a power of two and a page multiple).
+pub const EVENT_RING_BYTES: u32 = 1 << 22;
+/// Default silence that makes an "idle gap" worth an event.
+pub const DEFAULT_GAP_THRESHOLD_NS: u64 = 5_000_000_000;
+/// "Never happened" for the `since_*` fields of an [`Event`].
+pub const NEVER: u64 = u64::MAX;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// TCP flag bits as on the wire.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Settings the agent writes into the programs' read-only data at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Local (server) ports to track; only the first `port_count` are used.
+    pub ports: [u16; MAX_PORTS],
+    pub port_count: u32,
+    pub _pad: u32,
+    /// A packet after at least this much silence ends an idle gap (event).
+    pub gap_threshold_ns: u64,
+}
+const _: () = assert!(size_of::<Config>() == 32);
+
+impl Config {
+    pub const DEFAULT: Config = Config {
+        ports: [443, 0, 0, 0, 0, 0, 0, 0],
+        port_count: 1,
+        _pad: 0,
+        gap_threshold_ns: DEFAULT_GAP_THRESHOLD_NS,
+    };
+
+    /// Is `port` one of the tracked local ports? Bounded loop: verifier friendly.
+    #[inline(always)]
+    pub fn tracks(&self, port: u16) -> bool {
+        let mut i = 0;
+        while i < MAX_PORTS {
+            if (i as u32) < self.port_count && self.ports[i] == port {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+/// Direction relative to the server this agent runs on.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Client to server (ingress, XDP).
+    In = 0,
+    /// Server to client (egress, TC).
+    Out = 1,
+}
+
+impl Dir {
+    pub fn from_u8(v: u8) -> Option<Dir> {
+        match v {
+            0 => Some(Dir::In),
+            1 => Some(Dir::Out),
+            _ => None,
+        }
+    }
+}
+
+/// A TCP flow, normalised so the server side is always `server_*`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    /// IPv4 addresses use the first 4 bytes; the rest are zero.
+    pub client_addr: [u8; 16],
+    pub server_addr: [u8; 16],
+    pub client_port: u16,
+    pub server_port: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+/// Bits of [`Flow::state`].
+pub mod state {
+    /// The server's next sequence number is known (we saw it send).
+    pub const SEQ_KNOWN: u8 = 0x01;
+    /// A FIN or RST was seen; the close event was emitted.
+    pub const CLOSED: u8 = 0x02;
+    /// A retransmission after client silence was reported; cleared when the client speaks.
+    pub const RETRANS_REPORTED: u8 = 0x04;
+    /// First packet seen was not a SYN: the flow predates the agent (or its table entry).
+    pub const MIDSTREAM: u8 = 0x08;
+    /// A client packet has been seen (the TTL baseline is valid).
+    pub const CLIENT_SEEN: u8 = 0x10;
+}
+
+/// Per-flow state kept in the kernel's LRU table. Times are boot-time ns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub first_seen_ns: u64,
+    /// Last packet from the client (0: none yet).
+    pub last_in_ns: u64,
+    /// Last packet from the server (0: none yet).
+    pub last_out_ns: u64,
+    /// Last packet carrying payload, either direction (0: none yet).
+    pub last_payload_ns: u64,
+    /// Longest silence (no packet either way) seen so far.
+    pub max_gap_ns: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub pkts_in: u32,
+    pub pkts_out: u32,
+    /// Highest sequence number the server has sent, plus one (valid with SEQ_KNOWN).
+    pub server_seq_next: u32,
+    /// The client's last IP ID and window: the baseline an injected RST is compared with.
+    pub client_ip_id: u16,
+    pub client_window: u16,
+    /// Client IP TTL / hop-limit baseline, RSTs excluded (valid with CLIENT_SEEN).
+    pub ttl_min: u8,
+    pub ttl_max: u8,
+    /// TCP flags ever seen in each direction (OR of all).
+    pub flags_in: u8,
+    pub flags_out: u8,
+    /// Direction of the last payload ([`Dir`] as u8; 0xff: none yet).
+    pub last_payload_dir: u8,
+    /// Bits from [`state`].
+    pub state: u8,
+    pub _pad: [u8; 10],
+}
+const _: () = assert!(size_of::<Flow>() == 88);
+
+/// What an [`Event`] reports.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A flow entered the table.
+    Opened = 1,
+    /// A packet ended a silence of at least the gap threshold.
+    GapEnded = 2,
+    /// The server retransmitted while the client had been silent for at least the threshold.
+    Retransmit = 3,
+    /// The client spoke again after a reported retransmission.
+    RetransAnswered = 4,
+    /// First FIN or RST of the flow.
+    Closed = 5,
+}
+
+impl EventKind {
+    pub fn from_u8(v: u8) -> Option<EventKind> {
+        match v {
+            1 => Some(EventKind::Opened),
+            2 => Some(EventKind::GapEnded),
+            3 => Some(EventKind::Retransmit),
+            4 => Some(EventKind::RetransAnswered),
+            5 => Some(EventKind::Closed),
+            _ => None,
+        }
+    }
+}
+
+/// One event from the kernel. Values describe the flow *before* the packet
+/// that caused the event, plus that packet's own header fields.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub key: FlowKey,
+    /// When the packet was seen (boot-time ns).
+    pub ts_ns: u64,
+    pub first_seen_ns: u64,
+    /// Silence in both directions before this packet.
+    pub silence_ns: u64,
+    /// Time since the client's last packet ([`NEVER`]: none).
+    pub since_client_ns: u64,
+    /// Time since the server's last packet ([`NEVER`]: none).
+    pub since_server_ns: u64,
+    /// Time since the last payload either way ([`NEVER`]: none).
+    pub since_payload_ns: u64,
+    pub max_gap_ns: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub pkts_in: u32,
+    pub pkts_out: u32,
+    /// TCP payload bytes of this packet.
+    pub payload_len: u32,
+    /// This packet's IP ID (IPv4; 0 for IPv6) and TCP window.
+    pub ip_id: u16,
+    pub window: u16,
+    /// The client's last IP ID and window before this packet.
+    pub base_ip_id: u16,
+    pub base_window: u16,
+    pub kind: u8,
+    pub dir: u8,
+    pub tcp_flags: u8,
+    /// This packet's IP TTL / hop limit.
+    pub ttl: u8,
+    /// Client TTL baseline before this packet (valid if `flow_state` has CLIENT_SEEN).
+    pub ttl_min: u8,
+    pub ttl_max: u8,
+    pub last_payload_dir: u8,
+    pub flow_state: u8,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Event>() == 144);
+
+impl Event {
+    pub const fn zeroed() -> Event {
+        Event {
+            key: FlowKey {
+                client_addr: [0; 16],
+                server_addr: [0; 16],
+                client_port: 0,
+                server_port: 0,
+                family: 0,
+                _pad: [0; 3],
+            },
+            ts_ns: 0,
+            first_seen_ns: 0,
+            silence_ns: 0,
+            since_client_ns: 0,
+            since_server_ns: 0,
+            since_payload_ns: 0,
+            max_gap_ns: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            pkts_in: 0,
+            pkts_out: 0,
+            payload_len: 0,
+            ip_id: 0,
+            window: 0,
+            base_ip_id: 0,
+            base_window: 0,
+            kind: 0,
+            dir: 0,
+            tcp_flags: 0,
+            ttl: 0,
+            ttl_min: 0,
+            ttl_max: 0,
+            last_payload_dir: 0,
+            flow_state: 0,
+            _pad: 0,
+        }
+    }
+}
+
+/// Indices into the per-CPU counter array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Every packet either program saw.
+    PacketsSeen = 0,
+    /// Packets of tracked flows (TCP, tracked local port).
+    PacketsTracked = 1,
+    /// IP/TCP packets too short or malformed to parse (passed untouched).
+    ParseFailures = 2,
+    /// Flow table inserts the kernel refused.
+    FlowInsertFailed = 3,
+    /// Events lost because the ring buffer was full.
+    EventsDropped = 4,
+    /// Flows entered into the table.
+    FlowsCreated = 5,
+    /// Events written to the ring buffer.
+    EventsSent = 6,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 7;
+    pub const ALL: [Counter; 7] = [
+        Counter::PacketsSeen,
+        Counter::PacketsTracked,
+        Counter::ParseFailures,
+        Counter::FlowInsertFailed,
+        Counter::EventsDropped,
+        Counter::FlowsCreated,
+        Counter::EventsSent,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::PacketsSeen => "packets_seen",
+            Counter::PacketsTracked => "packets_tracked",
+            Counter::ParseFailures => "parse_failures",
+            Counter::FlowInsertFailed => "flow_insert_failed",
+            Counter::EventsDropped => "events_dropped",
+            Counter::FlowsCreated => "flows_created",
+            Counter::EventsSent => "events_sent",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `repr(C)` data with explicit padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::Event {}
+}

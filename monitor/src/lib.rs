@@ -1,0 +1,17 @@
+//! The user-space agent: loading and attaching the kernel programs, reading
+//! their events and counters. `main.rs` only dispatches the CLI.
+
+pub mod agent;
+pub mod clock;
+pub mod config;
+pub mod counters;
+pub mod event;
+pub mod loader;
+pub mod monitor;
+
+pub use config::{AgentConfig, ConfigError, XdpModeSetting};
+pub use event::FlowEvent;
+pub use monitor::Monitor;
+
+/// The compiled kernel programs, built by `build.rs` (aya-build).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));

@@ -1,0 +1,134 @@
+//! A running monitor: attached programs, their event ring buffer and counters.
+//! The agent drives it from tokio; tests drive it directly.
+
+use std::{
+    os::fd::{AsRawFd, RawFd},
+    time::Instant,
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use monitor_common::{Flow, FlowKey};
+
+use crate::{
+    config::AgentConfig,
+    counters::KernelCounters,
+    event::FlowEvent,
+    loader::{self, Attached, LoadError},
+};
+
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+pub struct Monitor {
+    attached: Attached,
+    events: RingBuf<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    logger: Option<KernelLogger>,
+    /// Ring buffer records that did not decode (counted, never fatal).
+    pub decode_errors: u64,
+    pub config: AgentConfig,
+    pub started: Instant,
+}
+
+impl Monitor {
+    /// Validate, load, attach. On error nothing stays attached.
+    pub fn start(cfg: &AgentConfig) -> Result<Self, StartError> {
+        cfg.validate()?;
+        let mut attached = loader::attach(cfg)?;
+        let logger = match aya_log::EbpfLogger::init(&mut attached.ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::warn!("kernel program log unavailable: {e}");
+                None
+            }
+        };
+        let events = attached
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(LoadError::MissingMap { map: "EVENTS" })?;
+        let events = RingBuf::try_from(events).map_err(|source| LoadError::MapType {
+            map: "EVENTS",
+            source,
+        })?;
+        let counters = attached
+            .ebpf
+            .take_map("COUNTERS")
+            .ok_or(LoadError::MissingMap { map: "COUNTERS" })?;
+        let counters = PerCpuArray::try_from(counters).map_err(|source| LoadError::MapType {
+            map: "COUNTERS",
+            source,
+        })?;
+        Ok(Monitor {
+            attached,
+            events,
+            counters,
+            logger,
+            decode_errors: 0,
+            config: cfg.clone(),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn attachments(&self) -> &[loader::Attachment] {
+        &self.attached.attachments
+    }
+
+    pub fn programs(&self) -> &[loader::ProgramStats] {
+        &self.attached.programs
+    }
+
+    /// Hand every pending event to `f`; returns how many were read.
+    pub fn drain(&mut self, mut f: impl FnMut(FlowEvent)) -> usize {
+        let mut n = 0;
+        let mut errors = 0;
+        while let Some(item) = self.events.next() {
+            n += 1;
+            match FlowEvent::decode(&item) {
+                Ok(ev) => f(ev),
+                Err(e) => {
+                    errors += 1;
+                    log::warn!("{e}");
+                }
+            }
+        }
+        self.decode_errors += errors;
+        n
+    }
+
+    /// The reader of the kernel programs' aya-log records, to be polled on
+    /// its own (it forwards them to `log`).
+    pub fn take_kernel_logger(&mut self) -> Option<KernelLogger> {
+        self.logger.take()
+    }
+
+    pub fn counters(&self) -> Result<KernelCounters, aya::maps::MapError> {
+        KernelCounters::read(&self.counters)
+    }
+
+    /// The live flow table (read-only view).
+    pub fn flows(&self) -> Result<BpfHashMap<&MapData, FlowKey, Flow>, LoadError> {
+        let map = self
+            .attached
+            .ebpf
+            .map("FLOWS")
+            .ok_or(LoadError::MissingMap { map: "FLOWS" })?;
+        BpfHashMap::try_from(map).map_err(|source| LoadError::MapType {
+            map: "FLOWS",
+            source,
+        })
+    }
+}
+
+impl AsRawFd for Monitor {
+    /// The event ring buffer: readable when events are pending.
+    fn as_raw_fd(&self) -> RawFd {
+        self.events.as_raw_fd()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+}
