@@ -3,6 +3,12 @@
 //! eBPF programs, by offline analysis and by host unit tests.
 #![no_std]
 
+#[cfg(any(test, feature = "craft"))]
+extern crate std;
+
+#[cfg(any(test, feature = "craft"))]
+pub mod craft;
+
 pub mod flow;
 pub mod parse;
 pub mod types;

@@ -24,8 +24,7 @@ static CONFIG: Config = Config::DEFAULT;
 
 /// The flow table; the agent sets its size at load time.
 #[map]
-static FLOWS: LruHashMap<FlowKey, Flow> =
-    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
@@ -64,7 +63,15 @@ fn count(c: Counter) {
 fn emit(kind: EventKind, key: &FlowKey, flow: &Flow, pkt: &Packet, dir: Dir, now: u64) {
     match EVENTS.reserve::<Event>(0) {
         Some(mut slot) => {
-            fill_event(unsafe { &mut *slot.as_mut_ptr() }, kind, key, flow, pkt, dir, now);
+            fill_event(
+                unsafe { &mut *slot.as_mut_ptr() },
+                kind,
+                key,
+                flow,
+                pkt,
+                dir,
+                now,
+            );
             slot.submit(0);
             count(Counter::EventsSent);
         }

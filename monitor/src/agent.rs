@@ -28,7 +28,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         log::info!(
             "program {}: {} instructions verified, {} bytes translated",
             p.name,
-            p.verified_instructions.map_or("?".into(), |n| n.to_string()),
+            p.verified_instructions
+                .map_or("?".into(), |n| n.to_string()),
             p.translated_bytes.map_or("?".into(), |n| n.to_string())
         );
     }

@@ -1,5 +1,7 @@
 //! The kernel's per-CPU counters, summed at read time.
 
+use std::borrow::Borrow;
+
 use aya::maps::{MapData, PerCpuArray};
 use monitor_common::Counter;
 
@@ -15,7 +17,9 @@ impl KernelCounters {
 
     /// Sum every CPU's slot of every counter. A counter that cannot be read
     /// reads as zero and is reported in the error.
-    pub fn read(map: &PerCpuArray<MapData, u64>) -> Result<Self, aya::maps::MapError> {
+    pub fn read<T: Borrow<MapData>>(
+        map: &PerCpuArray<T, u64>,
+    ) -> Result<Self, aya::maps::MapError> {
         let mut out = KernelCounters::default();
         for c in Counter::ALL {
             let per_cpu = map.get(&(c as u32), 0)?;

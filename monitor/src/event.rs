@@ -8,8 +8,7 @@ use std::{
 };
 
 use monitor_common::{
-    Dir, Event, EventKind, FlowKey, FAMILY_V4, NEVER, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST,
-    TCP_SYN,
+    Dir, Event, EventKind, FlowKey, FAMILY_V4, NEVER, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -134,7 +133,12 @@ impl fmt::Display for FlowEvent {
         let r = &self.raw;
         write!(f, "{} -> {} ", self.client(), self.server())?;
         match self.kind {
-            EventKind::Opened => write!(f, "opened by {} [{}]", side(self.dir), flag_names(r.tcp_flags)),
+            EventKind::Opened => write!(
+                f,
+                "opened by {} [{}]",
+                side(self.dir),
+                flag_names(r.tcp_flags)
+            ),
             EventKind::GapEnded => write!(
                 f,
                 "idle gap of {:.3}s ended by {} ({} payload bytes)",
@@ -158,7 +162,9 @@ impl fmt::Display for FlowEvent {
                 )?;
                 if self.dir == Dir::In && self.is_rst() {
                     match self.ttl_baseline() {
-                        Some((lo, hi)) => write!(f, ", ttl {} (client baseline {lo}..{hi})", r.ttl)?,
+                        Some((lo, hi)) => {
+                            write!(f, ", ttl {} (client baseline {lo}..{hi})", r.ttl)?
+                        }
                         None => write!(f, ", ttl {} (no client baseline)", r.ttl)?,
                     }
                     write!(f, ", ip id {} window {}", r.ip_id, r.window)?;

@@ -46,7 +46,8 @@ struct RunArgs {
 }
 
 fn seconds(s: f64, what: &str) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(s).with_context(|| format!("{what}: {s} is not a valid number of seconds"))
+    Duration::try_from_secs_f64(s)
+        .with_context(|| format!("{what}: {s} is not a valid number of seconds"))
 }
 
 fn main() -> anyhow::Result<()> {

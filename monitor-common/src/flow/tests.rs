@@ -1,0 +1,309 @@
+//! The state machine, packet by packet, on the host.
+
+use std::net::IpAddr;
+use std::vec::Vec;
+
+use super::*;
+use crate::craft::Tcp;
+use crate::parse::parse_ethernet;
+use crate::types::{TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN};
+
+const S: u64 = 1_000_000_000;
+const THRESHOLD: u64 = 5 * S;
+
+/// A scripted connection: client 192.0.2.2:40000, server 192.0.2.1:443.
+struct Conn {
+    flow: Option<Flow>,
+    key: FlowKey,
+    client_seq: u32,
+    server_seq: u32,
+    events: Vec<Event>,
+}
+
+fn addrs() -> (IpAddr, IpAddr) {
+    ("192.0.2.2".parse().unwrap(), "192.0.2.1".parse().unwrap())
+}
+
+impl Conn {
+    fn new() -> Conn {
+        let (c, s) = addrs();
+        let pkt = parse_ethernet(Tcp::syn(c, s).frame().as_slice()).unwrap();
+        Conn {
+            flow: None,
+            key: flow_key(&pkt, Dir::In),
+            client_seq: 1000,
+            server_seq: 5000,
+            events: Vec::new(),
+        }
+    }
+
+    fn packet(&self, dir: Dir, flags: u8, payload: usize, seq: u32, ttl: u8) -> Packet {
+        let (c, s) = addrs();
+        let mut t = match dir {
+            Dir::In => Tcp::syn(c, s),
+            Dir::Out => {
+                let mut t = Tcp::syn(s, c);
+                t.sport = 443;
+                t.dport = 40000;
+                t
+            }
+        };
+        t.flags = flags;
+        t.payload = payload;
+        t.seq = seq;
+        t.ttl = ttl;
+        parse_ethernet(t.frame().as_slice()).unwrap()
+    }
+
+    /// Feed one packet at time `at`; return the event it caused.
+    fn send(&mut self, at: u64, dir: Dir, flags: u8, payload: usize, ttl: u8) -> Option<Event> {
+        let seq = match dir {
+            Dir::In => self.client_seq,
+            Dir::Out => self.server_seq,
+        };
+        let pkt = self.packet(dir, flags, payload, seq, ttl);
+        let advance = payload as u32 + u32::from(flags & (TCP_SYN | TCP_FIN) != 0);
+        match dir {
+            Dir::In => self.client_seq = self.client_seq.wrapping_add(advance),
+            Dir::Out => self.server_seq = self.server_seq.wrapping_add(advance),
+        }
+        self.feed(at, dir, &pkt)
+    }
+
+    fn feed(&mut self, at: u64, dir: Dir, pkt: &Packet) -> Option<Event> {
+        let ev = match self.flow.as_mut() {
+            Some(f) => on_packet(f, &self.key, pkt, dir, at, THRESHOLD),
+            None => match open_flow(&self.key, pkt, dir, at) {
+                Some((f, ev)) => {
+                    self.flow = Some(f);
+                    Some(ev)
+                }
+                None => None,
+            },
+        };
+        if let Some(ev) = ev {
+            self.events.push(ev);
+        }
+        ev
+    }
+
+    /// SYN, SYN-ACK, ACK at t=0, 1 ms, 2 ms.
+    fn handshake(&mut self) {
+        self.send(0, Dir::In, TCP_SYN, 0, 64);
+        self.send(1_000_000, Dir::Out, TCP_SYN | TCP_ACK, 0, 64);
+        self.send(2_000_000, Dir::In, TCP_ACK, 0, 64);
+    }
+
+    fn flow(&self) -> &Flow {
+        self.flow.as_ref().unwrap()
+    }
+}
+
+fn kind(ev: Option<Event>) -> Option<EventKind> {
+    ev.map(|e| EventKind::from_u8(e.kind).unwrap())
+}
+
+#[test]
+fn syn_opens_a_flow_with_an_opened_event_and_no_midstream_flag() {
+    let mut c = Conn::new();
+    let ev = c.send(10, Dir::In, TCP_SYN, 0, 64).unwrap();
+    assert_eq!(EventKind::from_u8(ev.kind), Some(EventKind::Opened));
+    assert_eq!(ev.dir, Dir::In as u8);
+    assert_eq!(c.flow().state & state::MIDSTREAM, 0);
+    assert_eq!(c.flow().first_seen_ns, 10);
+    assert_eq!(c.flow().pkts_in, 1);
+}
+
+#[test]
+fn a_flow_first_seen_mid_stream_is_marked_midstream() {
+    let mut c = Conn::new();
+    c.send(10, Dir::Out, TCP_ACK | TCP_PSH, 100, 64);
+    assert_ne!(c.flow().state & state::MIDSTREAM, 0);
+}
+
+#[test]
+fn lone_rst_or_fin_for_an_unknown_flow_creates_nothing() {
+    let mut c = Conn::new();
+    assert!(c.send(10, Dir::In, TCP_RST, 0, 64).is_none());
+    assert!(c.send(10, Dir::In, TCP_FIN | TCP_ACK, 0, 64).is_none());
+    assert!(c.flow.is_none());
+}
+
+#[test]
+fn handshake_and_quick_exchange_emit_no_event_beyond_opened() {
+    let mut c = Conn::new();
+    c.handshake();
+    assert!(c
+        .send(3 * S / 1000, Dir::In, TCP_ACK | TCP_PSH, 300, 64)
+        .is_none());
+    assert!(c.send(4 * S / 1000, Dir::Out, TCP_ACK, 0, 64).is_none());
+    assert_eq!(c.events.len(), 1);
+}
+
+#[test]
+fn silence_at_or_above_threshold_ends_a_gap_with_its_length_side_and_payload() {
+    // (silence, direction, payload, expect an event)
+    let cases = [
+        (THRESHOLD - 1, Dir::In, 10, false),
+        (THRESHOLD, Dir::In, 10, true),
+        (40 * S, Dir::Out, 200, true),
+        (40 * S, Dir::In, 0, true),
+    ];
+    for (silence, dir, payload, expect) in cases {
+        let mut c = Conn::new();
+        c.handshake();
+        let t0 = 2_000_000;
+        let ev = c.send(t0 + silence, dir, TCP_ACK | TCP_PSH, payload, 64);
+        assert_eq!(ev.is_some(), expect, "silence {silence} dir {dir:?}");
+        if let Some(ev) = ev {
+            assert_eq!(EventKind::from_u8(ev.kind), Some(EventKind::GapEnded));
+            assert_eq!(ev.silence_ns, silence);
+            assert_eq!(ev.dir, dir as u8);
+            assert_eq!(ev.payload_len, payload as u32);
+        }
+        assert_eq!(c.flow().max_gap_ns, silence);
+    }
+}
+
+#[test]
+fn hold_time_is_the_time_since_the_clients_request() {
+    // Client asks (Ping), server ACKs at once, answers 40 s later.
+    let mut c = Conn::new();
+    c.handshake();
+    c.send(10 * S, Dir::In, TCP_ACK | TCP_PSH, 300, 64);
+    c.send(10 * S + 1_000_000, Dir::Out, TCP_ACK, 0, 64);
+    let ev = c
+        .send(50 * S, Dir::Out, TCP_ACK | TCP_PSH, 200, 64)
+        .unwrap();
+    assert_eq!(EventKind::from_u8(ev.kind), Some(EventKind::GapEnded));
+    assert_eq!(ev.since_payload_ns, 40 * S);
+    assert_eq!(ev.last_payload_dir, Dir::In as u8);
+    assert_eq!(ev.silence_ns, 40 * S - 1_000_000);
+}
+
+#[test]
+fn ttl_baseline_tracks_client_min_and_max_but_not_rsts() {
+    let mut c = Conn::new();
+    c.send(0, Dir::In, TCP_SYN, 0, 60);
+    c.send(1, Dir::Out, TCP_SYN | TCP_ACK, 0, 64);
+    c.send(2, Dir::In, TCP_ACK, 0, 62);
+    c.send(3, Dir::In, TCP_ACK, 0, 61);
+    assert_eq!((c.flow().ttl_min, c.flow().ttl_max), (60, 62));
+    let ev = c.send(4, Dir::In, TCP_RST, 0, 250).unwrap();
+    assert_eq!((ev.ttl, ev.ttl_min, ev.ttl_max), (250, 60, 62));
+    assert_eq!((c.flow().ttl_min, c.flow().ttl_max), (60, 62));
+}
+
+#[test]
+fn client_rst_closes_with_its_ttl_ip_id_window_and_time_since_server_send() {
+    let mut c = Conn::new();
+    c.handshake();
+    c.send(10 * S, Dir::Out, TCP_ACK | TCP_PSH, 100, 64);
+    let ev = c.send(12 * S, Dir::In, TCP_RST, 0, 64).unwrap();
+    assert_eq!(EventKind::from_u8(ev.kind), Some(EventKind::Closed));
+    assert_eq!(ev.dir, Dir::In as u8);
+    assert_eq!(ev.tcp_flags, TCP_RST);
+    assert_eq!(ev.since_server_ns, 2 * S);
+    assert_eq!(ev.silence_ns, 2 * S);
+    assert_eq!(ev.ip_id, 1);
+    assert_ne!(ev.flow_state & state::CLIENT_SEEN, 0);
+}
+
+#[test]
+fn fin_by_each_side_closes_once_and_names_the_side() {
+    for dir in [Dir::In, Dir::Out] {
+        let mut c = Conn::new();
+        c.handshake();
+        let ev = c.send(S, dir, TCP_FIN | TCP_ACK, 0, 64).unwrap();
+        assert_eq!(EventKind::from_u8(ev.kind), Some(EventKind::Closed));
+        assert_eq!(ev.dir, dir as u8);
+        let other = if dir == Dir::In { Dir::Out } else { Dir::In };
+        // The other side's FIN and a late RST are not second closes.
+        assert!(c.send(S + 1, other, TCP_FIN | TCP_ACK, 0, 64).is_none());
+        assert!(c.send(20 * S, other, TCP_RST, 0, 64).is_none());
+    }
+}
+
+#[test]
+fn no_gap_events_after_close() {
+    let mut c = Conn::new();
+    c.handshake();
+    c.send(S, Dir::In, TCP_FIN | TCP_ACK, 0, 64);
+    assert!(c.send(60 * S, Dir::Out, TCP_ACK, 0, 64).is_none());
+}
+
+#[test]
+fn fresh_syn_on_a_closed_tuple_reopens_the_flow() {
+    let mut c = Conn::new();
+    c.handshake();
+    c.send(S, Dir::In, TCP_RST, 0, 64);
+    let ev = c.send(2 * S, Dir::In, TCP_SYN, 0, 64).unwrap();
+    assert_eq!(EventKind::from_u8(ev.kind), Some(EventKind::Opened));
+    assert_eq!(c.flow().state & state::CLOSED, 0);
+    assert_eq!(c.flow().first_seen_ns, 2 * S);
+    assert_eq!(c.flow().pkts_in, 1);
+}
+
+#[test]
+fn server_retransmission_after_client_silence_is_reported_once_then_answered() {
+    let mut c = Conn::new();
+    c.handshake();
+    c.send(S, Dir::In, TCP_ACK | TCP_PSH, 300, 64);
+    // Server answers at the heartbeat (a gap event), then must resend it.
+    let answer_seq = c.server_seq;
+    assert_eq!(
+        kind(c.send(41 * S, Dir::Out, TCP_ACK | TCP_PSH, 200, 64)),
+        Some(EventKind::GapEnded)
+    );
+    let resend = c.packet(Dir::Out, TCP_ACK | TCP_PSH, 200, answer_seq, 64);
+    let ev = c.feed(41 * S + S / 5, Dir::Out, &resend).unwrap();
+    assert_eq!(EventKind::from_u8(ev.kind), Some(EventKind::Retransmit));
+    assert_eq!(ev.since_client_ns, 40 * S + S / 5);
+    // Further resends of the same episode stay quiet.
+    assert!(c.feed(41 * S + S / 2, Dir::Out, &resend).is_none());
+    // The client speaks: the episode ends with an event.
+    assert_eq!(
+        kind(c.send(42 * S, Dir::In, TCP_ACK, 0, 64)),
+        Some(EventKind::RetransAnswered)
+    );
+    assert_eq!(c.flow().state & state::RETRANS_REPORTED, 0);
+}
+
+#[test]
+fn retransmission_while_the_client_is_active_is_not_reported() {
+    let mut c = Conn::new();
+    c.handshake();
+    let seq = c.server_seq;
+    c.send(S, Dir::Out, TCP_ACK | TCP_PSH, 100, 64);
+    c.send(S + 1000, Dir::In, TCP_ACK, 0, 64);
+    let resend = c.packet(Dir::Out, TCP_ACK | TCP_PSH, 100, seq, 64);
+    assert!(c.feed(S + S / 5, Dir::Out, &resend).is_none());
+}
+
+#[test]
+fn new_data_is_not_a_retransmission_across_sequence_wrap() {
+    let mut c = Conn::new();
+    c.server_seq = u32::MAX - 50;
+    c.handshake();
+    c.send(S, Dir::In, TCP_ACK | TCP_PSH, 10, 64);
+    // 100 bytes crossing 2^32, after 40 s of client silence: new data, a gap.
+    assert_eq!(
+        kind(c.send(41 * S, Dir::Out, TCP_ACK | TCP_PSH, 100, 64)),
+        Some(EventKind::GapEnded)
+    );
+    assert!(seq_after(c.flow().server_seq_next, u32::MAX - 50));
+}
+
+#[test]
+fn counters_add_up_bytes_and_packets_each_way() {
+    let mut c = Conn::new();
+    c.handshake();
+    c.send(S, Dir::In, TCP_ACK | TCP_PSH, 100, 64);
+    c.send(S, Dir::Out, TCP_ACK | TCP_PSH, 1000, 64);
+    let f = c.flow();
+    assert_eq!((f.pkts_in, f.pkts_out), (3, 2));
+    assert_eq!(f.bytes_in, 40 + 40 + 140);
+    assert_eq!(f.bytes_out, 40 + 1040);
+    assert_eq!(f.flags_in & TCP_SYN, TCP_SYN);
+    assert_eq!(f.flags_out, TCP_SYN | TCP_ACK | TCP_PSH);
+}

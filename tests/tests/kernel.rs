@@ -1,0 +1,446 @@
+//! Kernel tests: the real programs in the running kernel. One binary, so
+//! `cargo test` runs them all; each test makes its own namespaces, so they
+//! can run side by side.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+use aya::{
+    maps::{HashMap as BpfHashMap, PerCpuArray, RingBuf},
+    programs::{tc::TcAttachType, SchedClassifier, TestRun, TestRunOptions, Xdp},
+    Ebpf,
+};
+use monitor::{
+    counters::KernelCounters,
+    loader::{self, LoadError},
+    monitor::StartError,
+    AgentConfig, FlowEvent, Monitor,
+};
+use monitor_common::{
+    craft::{header_boundaries, Tcp},
+    Counter, Dir, EventKind, Flow, FlowKey, TCP_ACK, TCP_PSH,
+};
+use monitor_tests::*;
+
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+
+fn test_config(iface: &str) -> AgentConfig {
+    AgentConfig {
+        interfaces: vec![iface.to_string()],
+        gap_threshold: Duration::from_secs(1),
+        ..AgentConfig::default()
+    }
+}
+
+// ---------------------------------------------------------------- test runs
+
+fn load_unattached() -> Ebpf {
+    require_root();
+    loader::load(&test_config("unused")).expect("loading the programs")
+}
+
+fn counters(ebpf: &Ebpf) -> KernelCounters {
+    let map = PerCpuArray::try_from(ebpf.map("COUNTERS").expect("COUNTERS map")).unwrap();
+    KernelCounters::read(&map).expect("reading counters")
+}
+
+fn run(ebpf: &mut Ebpf, dir: Dir, frame: &[u8]) -> u32 {
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        repeat: 1,
+        ..Default::default()
+    };
+    let r = match dir {
+        Dir::In => {
+            let p: &mut Xdp = ebpf
+                .program_mut(loader::XDP_PROGRAM)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            p.test_run(opts)
+        }
+        Dir::Out => {
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(loader::TC_PROGRAM)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            p.test_run(opts)
+        }
+    };
+    r.expect("BPF_PROG_TEST_RUN").return_value
+}
+
+/// A frame as seen in `dir`: ingress goes to port 443, egress comes from it.
+fn oriented(mut t: Tcp, dir: Dir) -> Tcp {
+    if dir == Dir::Out {
+        std::mem::swap(&mut t.src, &mut t.dst);
+        std::mem::swap(&mut t.sport, &mut t.dport);
+    }
+    t
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    Tracked,
+    Untracked,
+    Failure,
+}
+
+fn crafted_cases(dir: Dir) -> Vec<(String, Vec<u8>, Expect)> {
+    let c4 = ip(CLIENT_V4);
+    let s4 = ip(SERVER_V4);
+    let c6 = ip(CLIENT_V6);
+    let s6 = ip(SERVER_V6);
+    let plain = Tcp::syn(c4, s4);
+    let mut opts = Tcp::syn(c4, s4).payload(50);
+    opts.ipv4_options = 12;
+    opts.tcp_options = 12;
+    let mut v6ext = Tcp::syn(c6, s6);
+    v6ext.ipv6_ext = vec![0, 60];
+    let mut vlan = Tcp::syn(c4, s4);
+    vlan.vlan = Some(100);
+    let mut other_port = Tcp::syn(c4, s4);
+    other_port.dport = 8080;
+    let mut cases = vec![];
+    for (name, t, expect) in [
+        ("ipv4", plain, Expect::Tracked),
+        ("ipv4 with IP and TCP options", opts, Expect::Tracked),
+        ("ipv6 with extension headers", v6ext, Expect::Tracked),
+        ("802.1Q tagged", vlan, Expect::Tracked),
+        ("port 8080", other_port, Expect::Untracked),
+    ] {
+        let t = oriented(t, dir);
+        if expect == Expect::Tracked {
+            let bounds = header_boundaries(&t);
+            // The last boundary ends the fixed TCP header: everything the
+            // monitor reads. TCP options and payload may be cut (snaplen).
+            let needed = *bounds.last().unwrap();
+            // The kernel refuses test frames shorter than an Ethernet header,
+            // and skb test frames (TC) that end right after an IP ethertype:
+            // the stack never builds such an skb.
+            let shortest = if dir == Dir::Out && t.vlan.is_none() {
+                15
+            } else {
+                14
+            };
+            for cut in bounds {
+                if cut >= shortest && cut < needed {
+                    cases.push((
+                        format!("{name} cut at {cut}"),
+                        t.frame()[..cut].to_vec(),
+                        Expect::Failure,
+                    ));
+                }
+            }
+        }
+        cases.push((name.to_string(), t.frame(), expect));
+    }
+    let mut udp = oriented(Tcp::syn(c4, s4), dir).frame();
+    udp[14 + 9] = 17;
+    cases.push(("udp".into(), udp, Expect::Untracked));
+    let mut arp = vec![0u8; 42];
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    cases.push(("arp".into(), arp, Expect::Untracked));
+    let mut bad_ihl = oriented(Tcp::syn(c4, s4), dir).frame();
+    bad_ihl[14] = 0x43;
+    cases.push(("ipv4 with IHL 3".into(), bad_ihl, Expect::Failure));
+    cases
+}
+
+fn crafted_frames_pass_and_move_the_right_counter(dir: Dir, pass: u32) {
+    let mut ebpf = load_unattached();
+    for (name, frame, expect) in crafted_cases(dir) {
+        let before = counters(&ebpf);
+        assert_eq!(run(&mut ebpf, dir, &frame), pass, "{name}: must pass");
+        let after = counters(&ebpf);
+        let delta = |c| after.get(c) - before.get(c);
+        assert_eq!(delta(Counter::PacketsSeen), 1, "{name}: seen");
+        assert_eq!(
+            delta(Counter::PacketsTracked),
+            u64::from(expect == Expect::Tracked),
+            "{name}: tracked"
+        );
+        assert_eq!(
+            delta(Counter::ParseFailures),
+            u64::from(expect == Expect::Failure),
+            "{name}: parse failures"
+        );
+    }
+}
+
+#[test]
+fn xdp_passes_every_crafted_frame_and_counts_it_right() {
+    crafted_frames_pass_and_move_the_right_counter(Dir::In, XDP_PASS);
+}
+
+#[test]
+fn tc_passes_every_crafted_frame_and_counts_it_right() {
+    crafted_frames_pass_and_move_the_right_counter(Dir::Out, TC_ACT_OK);
+}
+
+#[test]
+fn syn_through_xdp_creates_a_flow_and_an_opened_event() {
+    let mut ebpf = load_unattached();
+    let frame = Tcp::syn(ip(CLIENT_V4), ip(SERVER_V4)).frame();
+    assert_eq!(run(&mut ebpf, Dir::In, &frame), XDP_PASS);
+    let flows: BpfHashMap<_, FlowKey, Flow> =
+        BpfHashMap::try_from(ebpf.map("FLOWS").unwrap()).unwrap();
+    let entries: Vec<_> = flows.iter().collect::<Result<_, _>>().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].0.server_port, 443);
+    assert_eq!(entries[0].0.client_port, 40000);
+    assert_eq!(entries[0].1.pkts_in, 1);
+    let mut ring = RingBuf::try_from(ebpf.take_map("EVENTS").unwrap()).unwrap();
+    let item = ring.next().expect("an event");
+    let ev = FlowEvent::decode(&item).unwrap();
+    assert_eq!(ev.kind, EventKind::Opened);
+    assert_eq!(
+        ev.client(),
+        "192.0.2.2:40000".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(counters(&ebpf).get(Counter::FlowsCreated), 1);
+}
+
+#[test]
+fn flow_table_of_one_mebi_entries_loads() {
+    require_root();
+    let cfg = AgentConfig {
+        flow_table_size: 1 << 20,
+        ..test_config("unused")
+    };
+    let ebpf = loader::load(&cfg).expect("1,048,576-entry table must load");
+    let info = match ebpf.map("FLOWS").unwrap() {
+        aya::maps::Map::LruHashMap(data) => data.info().unwrap(),
+        other => panic!("FLOWS should be an LRU hash map, is {other:?}"),
+    };
+    assert_eq!(info.max_entries(), 1 << 20);
+}
+
+// ------------------------------------------------------- real TCP in netns
+
+/// Start the monitor on the pair's server interface.
+fn start_monitor(pair: &Pair) -> Monitor {
+    let cfg = test_config(&pair.server_if);
+    pair.server
+        .run(move || Monitor::start(&cfg).expect("monitor start"))
+}
+
+/// Collect events until one matches `done`, or 10 s pass.
+fn events_until(m: &mut Monitor, done: impl Fn(&FlowEvent) -> bool) -> Vec<FlowEvent> {
+    let mut seen = Vec::new();
+    wait_for(Duration::from_secs(10), || {
+        m.drain(|e| seen.push(e));
+        seen.iter().any(&done).then_some(())
+    });
+    seen
+}
+
+/// A server on `port` that reads until EOF; returns bytes read.
+fn serve_once(pair: &Pair, addr: IpAddr, port: u16) -> std::thread::JoinHandle<usize> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = pair.server.spawn(move || {
+        let l = TcpListener::bind(SocketAddr::new(addr, port)).expect("bind");
+        tx.send(()).unwrap();
+        let (mut s, _) = l.accept().expect("accept");
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        buf.len()
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("server listening");
+    h
+}
+
+fn set_linger_zero(s: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid socket and option struct.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+    };
+    assert_eq!(r, 0);
+}
+
+fn gap_then_fin(server: &str) {
+    let pair = Pair::new();
+    let mut m = start_monitor(&pair);
+    let addr = ip(server);
+    let srv = serve_once(&pair, addr, 443);
+    let local = pair.client.run(move || {
+        let mut s = TcpStream::connect((addr, 443)).expect("connect");
+        s.write_all(b"hello").unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        s.write_all(b"again").unwrap();
+        s.local_addr().unwrap()
+        // Dropping the stream closes it with a FIN.
+    });
+    assert_eq!(srv.join().unwrap(), 10);
+    let evs = events_until(&mut m, |e| {
+        e.kind == EventKind::Closed && e.client() == local
+    });
+    let mine: Vec<_> = evs.iter().filter(|e| e.client() == local).collect();
+    let kinds: Vec<_> = mine.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [EventKind::Opened, EventKind::GapEnded, EventKind::Closed],
+        "{mine:#?}"
+    );
+    let gap = mine[1];
+    assert_eq!(gap.dir, Dir::In, "the client broke the silence");
+    assert!(gap.has_payload());
+    let err = (gap.silence().as_secs_f64() - 3.0).abs();
+    assert!(
+        err < 0.1,
+        "gap {:?} should be 3 s within 100 ms",
+        gap.silence()
+    );
+    let close = mine[2];
+    assert_eq!(close.dir, Dir::In, "the client closed first");
+    assert!(close.is_fin() && !close.is_rst());
+    assert_eq!(m.decode_errors, 0);
+}
+
+#[test]
+fn tcp_gap_of_3s_then_client_fin_is_reported_ipv4() {
+    gap_then_fin(SERVER_V4);
+}
+
+#[test]
+fn tcp_gap_of_3s_then_client_fin_is_reported_ipv6() {
+    gap_then_fin(SERVER_V6);
+}
+
+fn client_rst(server: &str) {
+    let pair = Pair::new();
+    let mut m = start_monitor(&pair);
+    let addr = ip(server);
+    let srv = serve_once(&pair, addr, 443);
+    let local = pair.client.run(move || {
+        let mut s = TcpStream::connect((addr, 443)).expect("connect");
+        s.write_all(b"ping").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        set_linger_zero(&s);
+        s.local_addr().unwrap()
+    });
+    let _ = srv.join();
+    let evs = events_until(&mut m, |e| {
+        e.kind == EventKind::Closed && e.client() == local
+    });
+    let close = evs
+        .iter()
+        .find(|e| e.kind == EventKind::Closed && e.client() == local)
+        .expect("a close event");
+    assert_eq!(close.dir, Dir::In);
+    assert!(close.is_rst());
+    let (lo, hi) = close.ttl_baseline().expect("client baseline");
+    assert!(
+        (lo..=hi).contains(&close.raw.ttl),
+        "client's own RST: ttl {} within baseline {lo}..{hi}",
+        close.raw.ttl
+    );
+    assert!(close.since_server().is_some());
+}
+
+#[test]
+fn client_rst_is_reported_with_ttl_matching_its_baseline_ipv4() {
+    client_rst(SERVER_V4);
+}
+
+#[test]
+fn client_rst_is_reported_with_ttl_matching_its_baseline_ipv6() {
+    client_rst(SERVER_V6);
+}
+
+#[test]
+fn connection_to_port_8080_is_not_tracked() {
+    let pair = Pair::new();
+    let mut m = start_monitor(&pair);
+    let before = m.counters().unwrap();
+    let srv = serve_once(&pair, ip(SERVER_V4), 8080);
+    pair.client.run(|| {
+        let mut s = TcpStream::connect((ip(SERVER_V4), 8080)).expect("connect");
+        s.write_all(&[TCP_ACK | TCP_PSH; 100]).unwrap();
+    });
+    assert_eq!(srv.join().unwrap(), 100);
+    std::thread::sleep(Duration::from_millis(200));
+    let after = m.counters().unwrap();
+    let mut evs = Vec::new();
+    m.drain(|e| evs.push(e));
+    assert!(evs.is_empty(), "no events for port 8080: {evs:?}");
+    assert!(after.get(Counter::PacketsSeen) - before.get(Counter::PacketsSeen) >= 6);
+    assert_eq!(
+        after.get(Counter::PacketsTracked),
+        before.get(Counter::PacketsTracked)
+    );
+    assert_eq!(m.flows().unwrap().keys().count(), 0);
+}
+
+#[test]
+fn missing_interface_is_a_clear_error_and_attaches_nothing() {
+    let pair = Pair::new();
+    let err = pair
+        .server
+        .run(|| Monitor::start(&test_config("nosuch0")).err())
+        .expect("must fail");
+    assert!(
+        matches!(err, StartError::Load(LoadError::NoInterface { .. })),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("\"nosuch0\" does not exist"),
+        "{err}"
+    );
+}
+
+#[test]
+fn agent_binary_reports_a_missing_interface_and_exits_nonzero() {
+    require_root();
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("monitor");
+    assert!(bin.exists(), "build the agent first: {bin:?}");
+    let out = std::process::Command::new(bin)
+        .args(["run", "--iface", "nosuch0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("\"nosuch0\" does not exist"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn dropping_the_monitor_detaches_xdp_and_tc() {
+    let pair = Pair::new();
+    let m = start_monitor(&pair);
+    let iface = pair.server_if.clone();
+    let attached = |iface: String| {
+        move || {
+            let link = std::process::Command::new("ip")
+                .args(["-d", "link", "show", "dev", &iface])
+                .output()
+                .unwrap();
+            let xdp = String::from_utf8_lossy(&link.stdout).contains("prog/xdp");
+            let tcx = SchedClassifier::query_tcx(&iface, TcAttachType::Egress)
+                .map(|(_, progs)| progs.len())
+                .unwrap_or(0);
+            (xdp, tcx)
+        }
+    };
+    assert_eq!(pair.server.run(attached(iface.clone())), (true, 1));
+    drop(m);
+    assert_eq!(pair.server.run(attached(iface)), (false, 0));
+}
