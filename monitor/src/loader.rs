@@ -25,7 +25,7 @@ pub enum LoadError {
     #[error("loading the eBPF object into the kernel: {source}")]
     Object {
         #[source]
-        source: EbpfError,
+        source: Box<EbpfError>,
     },
     #[error("program {program} is missing from the eBPF object")]
     MissingProgram { program: &'static str },
@@ -42,7 +42,7 @@ pub enum LoadError {
         program: &'static str,
         verifier_log: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("attaching {program} to {iface} ({mode}): {source}")]
     Attach {
@@ -50,7 +50,7 @@ pub enum LoadError {
         iface: String,
         mode: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("adding a clsact qdisc to {iface}: {source}")]
     Clsact {
@@ -102,7 +102,7 @@ fn verifier_error(program: &'static str, source: ProgramError) -> LoadError {
     LoadError::Verifier {
         program,
         verifier_log,
-        source,
+        source: Box::new(source),
     }
 }
 
@@ -114,7 +114,9 @@ pub fn load(cfg: &AgentConfig) -> Result<Ebpf, LoadError> {
         .override_global("CONFIG", &kcfg, true)
         .map_max_entries("FLOWS", cfg.flow_table_size)
         .load(crate::EBPF_OBJECT)
-        .map_err(|source| LoadError::Object { source })?;
+        .map_err(|source| LoadError::Object {
+            source: Box::new(source),
+        })?;
     let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
     xdp.load().map_err(|e| verifier_error(XDP_PROGRAM, e))?;
     let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?;
@@ -185,7 +187,7 @@ fn attach_xdp(
         program: XDP_PROGRAM,
         iface: iface.to_string(),
         mode,
-        source,
+        source: Box::new(source),
     };
     match mode {
         XdpModeSetting::Native => xdp
@@ -234,7 +236,7 @@ fn attach_tc(attached: &mut Attached, iface: &str) -> Result<&'static str, LoadE
             program: TC_PROGRAM,
             iface: iface.to_string(),
             mode,
-            source,
+            source: Box::new(source),
         })?;
     Ok(mode)
 }

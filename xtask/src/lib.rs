@@ -1,0 +1,6 @@
+//! Project tasks that run before and around the monitor: machine set-up,
+//! network-namespace labs, the demo. A library too, so the kernel tests and
+//! the benchmarks build their labs with the same code.
+
+pub mod netns;
+pub mod setup;

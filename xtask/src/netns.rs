@@ -1,0 +1,203 @@
+//! Network namespaces joined by veth pairs,
+//! created per test with unique names and removed on drop (every exit path,
+//! panics included), and helpers to run code inside a namespace.
+
+use std::{
+    fs::File,
+    net::IpAddr,
+    os::fd::AsRawFd,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// Kernel tests need root; fail loudly rather than skip (a skipped kernel
+/// test proves nothing).
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "kernel tests load BPF programs and create network namespaces: run them as root"
+    );
+}
+
+/// Run a command; panic with its output if it fails.
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A unique short tag for names (interface names are limited to 15 bytes).
+pub fn unique_tag() -> String {
+    format!(
+        "{:x}{:x}",
+        std::process::id() & 0xffff,
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: String) -> Netns {
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns { name };
+        sh(&["ip", "-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Run `f` on a thread inside this namespace and return its result.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            enter(&path);
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// Start `f` on a thread inside this namespace.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            enter(&path);
+            f()
+        })
+    }
+}
+
+/// Move the calling thread into the namespace at `path`.
+pub fn enter(path: &str) {
+    let f = File::open(path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+    // SAFETY: valid fd; CLONE_NEWNET affects only this thread.
+    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace also removes the veth ends inside it.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Two namespaces joined by a veth pair, with IPv4 and IPv6 addresses:
+/// client `192.0.2.2` / `2001:db8::2`, server `192.0.2.1` / `2001:db8::1`
+/// (documentation ranges, reachable only inside these namespaces).
+pub struct Pair {
+    pub client: Netns,
+    pub server: Netns,
+    /// The server's interface (where the monitor attaches).
+    pub server_if: String,
+    pub client_if: String,
+}
+
+pub const CLIENT_V4: &str = "192.0.2.2";
+pub const SERVER_V4: &str = "192.0.2.1";
+pub const CLIENT_V6: &str = "2001:db8::2";
+pub const SERVER_V6: &str = "2001:db8::1";
+
+impl Pair {
+    pub fn new() -> Pair {
+        require_root();
+        let tag = unique_tag();
+        let client = Netns::new(format!("mtc-{tag}"));
+        let server = Netns::new(format!("mts-{tag}"));
+        let server_if = format!("ms{tag}");
+        let client_if = format!("mc{tag}");
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &server_if,
+            "netns",
+            &server.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &client_if,
+            "netns",
+            &client.name,
+        ]);
+        for (ns, ifname, v4, v6) in [
+            (&server, &server_if, SERVER_V4, SERVER_V6),
+            (&client, &client_if, CLIENT_V4, CLIENT_V6),
+        ] {
+            sh(&[
+                "ip",
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                &format!("{v4}/24"),
+                "dev",
+                ifname,
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns.name,
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                ifname,
+                "nodad",
+            ]);
+            sh(&["ip", "-n", &ns.name, "link", "set", ifname, "up"]);
+        }
+        Pair {
+            client,
+            server,
+            server_if,
+            client_if,
+        }
+    }
+}
+
+impl Default for Pair {
+    fn default() -> Self {
+        Pair::new()
+    }
+}
+
+/// Poll `f` every 20 ms until it returns `Some`, or give up after `limit`.
+pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
