@@ -5,9 +5,11 @@ pub mod agent;
 pub mod clock;
 pub mod config;
 pub mod counters;
+pub mod detector;
 pub mod event;
 pub mod loader;
 pub mod monitor;
+pub mod replay;
 
 pub use config::{AgentConfig, ConfigError, XdpModeSetting};
 pub use event::FlowEvent;

@@ -1,0 +1,164 @@
+//! How a flow ended, and the evidence for it.
+
+use std::{fmt, net::SocketAddr};
+
+use serde::Serialize;
+
+/// How a flow ended. The four "kills" are the middlebox's doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ending {
+    /// FIN, client first.
+    ClientFin = 0,
+    /// FIN, server first.
+    ServerFin = 1,
+    /// RST with the client's own TTL.
+    ClientReset = 2,
+    /// RST from the server.
+    ServerReset = 3,
+    /// RST whose TTL is off the client's baseline, after a silence: a
+    /// middlebox resetting at expiry.
+    InjectedReset = 4,
+    /// RST right after the server's first send following a silence: a
+    /// middlebox that forgot the flow answers its next packet.
+    ResetOnNextPacket = 5,
+    /// The server retransmits after a silence and nobody answers.
+    BlackHole = 6,
+    /// The client side (a full proxy) closes while the server still owes an
+    /// answer, after a silence: the proxy's idle timeout.
+    ProxyTimeout = 7,
+    /// The flow left the table without a close (evicted, expired).
+    Vanished = 8,
+}
+
+impl Ending {
+    pub const COUNT: usize = 9;
+    pub const ALL: [Ending; Ending::COUNT] = [
+        Ending::ClientFin,
+        Ending::ServerFin,
+        Ending::ClientReset,
+        Ending::ServerReset,
+        Ending::InjectedReset,
+        Ending::ResetOnNextPacket,
+        Ending::BlackHole,
+        Ending::ProxyTimeout,
+        Ending::Vanished,
+    ];
+    pub const KILLS: [Ending; 4] = [
+        Ending::InjectedReset,
+        Ending::ResetOnNextPacket,
+        Ending::BlackHole,
+        Ending::ProxyTimeout,
+    ];
+
+    pub fn is_kill(self) -> bool {
+        Ending::KILLS.contains(&self)
+    }
+
+    /// The kill happens when the timer expires, so its silence is the timeout.
+    pub fn kills_at_expiry(self) -> bool {
+        matches!(self, Ending::InjectedReset | Ending::ProxyTimeout)
+    }
+
+    /// Stable label for metrics and JSON.
+    pub fn label(self) -> &'static str {
+        match self {
+            Ending::ClientFin => "client_fin",
+            Ending::ServerFin => "server_fin",
+            Ending::ClientReset => "client_reset",
+            Ending::ServerReset => "server_reset",
+            Ending::InjectedReset => "injected_reset",
+            Ending::ResetOnNextPacket => "reset_on_next_packet",
+            Ending::BlackHole => "black_hole",
+            Ending::ProxyTimeout => "proxy_timeout",
+            Ending::Vanished => "vanished",
+        }
+    }
+
+    /// In plain words, for the report.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Ending::ClientFin => "closed normally by the client",
+            Ending::ServerFin => "closed normally by the server",
+            Ending::ClientReset => "reset by the client itself",
+            Ending::ServerReset => "reset by the server",
+            Ending::InjectedReset => "reset injected by a middlebox at its idle timeout",
+            Ending::ResetOnNextPacket => {
+                "forgotten silently, reset when the server answered (RST on the next packet)"
+            }
+            Ending::BlackHole => "forgotten silently, the server's answer vanished (black hole)",
+            Ending::ProxyTimeout => {
+                "closed by a proxy at its idle timeout while the server owed an answer"
+            }
+            Ending::Vanished => "left the flow table without a close",
+        }
+    }
+}
+
+impl fmt::Display for Ending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Why a verdict was reached: the numbers behind it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Evidence {
+    /// The silence the middlebox timed out on (seconds).
+    pub silence_seconds: f64,
+    /// The RST's TTL / hop limit, and the client's baseline.
+    pub rst_ttl: Option<u8>,
+    pub client_ttl_min: Option<u8>,
+    pub client_ttl_max: Option<u8>,
+    pub rst_ip_id: Option<u16>,
+    pub client_ip_id: Option<u16>,
+    pub rst_window: Option<u16>,
+    pub client_window: Option<u16>,
+    /// How long after the server's last send the closing packet came (seconds).
+    pub after_server_send_seconds: Option<f64>,
+    /// The server still owed an answer to a client request.
+    pub server_owed_answer: bool,
+    pub note: Option<&'static str>,
+}
+
+/// The detector's word on one ended flow.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Verdict {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub path: String,
+    pub ending: Ending,
+    /// Killed before the heartbeat in force: the device's Ping failed.
+    pub premature: bool,
+    /// The heartbeat in force for this flow, if known (seconds).
+    pub heartbeat_seconds: Option<f64>,
+    /// Boot-time ns of the ending.
+    pub at_ns: u64,
+    pub flow_age_seconds: f64,
+    pub evidence: Evidence,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} -> {} {} after {:.1}s of silence",
+            self.client, self.server, self.ending, self.evidence.silence_seconds
+        )?;
+        if self.premature {
+            f.write_str(" (premature")?;
+            if let Some(h) = self.heartbeat_seconds {
+                write!(f, ": heartbeat {h:.0}s")?;
+            }
+            f.write_str(")")?;
+        }
+        if let (Some(t), Some(lo), Some(hi)) = (
+            self.evidence.rst_ttl,
+            self.evidence.client_ttl_min,
+            self.evidence.client_ttl_max,
+        ) {
+            write!(f, " rst ttl {t} vs client {lo}..{hi}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,576 @@
+//! From kernel events to "this path kills connections after T seconds".
+//! Pure logic, no I/O: the agent feeds it live events, offline analysis feeds
+//! it events from a capture, tests feed it scripted events.
+
+pub mod config;
+pub mod ending;
+pub mod middlebox;
+pub mod path;
+pub mod report;
+pub mod window;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::{IpAddr, SocketAddr},
+};
+
+use monitor_common::{Dir, EventKind, FlowKey};
+
+pub use config::{DetectorConfig, DetectorConfigError};
+pub use ending::{Ending, Evidence, Verdict};
+pub use path::{Estimate, PathKey, PathStats};
+pub use window::{HbiAlert, HbiWindow};
+
+use crate::event::FlowEvent;
+use path::Kill;
+
+const NS: f64 = 1e9;
+/// Verdicts kept for `monitor events` and the report.
+pub const RECENT_VERDICTS: usize = 1024;
+
+/// What the detector concluded from one input.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    /// A flow ended; how, and why we think so.
+    Verdict(Verdict),
+    /// A hold time was measured: a heartbeat sample (seconds).
+    HoldTime { path: PathKey, seconds: f64 },
+    /// The 3033/1040-style window alert fired.
+    Alert(HbiAlert),
+    /// A client reconnected soon after one of its flows was killed.
+    Churn { path: PathKey },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Gap {
+    silence_s: f64,
+    dir: Dir,
+    payload: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Suspect {
+    since_ns: u64,
+    silence_s: f64,
+}
+
+#[derive(Clone, Debug)]
+struct FlowTrack {
+    client: SocketAddr,
+    server: SocketAddr,
+    path: PathKey,
+    opened_ns: u64,
+    /// Longest hold time seen on this flow: the heartbeat in force (seconds).
+    max_hold_s: Option<f64>,
+    /// The last idle gap, not yet known to have survived.
+    pending_gap: Option<Gap>,
+    /// An unanswered server retransmission after a silence.
+    suspect: Option<Suspect>,
+    /// A verdict was already given (black hole by timeout); ignore the rest.
+    finalized: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct ClientTrack {
+    last_seen_ns: u64,
+    last_kill_ns: Option<u64>,
+    /// Most recent heartbeat sample from this client (seconds).
+    heartbeat_s: Option<f64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DetectorStats {
+    pub endings: [u64; Ending::COUNT],
+    pub premature: u64,
+    pub churn: u64,
+    pub hold_times: u64,
+    pub paths_evicted: u64,
+    pub flows_not_tracked: u64,
+}
+
+pub struct Detector {
+    cfg: DetectorConfig,
+    table: Vec<middlebox::Middlebox>,
+    flows: HashMap<FlowKey, FlowTrack>,
+    paths: HashMap<PathKey, PathStats>,
+    clients: HashMap<IpAddr, ClientTrack>,
+    /// Client address -> its flows with an unanswered retransmission.
+    suspects: HashMap<IpAddr, Vec<FlowKey>>,
+    window: HbiWindow,
+    recent: VecDeque<Verdict>,
+    max_heartbeat_seen_s: f64,
+    pub stats: DetectorStats,
+}
+
+impl Detector {
+    pub fn new(cfg: DetectorConfig) -> Result<Self, DetectorConfigError> {
+        cfg.validate()?;
+        Ok(Detector {
+            window: HbiWindow::new(cfg.hbi_sample_size, cfg.hbi_alert_threshold.as_secs_f64()),
+            table: middlebox::builtin(),
+            cfg,
+            flows: HashMap::new(),
+            paths: HashMap::new(),
+            clients: HashMap::new(),
+            suspects: HashMap::new(),
+            recent: VecDeque::new(),
+            max_heartbeat_seen_s: 0.0,
+            stats: DetectorStats::default(),
+        })
+    }
+
+    pub fn config(&self) -> &DetectorConfig {
+        &self.cfg
+    }
+
+    pub fn flows_tracked(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn paths(&self) -> impl Iterator<Item = (&PathKey, &PathStats)> {
+        self.paths.iter()
+    }
+
+    pub fn window(&self) -> &HbiWindow {
+        &self.window
+    }
+
+    pub fn recent(&self) -> impl Iterator<Item = &Verdict> {
+        self.recent.iter()
+    }
+
+    pub fn path_of(&self, client: IpAddr, port: u16) -> PathKey {
+        PathKey::new(client, port, self.cfg.ipv4_prefix, self.cfg.ipv6_prefix)
+    }
+
+    /// Feed one kernel event.
+    pub fn ingest(&mut self, ev: &FlowEvent) -> Vec<Output> {
+        let mut out = Vec::new();
+        let key = ev.raw.key;
+        let now = ev.raw.ts_ns;
+        let client = ev.client();
+        self.clients.entry(client.ip()).or_default().last_seen_ns = now;
+        match ev.kind {
+            EventKind::Opened => self.opened(ev, &mut out),
+            EventKind::GapEnded => {
+                let Some(f) = self.track(ev) else { return out };
+                if f.finalized {
+                    return out;
+                }
+                let path = f.path;
+                let survived = f.pending_gap.take();
+                f.pending_gap = Some(Gap {
+                    silence_s: ev.silence().as_secs_f64(),
+                    dir: ev.dir,
+                    payload: ev.has_payload(),
+                });
+                // The server answering a client request after a silence: a hold time.
+                let hold = (ev.dir == Dir::Out
+                    && ev.has_payload()
+                    && ev.raw.last_payload_dir == Dir::In as u8)
+                    .then(|| ev.since_payload())
+                    .flatten()
+                    .map(|d| d.as_secs_f64());
+                if let Some(h) = hold {
+                    f.max_hold_s = Some(f.max_hold_s.map_or(h, |m: f64| m.max(h)));
+                }
+                if let Some(g) = survived {
+                    self.path_mut(path, now).record_survival(g.silence_s);
+                }
+                if let Some(h) = hold {
+                    self.hold_time(client.ip(), path, h, now, &mut out);
+                }
+            }
+            EventKind::Retransmit => {
+                let Some(f) = self.track(ev) else { return out };
+                if f.suspect.is_none() && !f.finalized {
+                    let silence_s = f
+                        .pending_gap
+                        .map(|g| g.silence_s)
+                        .or_else(|| ev.since_client().map(|d| d.as_secs_f64()))
+                        .unwrap_or(0.0);
+                    f.suspect = Some(Suspect {
+                        since_ns: now,
+                        silence_s,
+                    });
+                    self.suspects.entry(client.ip()).or_default().push(key);
+                }
+            }
+            EventKind::RetransAnswered => {
+                let Some(f) = self.flows.get_mut(&key) else {
+                    return out;
+                };
+                if f.suspect.take().is_some() {
+                    let path = f.path;
+                    if let Some(g) = f.pending_gap.take() {
+                        self.path_mut(path, now).record_survival(g.silence_s);
+                    }
+                    self.unsuspect(client.ip(), &key);
+                }
+            }
+            EventKind::Closed => self.closed(ev, &mut out),
+        }
+        out
+    }
+
+    /// Time passes: unanswered retransmissions older than `black_hole_after`
+    /// become black holes; idle client records are forgotten.
+    pub fn tick(&mut self, now_ns: u64) -> Vec<Output> {
+        let mut out = Vec::new();
+        let limit = self.cfg.black_hole_after.as_nanos() as u64;
+        let due: Vec<FlowKey> = self
+            .suspects
+            .values()
+            .flatten()
+            .filter(|k| {
+                self.flows
+                    .get(k)
+                    .and_then(|f| f.suspect)
+                    .is_some_and(|s| now_ns.saturating_sub(s.since_ns) >= limit)
+            })
+            .copied()
+            .collect();
+        for key in due {
+            self.black_hole(&key, now_ns, "no answer to the retransmission", &mut out);
+        }
+        let keep = (self.cfg.churn_window.max(self.cfg.max_heartbeat) * 2).as_nanos() as u64;
+        self.clients
+            .retain(|_, c| now_ns.saturating_sub(c.last_seen_ns) < keep);
+        out
+    }
+
+    /// Flows the kernel no longer holds (evicted or expired without a close).
+    pub fn retire_missing(
+        &mut self,
+        now_ns: u64,
+        present: impl Fn(&FlowKey) -> bool,
+    ) -> Vec<Output> {
+        let mut out = Vec::new();
+        let gone: Vec<FlowKey> = self.flows.keys().filter(|k| !present(k)).copied().collect();
+        for key in gone {
+            if let Some(f) = self.flows.remove(&key) {
+                self.unsuspect(f.client.ip(), &key);
+                if f.finalized {
+                    continue;
+                }
+                let evidence = Evidence {
+                    note: Some("no FIN or RST was seen"),
+                    ..Evidence::default()
+                };
+                let v = self.verdict(&f, Ending::Vanished, false, now_ns, evidence);
+                self.finish(f.path, v, now_ns, &mut out);
+            }
+        }
+        out
+    }
+
+    fn opened(&mut self, ev: &FlowEvent, out: &mut Vec<Output>) {
+        let now = ev.raw.ts_ns;
+        let client = ev.client();
+        let path = self.path_of(client.ip(), ev.server().port());
+        // A client that opens a new flow while an old one waits on an
+        // unanswered retransmission has given up on it: a black hole.
+        if let Some(keys) = self.suspects.get(&client.ip()).cloned() {
+            for k in keys {
+                if k != ev.raw.key {
+                    self.black_hole(&k, now, "the client opened a new connection", out);
+                }
+            }
+        }
+        let window = self.cfg.churn_window.as_nanos() as u64;
+        let c = self.clients.entry(client.ip()).or_default();
+        if c.last_kill_ns
+            .is_some_and(|k| now.saturating_sub(k) <= window)
+        {
+            c.last_kill_ns = None;
+            self.stats.churn += 1;
+            self.path_mut(path, now).churn += 1;
+            out.push(Output::Churn { path });
+        }
+        self.insert_flow(ev, path);
+    }
+
+    fn insert_flow(&mut self, ev: &FlowEvent, path: PathKey) -> bool {
+        if self.flows.len() >= self.cfg.max_flows && !self.flows.contains_key(&ev.raw.key) {
+            self.stats.flows_not_tracked += 1;
+            return false;
+        }
+        self.flows.insert(
+            ev.raw.key,
+            FlowTrack {
+                client: ev.client(),
+                server: ev.server(),
+                path,
+                opened_ns: if ev.kind == EventKind::Opened {
+                    ev.raw.ts_ns
+                } else {
+                    ev.raw.first_seen_ns
+                },
+                max_hold_s: None,
+                pending_gap: None,
+                suspect: None,
+                finalized: false,
+            },
+        );
+        true
+    }
+
+    /// The flow's track, created if the flow predates us (or its Opened was lost).
+    fn track(&mut self, ev: &FlowEvent) -> Option<&mut FlowTrack> {
+        if !self.flows.contains_key(&ev.raw.key) {
+            let path = self.path_of(ev.client().ip(), ev.server().port());
+            if !self.insert_flow(ev, path) {
+                return None;
+            }
+        }
+        self.flows.get_mut(&ev.raw.key)
+    }
+
+    fn path_mut(&mut self, path: PathKey, now: u64) -> &mut PathStats {
+        if !self.paths.contains_key(&path) && self.paths.len() >= self.cfg.max_paths {
+            let oldest = self
+                .paths
+                .iter()
+                .min_by_key(|(_, p)| p.last_seen_ns)
+                .map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                self.paths.remove(&k);
+                self.stats.paths_evicted += 1;
+            }
+        }
+        let p = self.paths.entry(path).or_default();
+        p.last_seen_ns = now;
+        p
+    }
+
+    fn unsuspect(&mut self, client: IpAddr, key: &FlowKey) {
+        if let Some(v) = self.suspects.get_mut(&client) {
+            v.retain(|k| k != key);
+            if v.is_empty() {
+                self.suspects.remove(&client);
+            }
+        }
+    }
+
+    fn hold_time(
+        &mut self,
+        client: IpAddr,
+        path: PathKey,
+        h: f64,
+        now: u64,
+        out: &mut Vec<Output>,
+    ) {
+        self.stats.hold_times += 1;
+        out.push(Output::HoldTime { path, seconds: h });
+        // Answers before the shortest heartbeat a device may ask for are
+        // early answers (new mail), not heartbeats.
+        if h + 0.5 < self.cfg.min_heartbeat.as_secs_f64() {
+            return;
+        }
+        self.clients.entry(client).or_default().heartbeat_s = Some(h);
+        self.max_heartbeat_seen_s = self.max_heartbeat_seen_s.max(h);
+        self.path_mut(path, now).record_heartbeat(h);
+        if let Some(a) = self.window.push(h, path, false, now) {
+            out.push(Output::Alert(a));
+        }
+    }
+
+    fn heartbeat_in_force(&self, f: &FlowTrack) -> Option<f64> {
+        f.max_hold_s
+            .or_else(|| self.clients.get(&f.client.ip()).and_then(|c| c.heartbeat_s))
+    }
+
+    fn black_hole(&mut self, key: &FlowKey, now: u64, note: &'static str, out: &mut Vec<Output>) {
+        let Some(f) = self.flows.get_mut(key) else {
+            return;
+        };
+        let Some(s) = f.suspect.take() else { return };
+        f.finalized = true;
+        let f = f.clone();
+        self.unsuspect(f.client.ip(), key);
+        let evidence = Evidence {
+            silence_seconds: s.silence_s,
+            after_server_send_seconds: Some(now.saturating_sub(s.since_ns) as f64 / NS),
+            server_owed_answer: true,
+            note: Some(note),
+            ..Evidence::default()
+        };
+        let v = self.verdict(&f, Ending::BlackHole, true, now, evidence);
+        self.finish(f.path, v, now, out);
+    }
+
+    fn closed(&mut self, ev: &FlowEvent, out: &mut Vec<Output>) {
+        let now = ev.raw.ts_ns;
+        let key = ev.raw.key;
+        if self.track(ev).is_none() {
+            return;
+        }
+        let Some(f) = self.flows.remove(&key) else {
+            return;
+        };
+        self.unsuspect(f.client.ip(), &key);
+        if f.finalized {
+            return;
+        }
+        let silence = ev.silence().as_secs_f64();
+        let min_silence = self.cfg.min_silence.as_secs_f64();
+        let owed = ev.raw.last_payload_dir == Dir::In as u8 && silence >= min_silence;
+        let tol = self.cfg.ttl_tolerance;
+        let baseline = ev.ttl_baseline();
+        let ttl = ev.raw.ttl;
+        // None: no baseline to compare with.
+        let ttl_is_clients =
+            baseline.map(|(lo, hi)| ttl.saturating_add(tol) >= lo && ttl <= hi.saturating_add(tol));
+        let since_server = ev.since_server().map(|d| d.as_secs_f64());
+        let after_server_gap = f.pending_gap.filter(|g| g.dir == Dir::Out && g.payload);
+        let next_packet = after_server_gap.is_some()
+            && since_server.is_some_and(|s| s <= self.cfg.next_packet_window.as_secs_f64());
+
+        let mut evidence = Evidence {
+            silence_seconds: silence,
+            after_server_send_seconds: since_server,
+            server_owed_answer: owed,
+            ..Evidence::default()
+        };
+        if ev.dir == Dir::In && ev.is_rst() {
+            evidence.rst_ttl = Some(ttl);
+            evidence.client_ttl_min = baseline.map(|b| b.0);
+            evidence.client_ttl_max = baseline.map(|b| b.1);
+            evidence.rst_ip_id = Some(ev.raw.ip_id);
+            evidence.client_ip_id = Some(ev.raw.base_ip_id);
+            evidence.rst_window = Some(ev.raw.window);
+            evidence.client_window = Some(ev.raw.base_window);
+        }
+
+        let ending = if let Some(s) = f.suspect {
+            // It died while the server's retransmission went unanswered.
+            evidence.silence_seconds = s.silence_s;
+            evidence.server_owed_answer = true;
+            evidence.note = Some("closed while a retransmission was unanswered");
+            Ending::BlackHole
+        } else {
+            match (ev.dir, ev.is_rst()) {
+                (Dir::Out, true) => Ending::ServerReset,
+                (Dir::Out, false) => Ending::ServerFin,
+                (Dir::In, false) if owed => Ending::ProxyTimeout,
+                (Dir::In, false) => Ending::ClientFin,
+                (Dir::In, true) => {
+                    if next_packet && ttl_is_clients != Some(true) {
+                        if let Some(g) = after_server_gap {
+                            evidence.silence_seconds = g.silence_s;
+                        }
+                        evidence.server_owed_answer = true;
+                        if ttl_is_clients.is_none() {
+                            evidence.note = Some("no client TTL baseline; timing only");
+                        }
+                        Ending::ResetOnNextPacket
+                    } else if ttl_is_clients == Some(false) {
+                        if silence < min_silence {
+                            evidence.note = Some("foreign TTL but no silence before it");
+                        }
+                        Ending::InjectedReset
+                    } else if owed {
+                        Ending::ProxyTimeout
+                    } else {
+                        Ending::ClientReset
+                    }
+                }
+            }
+        };
+        if !ending.is_kill() {
+            if let Some(g) = f.pending_gap {
+                self.path_mut(f.path, now).record_survival(g.silence_s);
+            }
+        }
+        let heartbeat = self.heartbeat_in_force(&f);
+        let premature = match ending {
+            Ending::ResetOnNextPacket | Ending::BlackHole => true,
+            Ending::InjectedReset | Ending::ProxyTimeout => {
+                evidence.silence_seconds >= min_silence
+                    && (evidence.server_owed_answer
+                        || heartbeat.is_some_and(|h| evidence.silence_seconds < h))
+            }
+            _ => false,
+        };
+        let v = self.verdict(&f, ending, premature, now, evidence);
+        self.finish(f.path, v, now, out);
+    }
+
+    fn verdict(
+        &self,
+        f: &FlowTrack,
+        ending: Ending,
+        premature: bool,
+        now: u64,
+        evidence: Evidence,
+    ) -> Verdict {
+        Verdict {
+            client: f.client,
+            server: f.server,
+            path: f.path.to_string(),
+            ending,
+            premature,
+            heartbeat_seconds: self.heartbeat_in_force(f),
+            at_ns: now,
+            flow_age_seconds: now.saturating_sub(f.opened_ns) as f64 / NS,
+            evidence,
+        }
+    }
+
+    /// Count the verdict everywhere it matters and emit it.
+    fn finish(&mut self, path: PathKey, v: Verdict, now: u64, out: &mut Vec<Output>) {
+        self.stats.endings[v.ending as usize] += 1;
+        let min_silence = self.cfg.min_silence.as_secs_f64();
+        let counts_for_estimate = v.ending.is_kill() && v.evidence.silence_seconds >= min_silence;
+        {
+            let p = self.path_mut(path, now);
+            p.flows_ended += 1;
+            p.by_ending[v.ending as usize] += 1;
+            if v.premature {
+                p.premature += 1;
+            }
+            if counts_for_estimate {
+                p.record_kill(Kill {
+                    silence_s: v.evidence.silence_seconds,
+                    ending: v.ending,
+                    at_ns: now,
+                });
+            }
+        }
+        if v.premature {
+            self.stats.premature += 1;
+        }
+        if v.ending.is_kill() {
+            self.clients.entry(v.client.ip()).or_default().last_kill_ns = Some(now);
+        }
+        if counts_for_estimate {
+            // The device waited this long and got nothing: its heartbeat
+            // effectively was the silence. This is what drags Exchange's mean down.
+            if let Some(a) = self
+                .window
+                .push(v.evidence.silence_seconds, path, true, now)
+            {
+                out.push(Output::Alert(a));
+            }
+        }
+        if self.recent.len() >= RECENT_VERDICTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(v.clone());
+        out.push(Output::Verdict(v));
+    }
+
+    /// The heartbeat the recommendation must cover: the largest seen, or
+    /// configured (`max_heartbeat`), whichever is larger.
+    pub fn heartbeat_to_cover(&self) -> f64 {
+        self.max_heartbeat_seen_s
+            .max(self.cfg.max_heartbeat.as_secs_f64())
+    }
+
+    pub fn middleboxes(&self) -> &[middlebox::Middlebox] {
+        &self.table
+    }
+}
+
+#[cfg(test)]
+mod tests;

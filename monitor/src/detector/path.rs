@@ -1,0 +1,354 @@
+//! A path is the client's network prefix and the server port: the unit a
+//! middlebox's timeout applies to. Per path: the longest silence that
+//! survived, the silences that were killed, and from them the estimate.
+
+use std::{
+    collections::VecDeque,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use serde::Serialize;
+
+use super::ending::Ending;
+
+/// Client prefix (address masked, as 16 bytes) + prefix length + server port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PathKey {
+    pub net: [u8; 16],
+    pub v4: bool,
+    pub prefix: u8,
+    pub port: u16,
+}
+
+impl PathKey {
+    pub fn new(client: IpAddr, port: u16, v4_prefix: u8, v6_prefix: u8) -> PathKey {
+        let (mut net, v4, prefix) = match client {
+            IpAddr::V4(a) => {
+                let mut b = [0u8; 16];
+                b[..4].copy_from_slice(&a.octets());
+                (b, true, v4_prefix.min(32))
+            }
+            IpAddr::V6(a) => (a.octets(), false, v6_prefix.min(128)),
+        };
+        let len = if v4 { 4 } else { 16 };
+        for (i, byte) in net.iter_mut().enumerate().take(len) {
+            let bits_before = (i * 8) as u8;
+            if prefix <= bits_before {
+                *byte = 0;
+            } else if prefix < bits_before + 8 {
+                *byte &= 0xffu8 << (8 - (prefix - bits_before));
+            }
+        }
+        PathKey {
+            net,
+            v4,
+            prefix,
+            port,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn test(n: u8) -> PathKey {
+        PathKey::new(IpAddr::V4(Ipv4Addr::new(198, 51, n, 0)), 443, 24, 56)
+    }
+
+    pub fn network(&self) -> IpAddr {
+        if self.v4 {
+            IpAddr::V4(Ipv4Addr::new(
+                self.net[0],
+                self.net[1],
+                self.net[2],
+                self.net[3],
+            ))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(self.net))
+        }
+    }
+}
+
+impl fmt::Display for PathKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.network() {
+            IpAddr::V4(a) => write!(f, "{a}/{}:{}", self.prefix, self.port),
+            IpAddr::V6(a) => write!(f, "[{a}/{}]:{}", self.prefix, self.port),
+        }
+    }
+}
+
+impl Serialize for PathKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// How many kill silences each path keeps (the most recent).
+pub const KILLS_KEPT: usize = 256;
+
+/// What a path's kills say about its middlebox's idle timeout.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Estimate {
+    /// Kills at expiry (RST or proxy close after T of silence): T directly.
+    Point {
+        seconds: f64,
+        /// Median absolute deviation of the kill silences.
+        spread_seconds: f64,
+        samples: usize,
+    },
+    /// Silent forgetting: only (longest survived, shortest killed] is known.
+    Bracket {
+        /// Longest silence that survived (0 when none seen yet).
+        low_seconds: f64,
+        high_seconds: f64,
+        samples: usize,
+    },
+}
+
+impl Estimate {
+    /// A single number for gauges and device matching (the bracket's top:
+    /// the timeout is at most that).
+    pub fn seconds(&self) -> f64 {
+        match self {
+            Estimate::Point { seconds, .. } => *seconds,
+            Estimate::Bracket { high_seconds, .. } => *high_seconds,
+        }
+    }
+
+    /// How sure: "high" (3+ agreeing point samples, or a bracket closed on
+    /// both sides), "low" otherwise.
+    pub fn confidence(&self) -> &'static str {
+        match self {
+            Estimate::Point {
+                samples,
+                spread_seconds,
+                seconds,
+            } if *samples >= 3 && *spread_seconds <= (0.05 * seconds).max(1.0) => "high",
+            Estimate::Bracket {
+                low_seconds,
+                samples,
+                ..
+            } if *low_seconds > 0.0 && *samples >= 2 => "high",
+            _ => "low",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Kill {
+    pub silence_s: f64,
+    pub ending: Ending,
+    pub at_ns: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct PathStats {
+    pub last_seen_ns: u64,
+    pub flows_ended: u64,
+    pub by_ending: [u64; Ending::COUNT],
+    pub premature: u64,
+    pub churn: u64,
+    /// Longest silence that survived (seconds).
+    pub longest_survived_s: f64,
+    pub kills: VecDeque<Kill>,
+    /// Recent heartbeat samples (hold times), most recent last.
+    pub heartbeats: VecDeque<f64>,
+}
+
+/// Heartbeat samples kept per path.
+pub const HEARTBEATS_KEPT: usize = 256;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+impl PathStats {
+    pub fn record_survival(&mut self, silence_s: f64) {
+        if silence_s > self.longest_survived_s {
+            self.longest_survived_s = silence_s;
+        }
+    }
+
+    pub fn record_kill(&mut self, kill: Kill) {
+        if self.kills.len() >= KILLS_KEPT {
+            self.kills.pop_front();
+        }
+        self.kills.push_back(kill);
+    }
+
+    pub fn record_heartbeat(&mut self, seconds: f64) {
+        if self.heartbeats.len() >= HEARTBEATS_KEPT {
+            self.heartbeats.pop_front();
+        }
+        self.heartbeats.push_back(seconds);
+    }
+
+    pub fn median_heartbeat(&self) -> Option<f64> {
+        (!self.heartbeats.is_empty())
+            .then(|| median(&mut self.heartbeats.iter().copied().collect::<Vec<_>>()))
+    }
+
+    pub fn kills_total(&self) -> u64 {
+        Ending::KILLS
+            .iter()
+            .map(|e| self.by_ending[*e as usize])
+            .sum()
+    }
+
+    /// The estimate from the kills kept. Kills at expiry (injected RST at
+    /// expiry, proxy timeout) give the timeout directly: their median is
+    /// robust to outliers and RTT jitter. Otherwise the bracket.
+    pub fn estimate(&self) -> Option<Estimate> {
+        let mut at_expiry: Vec<f64> = self
+            .kills
+            .iter()
+            .filter(|k| k.ending.kills_at_expiry())
+            .map(|k| k.silence_s)
+            .collect();
+        if !at_expiry.is_empty() {
+            let m = median(&mut at_expiry);
+            let mut dev: Vec<f64> = at_expiry.iter().map(|s| (s - m).abs()).collect();
+            return Some(Estimate::Point {
+                seconds: m,
+                spread_seconds: median(&mut dev),
+                samples: at_expiry.len(),
+            });
+        }
+        let silent: Vec<f64> = self
+            .kills
+            .iter()
+            .filter(|k| !k.ending.kills_at_expiry())
+            .map(|k| k.silence_s)
+            .collect();
+        // The timeout is below every killed silence: the shortest bounds it.
+        let high = silent.iter().copied().fold(f64::INFINITY, f64::min);
+        if !high.is_finite() {
+            return None;
+        }
+        // Survivals above the shortest kill contradict it (jitter, another
+        // middlebox); keep the bracket honest by ignoring them.
+        let low = if self.longest_survived_s < high {
+            self.longest_survived_s
+        } else {
+            0.0
+        };
+        Some(Estimate::Bracket {
+            low_seconds: low,
+            high_seconds: high,
+            samples: silent.len(),
+        })
+    }
+
+    /// Silences before kills, binned for a text histogram: (upper bound s, count).
+    pub fn kill_histogram(&self, bins: usize) -> Vec<(f64, usize)> {
+        let max = self.kills.iter().map(|k| k.silence_s).fold(0.0, f64::max);
+        if self.kills.is_empty() || bins == 0 {
+            return Vec::new();
+        }
+        let width = (max / bins as f64).max(1e-9);
+        let mut counts = vec![0usize; bins];
+        for k in &self.kills {
+            let i = ((k.silence_s / width).ceil() as usize).clamp(1, bins) - 1;
+            counts[i] += 1;
+        }
+        counts
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| ((i + 1) as f64 * width, c))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_key_masks_the_client_prefix() {
+        let a: IpAddr = "198.51.100.77".parse().unwrap();
+        let b: IpAddr = "198.51.100.3".parse().unwrap();
+        assert_eq!(PathKey::new(a, 443, 24, 56), PathKey::new(b, 443, 24, 56));
+        assert_ne!(PathKey::new(a, 443, 24, 56), PathKey::new(a, 8443, 24, 56));
+        assert_eq!(
+            PathKey::new(a, 443, 24, 56).to_string(),
+            "198.51.100.0/24:443"
+        );
+        assert_eq!(
+            PathKey::new(a, 443, 20, 56).to_string(),
+            "198.51.96.0/20:443"
+        );
+        let v6: IpAddr = "2001:db8:aa:bbcc::1".parse().unwrap();
+        assert_eq!(
+            PathKey::new(v6, 443, 24, 56).to_string(),
+            "[2001:db8:aa:bb00::/56]:443"
+        );
+    }
+
+    fn kill(silence_s: f64, ending: Ending) -> Kill {
+        Kill {
+            silence_s,
+            ending,
+            at_ns: 0,
+        }
+    }
+
+    #[test]
+    fn kills_at_expiry_give_a_median_point_estimate_robust_to_an_outlier() {
+        let mut p = PathStats::default();
+        for s in [20.02, 20.05, 19.98, 20.01, 35.0] {
+            p.record_kill(kill(s, Ending::InjectedReset));
+        }
+        match p.estimate().unwrap() {
+            Estimate::Point {
+                seconds, samples, ..
+            } => {
+                assert!((seconds - 20.02).abs() < 1e-9);
+                assert_eq!(samples, 5);
+            }
+            e => panic!("{e:?}"),
+        }
+        assert_eq!(p.estimate().unwrap().confidence(), "high");
+    }
+
+    #[test]
+    fn silent_kills_give_a_bracket_from_longest_survived_to_shortest_killed() {
+        let mut p = PathStats::default();
+        p.record_survival(15.0);
+        p.record_survival(18.0);
+        p.record_kill(kill(25.0, Ending::ResetOnNextPacket));
+        p.record_kill(kill(22.0, Ending::BlackHole));
+        assert_eq!(
+            p.estimate(),
+            Some(Estimate::Bracket {
+                low_seconds: 18.0,
+                high_seconds: 22.0,
+                samples: 2
+            })
+        );
+    }
+
+    #[test]
+    fn no_kills_no_estimate() {
+        let mut p = PathStats::default();
+        p.record_survival(100.0);
+        assert_eq!(p.estimate(), None);
+    }
+
+    #[test]
+    fn kills_kept_are_bounded() {
+        let mut p = PathStats::default();
+        for i in 0..(KILLS_KEPT + 10) {
+            p.record_kill(kill(i as f64, Ending::InjectedReset));
+        }
+        assert_eq!(p.kills.len(), KILLS_KEPT);
+        assert_eq!(p.kills.front().unwrap().silence_s, 10.0);
+    }
+}

@@ -1,0 +1,627 @@
+//! The detector, fed by the real state machine from scripted packets.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use monitor_common::{
+    craft::Tcp, parse_ethernet, Config, Dir, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN,
+};
+
+use super::*;
+use crate::replay::Replay;
+
+const S: u64 = 1_000_000_000;
+const MS: u64 = 1_000_000;
+const SERVER: &str = "192.0.2.1";
+/// Client packets arrive with this TTL; a middlebox one hop closer uses 64.
+const CLIENT_TTL: u8 = 60;
+
+fn cfg() -> DetectorConfig {
+    DetectorConfig {
+        min_heartbeat: Duration::from_secs(10),
+        max_heartbeat: Duration::from_secs(45),
+        min_silence: Duration::from_secs(5),
+        black_hole_after: Duration::from_secs(30),
+        hbi_sample_size: 10,
+        hbi_alert_threshold: Duration::from_secs(30),
+        ..DetectorConfig::default()
+    }
+}
+
+/// One scripted TCP connection seen from the server host.
+struct Conn {
+    client: IpAddr,
+    port: u16,
+    cseq: u32,
+    sseq: u32,
+}
+
+struct Lab {
+    replay: Replay,
+    det: Detector,
+    out: Vec<Output>,
+    next_port: u16,
+}
+
+impl Lab {
+    fn new(cfg: DetectorConfig) -> Lab {
+        let mut k = Config::DEFAULT;
+        k.gap_threshold_ns = cfg.min_silence.as_nanos() as u64;
+        Lab {
+            replay: Replay::new(k),
+            det: Detector::new(cfg).unwrap(),
+            out: Vec::new(),
+            next_port: 40000,
+        }
+    }
+
+    // A scripted packet has this many fields; naming each at the call site reads best.
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        c: &mut Conn,
+        at: u64,
+        dir: Dir,
+        flags: u8,
+        payload: usize,
+        ttl: u8,
+        seq: Option<u32>,
+    ) {
+        let server: IpAddr = SERVER.parse().unwrap();
+        let mut t = match dir {
+            Dir::In => Tcp::syn(c.client, server),
+            Dir::Out => Tcp::syn(server, c.client),
+        };
+        let (sp, dp) = match dir {
+            Dir::In => (c.port, 443),
+            Dir::Out => (443, c.port),
+        };
+        t.sport = sp;
+        t.dport = dp;
+        t.flags = flags;
+        t.payload = payload;
+        t.ttl = ttl;
+        let own = match dir {
+            Dir::In => &mut c.cseq,
+            Dir::Out => &mut c.sseq,
+        };
+        t.seq = seq.unwrap_or(*own);
+        if seq.is_none() {
+            *own = own.wrapping_add(payload as u32 + u32::from(flags & (TCP_SYN | TCP_FIN) != 0));
+        }
+        let pkt = parse_ethernet(t.frame().as_slice()).unwrap();
+        if let Some(ev) = self.replay.packet(&pkt, dir, at) {
+            let o = self.det.ingest(&ev);
+            self.out.extend(o);
+        }
+    }
+
+    /// Handshake at `at`; the connection is then ready for pings.
+    fn connect(&mut self, client: &str, at: u64) -> Conn {
+        self.next_port += 1;
+        let mut c = Conn {
+            client: client.parse().unwrap(),
+            port: self.next_port,
+            cseq: 1000,
+            sseq: 9000,
+        };
+        self.send(&mut c, at, Dir::In, TCP_SYN, 0, CLIENT_TTL, None);
+        self.send(&mut c, at + MS, Dir::Out, TCP_SYN | TCP_ACK, 0, 64, None);
+        self.send(&mut c, at + 2 * MS, Dir::In, TCP_ACK, 0, CLIENT_TTL, None);
+        c
+    }
+
+    /// The device sends a Ping at `at`; the server ACKs 1 ms later.
+    fn ping(&mut self, c: &mut Conn, at: u64) {
+        self.send(c, at, Dir::In, TCP_ACK | TCP_PSH, 300, CLIENT_TTL, None);
+        self.send(c, at + MS, Dir::Out, TCP_ACK, 0, 64, None);
+    }
+
+    /// The server answers at `at`; the client ACKs one RTT later.
+    fn answer(&mut self, c: &mut Conn, at: u64, rtt: u64) {
+        self.send(c, at, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
+        self.send(c, at + rtt, Dir::In, TCP_ACK, 0, CLIENT_TTL, None);
+    }
+
+    fn verdicts(&self) -> Vec<&Verdict> {
+        self.out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Verdict(v) => Some(v),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn last(&self) -> &Verdict {
+        self.verdicts().last().copied().expect("a verdict")
+    }
+}
+
+/// A healthy cycle: ping at t, answer after `hb`. Returns the time after.
+fn cycle(lab: &mut Lab, c: &mut Conn, t: u64, hb: u64) -> u64 {
+    lab.ping(c, t);
+    lab.answer(c, t + hb, 20 * MS);
+    t + hb + 30 * MS
+}
+
+#[test]
+fn client_fin_after_a_healthy_ping_is_a_normal_close() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    let t = cycle(&mut lab, &mut c, S, 40 * S);
+    lab.send(
+        &mut c,
+        t + S,
+        Dir::In,
+        TCP_FIN | TCP_ACK,
+        0,
+        CLIENT_TTL,
+        None,
+    );
+    let v = lab.last();
+    assert_eq!(v.ending, Ending::ClientFin);
+    assert!(!v.premature);
+    assert_eq!(v.heartbeat_seconds.map(|h| h.round()), Some(40.0));
+}
+
+#[test]
+fn server_fin_and_server_rst_are_the_servers() {
+    for (flags, ending) in [
+        (TCP_FIN | TCP_ACK, Ending::ServerFin),
+        (TCP_RST, Ending::ServerReset),
+    ] {
+        let mut lab = Lab::new(cfg());
+        let mut c = lab.connect("198.51.100.7", 0);
+        lab.send(&mut c, S, Dir::Out, flags, 0, 64, None);
+        assert_eq!(lab.last().ending, ending);
+        assert!(!lab.last().premature);
+    }
+}
+
+#[test]
+fn rst_ttl_exactly_at_tolerance_is_the_clients_and_one_beyond_is_injected() {
+    // Baseline 60; tolerance 2: 62 is the client's own, 63 is a middlebox's.
+    for (ttl, ending) in [
+        (62, Ending::ClientReset),
+        (58, Ending::ClientReset),
+        (63, Ending::InjectedReset),
+        (57, Ending::InjectedReset),
+    ] {
+        let mut lab = Lab::new(cfg());
+        let mut c = lab.connect("198.51.100.7", 0);
+        let t = cycle(&mut lab, &mut c, S, 40 * S);
+        // A silence of 20 s with no request pending, then the RST.
+        lab.send(&mut c, t + 20 * S, Dir::In, TCP_RST, 0, ttl, None);
+        let v = lab.last();
+        assert_eq!(v.ending, ending, "ttl {ttl}");
+        assert_eq!(v.evidence.rst_ttl, Some(ttl));
+        assert_eq!(
+            (v.evidence.client_ttl_min, v.evidence.client_ttl_max),
+            (Some(60), Some(60))
+        );
+    }
+}
+
+#[test]
+fn injected_reset_at_expiry_while_a_ping_is_pending_is_premature_with_its_silence() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    lab.ping(&mut c, S);
+    lab.send(&mut c, S + MS + 20 * S, Dir::In, TCP_RST, 0, 64, None);
+    let v = lab.last();
+    assert_eq!(v.ending, Ending::InjectedReset);
+    assert!(v.premature);
+    assert!(v.evidence.server_owed_answer);
+    assert!((v.evidence.silence_seconds - 20.0).abs() < 1e-6);
+}
+
+#[test]
+fn injected_reset_silence_just_below_and_above_the_heartbeat() {
+    // Heartbeat 40 s is known from an earlier healthy cycle; no Ping pending.
+    for (silence, premature) in [(39 * S, true), (41 * S, false)] {
+        let mut lab = Lab::new(cfg());
+        let mut c = lab.connect("198.51.100.7", 0);
+        let t = cycle(&mut lab, &mut c, S, 40 * S);
+        lab.send(&mut c, t + silence, Dir::In, TCP_RST, 0, 64, None);
+        let v = lab.last();
+        assert_eq!(v.ending, Ending::InjectedReset);
+        assert_eq!(v.premature, premature, "silence {silence}");
+    }
+}
+
+#[test]
+fn rst_one_rtt_after_the_servers_answer_is_reset_on_next_packet_ten_seconds_after_is_not() {
+    for (delay, ending) in [
+        (30 * MS, Ending::ResetOnNextPacket),
+        (10 * S, Ending::InjectedReset),
+    ] {
+        let mut lab = Lab::new(cfg());
+        let mut c = lab.connect("198.51.100.7", 0);
+        lab.ping(&mut c, S);
+        // The middlebox forgot the flow; the server answers at 40 s.
+        lab.send(&mut c, 41 * S, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
+        lab.send(&mut c, 41 * S + delay, Dir::In, TCP_RST, 0, 64, None);
+        let v = lab.last();
+        assert_eq!(v.ending, ending, "delay {delay}");
+        assert!(v.premature || ending == Ending::InjectedReset);
+        if ending == Ending::ResetOnNextPacket {
+            // The silence that killed it is the one before the answer.
+            assert!((v.evidence.silence_seconds - 40.0).abs() < 0.01, "{v:?}");
+        }
+    }
+}
+
+#[test]
+fn reset_on_next_packet_from_the_clients_own_ttl_is_the_clients_reset() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    lab.ping(&mut c, S);
+    lab.send(&mut c, 41 * S, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
+    lab.send(
+        &mut c,
+        41 * S + 30 * MS,
+        Dir::In,
+        TCP_RST,
+        0,
+        CLIENT_TTL,
+        None,
+    );
+    assert_eq!(lab.last().ending, Ending::ClientReset);
+}
+
+#[test]
+fn unanswered_retransmission_then_reconnect_is_a_black_hole_and_churn() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    lab.ping(&mut c, S);
+    let answer_seq = c.sseq;
+    lab.send(&mut c, 41 * S, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
+    lab.send(
+        &mut c,
+        41 * S + 200 * MS,
+        Dir::Out,
+        TCP_ACK | TCP_PSH,
+        200,
+        64,
+        Some(answer_seq),
+    );
+    assert!(lab.verdicts().is_empty());
+    // The device gives up and reconnects from the same address.
+    let _c2 = lab.connect("198.51.100.7", 50 * S);
+    let v = lab.verdicts()[0].clone();
+    assert_eq!(v.ending, Ending::BlackHole);
+    assert!(v.premature);
+    assert!((v.evidence.silence_seconds - 40.0).abs() < 0.01);
+    assert_eq!(lab.det.stats.churn, 1);
+    assert!(lab.out.iter().any(|o| matches!(o, Output::Churn { .. })));
+}
+
+#[test]
+fn unanswered_retransmission_becomes_a_black_hole_after_the_timeout_once() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    lab.ping(&mut c, S);
+    let seq = c.sseq;
+    lab.send(&mut c, 41 * S, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
+    lab.send(
+        &mut c,
+        41 * S + 200 * MS,
+        Dir::Out,
+        TCP_ACK | TCP_PSH,
+        200,
+        64,
+        Some(seq),
+    );
+    assert!(lab.det.tick(41 * S + 29 * S).is_empty());
+    let out = lab.det.tick(41 * S + 31 * S);
+    assert!(matches!(&out[..], [Output::Verdict(v)] if v.ending == Ending::BlackHole));
+    // The server's own give-up RST later is not a second verdict.
+    lab.out.clear();
+    lab.send(&mut c, 200 * S, Dir::Out, TCP_RST, 0, 64, None);
+    assert!(lab.verdicts().is_empty());
+    assert_eq!(lab.det.stats.endings[Ending::BlackHole as usize], 1);
+}
+
+#[test]
+fn answered_retransmission_is_no_black_hole() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    lab.ping(&mut c, S);
+    let seq = c.sseq;
+    lab.send(&mut c, 41 * S, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
+    lab.send(
+        &mut c,
+        41 * S + 200 * MS,
+        Dir::Out,
+        TCP_ACK | TCP_PSH,
+        200,
+        64,
+        Some(seq),
+    );
+    lab.send(
+        &mut c,
+        41 * S + 220 * MS,
+        Dir::In,
+        TCP_ACK,
+        0,
+        CLIENT_TTL,
+        None,
+    );
+    assert!(lab.det.tick(200 * S).is_empty());
+    let _ = lab.connect("198.51.100.7", 201 * S);
+    assert!(lab.verdicts().is_empty());
+}
+
+#[test]
+fn client_side_close_while_the_server_owes_an_answer_is_a_proxy_timeout() {
+    for flags in [TCP_FIN | TCP_ACK, TCP_RST] {
+        let mut lab = Lab::new(cfg());
+        let mut c = lab.connect("198.51.100.7", 0);
+        lab.ping(&mut c, S);
+        lab.send(&mut c, S + MS + 25 * S, Dir::In, flags, 0, CLIENT_TTL, None);
+        let v = lab.last();
+        assert_eq!(v.ending, Ending::ProxyTimeout, "flags {flags:#x}");
+        assert!(v.premature);
+        assert!((v.evidence.silence_seconds - 25.0).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn client_fin_soon_after_a_request_is_not_a_proxy_timeout() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    lab.ping(&mut c, S);
+    lab.send(
+        &mut c,
+        S + 2 * S,
+        Dir::In,
+        TCP_FIN | TCP_ACK,
+        0,
+        CLIENT_TTL,
+        None,
+    );
+    assert_eq!(lab.last().ending, Ending::ClientFin);
+}
+
+/// RTT jitter between 10 and 90 ms, deterministic.
+fn jitter(i: u64) -> u64 {
+    10 * MS + (i * 7919 % 81) * MS
+}
+
+#[test]
+fn estimate_converges_on_a_reset_at_expiry_path_with_rtt_jitter() {
+    let mut lab = Lab::new(DetectorConfig {
+        max_heartbeat: Duration::from_secs(1800),
+        min_heartbeat: Duration::from_secs(60),
+        ..cfg()
+    });
+    let mut t = 0;
+    for i in 0..40 {
+        let mut c = lab.connect("198.51.100.7", t);
+        lab.ping(&mut c, t + S);
+        // F5-like: RST at 300 s of silence, seen one-way-delay later.
+        lab.send(
+            &mut c,
+            t + S + MS + 300 * S + jitter(i) / 2,
+            Dir::In,
+            TCP_RST,
+            0,
+            64,
+            None,
+        );
+        t += 400 * S;
+    }
+    let r = lab.det.report();
+    let p = &r.killing_paths[0];
+    assert_eq!(p.path, "198.51.100.0/24:443");
+    assert_eq!(p.premature_kills, 40);
+    let est = p.estimate.as_ref().unwrap();
+    let err = (est.seconds() - 300.0).abs();
+    assert!(err < 0.1, "estimate {est:?}");
+    assert_eq!(est.confidence(), "high");
+    assert!(
+        p.likely_devices[0].starts_with("F5 BIG-IP FastL4"),
+        "{:?}",
+        p.likely_devices
+    );
+    assert_eq!(p.recommended_idle_timeout_seconds, Some(1800.0 + 120.0));
+}
+
+#[test]
+fn bracket_from_varying_heartbeats_contains_the_timeout_and_narrows_to_the_step() {
+    // Silent forgetting at T = 22 s; a Windows Mobile-like device tries 16,
+    // 20, 24 s heartbeats (step 4 s), reverting after each failure.
+    let mut lab = Lab::new(cfg());
+    let mut t = 0;
+    let mut hb = 16u64;
+    for _ in 0..12 {
+        let mut c = lab.connect("198.51.100.7", t);
+        let mut now = t + S;
+        loop {
+            lab.ping(&mut c, now);
+            if hb < 22 {
+                lab.answer(&mut c, now + hb * S, 20 * MS);
+                now += hb * S + 30 * MS;
+                hb += 4;
+            } else {
+                lab.send(
+                    &mut c,
+                    now + hb * S,
+                    Dir::Out,
+                    TCP_ACK | TCP_PSH,
+                    200,
+                    64,
+                    None,
+                );
+                lab.send(
+                    &mut c,
+                    now + hb * S + 20 * MS,
+                    Dir::In,
+                    TCP_RST,
+                    0,
+                    64,
+                    None,
+                );
+                hb -= 4;
+                t = now + hb * S + S;
+                break;
+            }
+        }
+    }
+    let r = lab.det.report();
+    let p = &r.killing_paths[0];
+    match p.estimate.as_ref().unwrap() {
+        Estimate::Bracket {
+            low_seconds,
+            high_seconds,
+            ..
+        } => {
+            assert!(
+                *low_seconds < 22.0 && 22.0 <= *high_seconds,
+                "{low_seconds}..{high_seconds}"
+            );
+            assert!(
+                high_seconds - low_seconds <= 4.0 + 0.1,
+                "{low_seconds}..{high_seconds}"
+            );
+        }
+        e => panic!("{e:?}"),
+    }
+    assert!(
+        p.likely_devices.is_empty(),
+        "scaled numbers match no default"
+    );
+}
+
+#[test]
+fn window_alert_names_the_killing_path_not_the_healthy_one() {
+    let mut lab = Lab::new(cfg());
+    // A healthy path: heartbeats of 40 s.
+    let mut h = lab.connect("203.0.113.5", 0);
+    let mut t = S;
+    for _ in 0..3 {
+        t = cycle(&mut lab, &mut h, t, 40 * S);
+    }
+    // A killing path: kills at 15 s, enough to pull the mean below 30 s.
+    for i in 0..10 {
+        let mut c = lab.connect("198.51.100.7", t + i * 20 * S);
+        lab.ping(&mut c, t + i * 20 * S + S);
+        lab.send(
+            &mut c,
+            t + i * 20 * S + S + MS + 15 * S,
+            Dir::In,
+            TCP_RST,
+            0,
+            64,
+            None,
+        );
+    }
+    let alert = lab
+        .out
+        .iter()
+        .find_map(|o| match o {
+            Output::Alert(a) => Some(a.clone()),
+            _ => None,
+        })
+        .expect("the window alert fired");
+    assert_eq!(alert.culprits[0].0.to_string(), "198.51.100.0/24:443");
+    assert!(alert
+        .culprits
+        .iter()
+        .all(|(p, _)| p.to_string() != "203.0.113.0/24:443"));
+    // Rate limited: one alert in this hour, though every sample kept it low.
+    let alerts = lab
+        .out
+        .iter()
+        .filter(|o| matches!(o, Output::Alert(_)))
+        .count();
+    assert_eq!(alerts, 1);
+}
+
+#[test]
+fn paths_are_bounded_and_evictions_counted() {
+    let mut lab = Lab::new(DetectorConfig {
+        max_paths: 8,
+        ..cfg()
+    });
+    for i in 0..20u64 {
+        let mut c = lab.connect(&format!("198.51.{i}.7"), i * S);
+        lab.send(
+            &mut c,
+            i * S + 10 * MS,
+            Dir::In,
+            TCP_FIN | TCP_ACK,
+            0,
+            CLIENT_TTL,
+            None,
+        );
+    }
+    assert_eq!(lab.det.paths().count(), 8);
+    assert_eq!(lab.det.stats.paths_evicted, 12);
+}
+
+#[test]
+fn flows_are_bounded_and_the_excess_counted() {
+    let mut lab = Lab::new(DetectorConfig {
+        max_flows: 5,
+        ..cfg()
+    });
+    for i in 0..9u64 {
+        lab.connect("198.51.100.7", i * S);
+    }
+    assert_eq!(lab.det.flows_tracked(), 5);
+    assert_eq!(lab.det.stats.flows_not_tracked, 4);
+}
+
+#[test]
+fn flows_the_kernel_dropped_without_a_close_vanish() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    let _ = cycle(&mut lab, &mut c, S, 40 * S);
+    let out = lab.det.retire_missing(100 * S, |_| false);
+    assert!(
+        matches!(&out[..], [Output::Verdict(v)] if v.ending == Ending::Vanished && !v.premature)
+    );
+    assert_eq!(lab.det.flows_tracked(), 0);
+}
+
+#[test]
+fn early_answers_are_hold_times_but_not_heartbeat_samples() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    // New mail after 3 s: Status 2, early answer (below min_heartbeat 10 s).
+    lab.ping(&mut c, S);
+    lab.answer(&mut c, S + 6 * S, 20 * MS);
+    assert_eq!(lab.det.stats.hold_times, 1);
+    assert_eq!(lab.det.window().len(), 0);
+    let _ = cycle(&mut lab, &mut c, 10 * S, 40 * S);
+    assert_eq!(lab.det.window().len(), 1);
+}
+
+#[test]
+fn report_text_names_path_timeout_how_device_and_cure() {
+    let mut lab = Lab::new(cfg());
+    for i in 0..5u64 {
+        let mut c = lab.connect("198.51.100.7", i * 60 * S);
+        lab.ping(&mut c, i * 60 * S + S);
+        lab.send(
+            &mut c,
+            i * 60 * S + S + MS + 20 * S,
+            Dir::In,
+            TCP_RST,
+            0,
+            64,
+            None,
+        );
+    }
+    let text = lab.det.report().to_text();
+    assert!(
+        text.contains("PATH 198.51.100.0/24:443: 5 of 5 flows killed"),
+        "{text}"
+    );
+    assert!(text.contains("reset injected by a middlebox"), "{text}");
+    assert!(text.contains("idle timeout: 20.0 s"), "{text}");
+    assert!(text.contains("no known default matches"), "{text}");
+    assert!(text.contains("at least 165 s"), "{text}");
+}
