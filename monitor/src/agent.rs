@@ -1,41 +1,369 @@
-//! `monitor run`: attach, read events until SIGINT/SIGTERM, detach.
+//! `monitor run`: attach, feed kernel events to the detector, serve /metrics
+//! and the query socket, until SIGINT/SIGTERM; then detach.
 
-use std::time::Duration;
-
-use anyhow::Context;
-use tokio::{
-    io::{unix::AsyncFd, Interest},
-    signal::unix::{signal, SignalKind},
+use std::{
+    collections::HashSet,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
-use crate::{config::AgentConfig, monitor::Monitor};
+use anyhow::Context;
+use monitor_common::{state, Counter, FlowKey};
+use tokio::{
+    io::{unix::AsyncFd, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest},
+    net::{UnixListener, UnixStream},
+    signal::unix::{signal, SignalKind},
+    sync::broadcast,
+};
 
-/// How often the agent logs its kernel counters.
-const COUNTER_LOG_INTERVAL: Duration = Duration::from_secs(60);
+use crate::{
+    api::{self, AttachmentInfo, EventPayload, FlowRow, ProgramInfo, ReportPayload},
+    clock,
+    config::FileConfig,
+    detector::{Detector, Output},
+    event::{client_of, server_of, FlowEvent},
+    exporter,
+    metrics::Metrics,
+    monitor::Monitor,
+    query::{self, Request, Response},
+};
 
-pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
-    let monitor = Monitor::start(&cfg).context("starting the monitor")?;
+/// How often the kernel table is swept for flows that left it.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(15);
+/// Verdicts buffered for `events --follow` clients.
+const FOLLOW_BUFFER: usize = 1024;
+
+/// Everything the tasks share. One lock: events are rare, queries rarer.
+pub struct Shared {
+    pub monitor: Monitor,
+    pub detector: Detector,
+    pub metrics: Metrics,
+    pub table_entries: u64,
+    pub decode_errors: u64,
+    pub started: Instant,
+    pub config: FileConfig,
+}
+
+pub type State = Arc<Mutex<Shared>>;
+
+/// Lock, surviving a poisoned lock (a panicked task must not stop the agent).
+pub fn lock(state: &State) -> MutexGuard<'_, Shared> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// Feed events and timer outputs through the detector into the metrics
+    /// and to followers.
+    fn absorb(&mut self, outputs: Vec<Output>, followers: &broadcast::Sender<String>) {
+        for o in outputs {
+            self.metrics.observe(&o, &self.detector);
+            match &o {
+                Output::Verdict(v) => {
+                    log::debug!("verdict: {v}");
+                    let payload = EventPayload {
+                        text: v.to_string(),
+                        verdict: serde_json::to_value(v).unwrap_or_default(),
+                    };
+                    if let Ok(line) = serde_json::to_string(&Response::Ok(payload)) {
+                        // No followers is fine.
+                        let _ = followers.send(line);
+                    }
+                }
+                Output::Alert(a) => {
+                    let names: Vec<String> = a
+                        .culprits
+                        .iter()
+                        .map(|(p, n)| format!("{p} ({n})"))
+                        .collect();
+                    log::warn!(
+                        "heartbeat window alert (Exchange 3033/1040 logic): mean {:.0} s over {} samples; pulled down by {}",
+                        a.mean_seconds,
+                        a.samples,
+                        if names.is_empty() { "no single path".into() } else { names.join(", ") }
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn ingest(&mut self, ev: &FlowEvent, followers: &broadcast::Sender<String>) {
+        log::debug!("{ev}");
+        let out = self.detector.ingest(ev);
+        self.absorb(out, followers);
+    }
+
+    /// Walk the kernel table: count it, and retire flows that left it.
+    fn sweep(&mut self, followers: &broadcast::Sender<String>) {
+        let keys: HashSet<FlowKey> = match self.monitor.flows() {
+            Ok(m) => m.keys().filter_map(Result::ok).collect(),
+            Err(e) => {
+                log::warn!("sweeping the flow table: {e}");
+                return;
+            }
+        };
+        self.table_entries = keys.len() as u64;
+        let out = self
+            .detector
+            .retire_missing(clock::boot_ns(), |k| keys.contains(k));
+        self.absorb(out, followers);
+    }
+
+    pub fn status(&self) -> api::Status {
+        let counters = self.monitor.counters().unwrap_or_default();
+        let capacity = u64::from(self.monitor.flow_table_size());
+        api::Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            ports: self.config.agent.ports.clone(),
+            gap_threshold_seconds: self.config.agent.gap_threshold.as_secs_f64(),
+            attachments: self
+                .monitor
+                .attachments()
+                .iter()
+                .map(|a| AttachmentInfo {
+                    interface: a.iface.clone(),
+                    xdp_mode: a.xdp_mode.to_string(),
+                    tc_mode: a.tc_mode.to_string(),
+                })
+                .collect(),
+            programs: self
+                .monitor
+                .programs()
+                .iter()
+                .map(|p| ProgramInfo {
+                    name: p.name.to_string(),
+                    verified_instructions: p.verified_instructions,
+                })
+                .collect(),
+            flow_table_entries: self.table_entries,
+            flow_table_capacity: capacity,
+            flow_table_fill_ratio: self.table_entries as f64 / capacity.max(1) as f64,
+            kernel_counters: Counter::ALL
+                .iter()
+                .map(|c| (c.name().to_string(), counters.get(*c)))
+                .collect(),
+            events_dropped: counters.get(Counter::EventsDropped),
+            event_decode_errors: self.decode_errors,
+            flows_followed: self.detector.flows_tracked(),
+            paths: self.detector.paths().count(),
+            metrics_listen: self
+                .config
+                .metrics
+                .enabled
+                .then(|| self.config.metrics.listen.to_string()),
+        }
+    }
+
+    pub fn flows(&self) -> Result<Vec<FlowRow>, String> {
+        let now = clock::boot_ns();
+        let table = self.monitor.flows().map_err(|e| e.to_string())?;
+        let mut rows = Vec::new();
+        for item in table.iter() {
+            let (key, f) = item.map_err(|e| format!("reading the flow table: {e}"))?;
+            let client = client_of(&key);
+            let last = f.last_in_ns.max(f.last_out_ns);
+            let mut st = if f.state & state::CLOSED != 0 {
+                "closed"
+            } else if f.state & state::RETRANS_REPORTED != 0 {
+                "retransmitting"
+            } else {
+                "open"
+            }
+            .to_string();
+            if f.state & state::MIDSTREAM != 0 {
+                st.push_str("+midstream");
+            }
+            rows.push(FlowRow {
+                client: client.to_string(),
+                server: server_of(&key).to_string(),
+                path: self
+                    .detector
+                    .path_of(client.ip(), key.server_port)
+                    .to_string(),
+                age_seconds: now.saturating_sub(f.first_seen_ns) as f64 / 1e9,
+                silence_seconds: now.saturating_sub(last) as f64 / 1e9,
+                bytes_in: f.bytes_in,
+                bytes_out: f.bytes_out,
+                packets_in: f.pkts_in,
+                packets_out: f.pkts_out,
+                heartbeat_seconds: self.detector.flow_heartbeat(&key),
+                state: st,
+            });
+        }
+        Ok(rows)
+    }
+
+    pub fn metrics_text(&mut self) -> Result<String, prometheus::Error> {
+        let kernel = self.monitor.counters().ok();
+        let table = Some((
+            self.table_entries,
+            u64::from(self.monitor.flow_table_size()),
+        ));
+        let decode = self.decode_errors;
+        let now = clock::boot_ns();
+        let Shared {
+            metrics, detector, ..
+        } = self;
+        metrics.render(detector, kernel.as_ref(), table, decode, now)
+    }
+}
+
+/// Create the socket owner-only, replacing a stale one (no agent behind it).
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the socket directory {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another agent is already answering on {}: stop it first (or use another [query] socket)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path)
+        .with_context(|| format!("binding the query socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} owner-only", path.display()))?;
+    Ok(l)
+}
+
+async fn serve_query(listener: UnixListener, state: State, followers: broadcast::Sender<String>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let st = state.clone();
+                let f = followers.subscribe();
+                tokio::spawn(async move {
+                    if let Err(e) = answer(stream, st, f).await {
+                        log::debug!("query client: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                log::warn!("accepting a query connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn line<T: serde::Serialize>(r: &Response<T>) -> String {
+    let mut s = serde_json::to_string(r)
+        .unwrap_or_else(|e| format!("{{\"error\":\"encoding the answer: {e}\"}}"));
+    s.push('\n');
+    s
+}
+
+async fn answer(
+    stream: UnixStream,
+    state: State,
+    mut followers: broadcast::Receiver<String>,
+) -> anyhow::Result<()> {
+    let (r, mut w) = stream.into_split();
+    // Bounded read: an over-long request is cut and then rejected as too long.
+    let mut r = BufReader::new(r.take(query::MAX_REQUEST_BYTES as u64 + 1));
+    let mut req = String::new();
+    tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut req))
+        .await
+        .context("no request within 10 s")??;
+    let request = match query::parse_request(&req) {
+        Ok(q) => q,
+        Err(e) => {
+            w.write_all(line::<()>(&Response::Error(e)).as_bytes())
+                .await?;
+            return Ok(());
+        }
+    };
+    let reply = match request {
+        Request::Status => line(&Response::Ok(lock(&state).status())),
+        Request::Flows => match lock(&state).flows() {
+            Ok(rows) => line(&Response::Ok(rows)),
+            Err(e) => line::<()>(&Response::Error(e)),
+        },
+        Request::Report => {
+            let s = lock(&state);
+            let report = s.detector.report();
+            line(&Response::Ok(ReportPayload {
+                text: report.to_text(),
+                report: serde_json::to_value(&report).unwrap_or_default(),
+            }))
+        }
+        Request::Events { follow } => {
+            let recent: Vec<String> = lock(&state)
+                .detector
+                .recent()
+                .map(|v| {
+                    line(&Response::Ok(EventPayload {
+                        text: v.to_string(),
+                        verdict: serde_json::to_value(v).unwrap_or_default(),
+                    }))
+                })
+                .collect();
+            for l in recent {
+                w.write_all(l.as_bytes()).await?;
+            }
+            if follow {
+                loop {
+                    match followers.recv().await {
+                        Ok(mut l) => {
+                            l.push('\n');
+                            w.write_all(l.as_bytes()).await?;
+                        }
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            let msg = format!("follower too slow: {n} verdicts skipped");
+                            w.write_all(line::<()>(&Response::Error(msg)).as_bytes())
+                                .await?;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    }
+                }
+            }
+            return Ok(());
+        }
+    };
+    w.write_all(reply.as_bytes()).await?;
+    Ok(())
+}
+
+pub async fn run(config: FileConfig) -> anyhow::Result<()> {
+    config.validate().context("invalid configuration")?;
+    let mut monitor = Monitor::start(&config.agent).context("starting the monitor")?;
     for a in monitor.attachments() {
         log::info!(
             "attached to {}: XDP ingress ({}), TC egress ({}); ports {:?}",
             a.iface,
             a.xdp_mode,
             a.tc_mode,
-            cfg.ports
+            config.agent.ports
         );
     }
     for p in monitor.programs() {
         log::info!(
-            "program {}: {} instructions verified, {} bytes translated",
+            "program {}: {} instructions verified",
             p.name,
             p.verified_instructions
-                .map_or("?".into(), |n| n.to_string()),
-            p.translated_bytes.map_or("?".into(), |n| n.to_string())
+                .map_or("?".into(), |n| n.to_string())
         );
     }
-    let mut monitor = monitor;
-    let mut kernel_log = match monitor.take_kernel_logger() {
-        // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd lives.
+    let detector = Detector::new(config.detector.clone()).context("detector configuration")?;
+    let metrics = Metrics::new(config.metrics.top_paths, config.metrics.client_addresses)
+        .context("registering metrics")?;
+    let reader = monitor
+        .take_event_reader()
+        .context("the event reader was already taken")?;
+    let logger = monitor.take_kernel_logger();
+    // SAFETY: each AsyncFd owns the object that owns the fd, for its whole life.
+    let mut events = unsafe { AsyncFd::register_with_interest(reader, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+        .context("watching the event ring buffer")?;
+    let mut kernel_log = match logger {
         Some(l) => Some(
             unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
                 .map_err(|e| e.into_parts().1)
@@ -43,22 +371,57 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    // SAFETY: the monitor owns the event ring buffer fd for as long as the AsyncFd lives.
-    let mut events = unsafe { AsyncFd::register_with_interest(monitor, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-        .context("watching the event ring buffer")?;
+
+    let socket_path: PathBuf = config.query.socket.clone();
+    let query_listener = bind_socket(&socket_path)?;
+    let metrics_listener = if config.metrics.enabled {
+        let addr = config.metrics.listen;
+        Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("binding /metrics on {addr} (in use? set [metrics] listen)")
+        })?)
+    } else {
+        None
+    };
+    let state: State = Arc::new(Mutex::new(Shared {
+        monitor,
+        detector,
+        metrics,
+        table_entries: 0,
+        decode_errors: 0,
+        started: Instant::now(),
+        config: config.clone(),
+    }));
+    let (followers, _) = broadcast::channel::<String>(FOLLOW_BUFFER);
+    let query_task = tokio::spawn(serve_query(
+        query_listener,
+        state.clone(),
+        followers.clone(),
+    ));
+    let metrics_task = metrics_listener.map(|l| {
+        log::info!("serving /metrics on {}", config.metrics.listen);
+        tokio::spawn(exporter::serve(l, state.clone()))
+    });
+    log::info!("query socket {}", socket_path.display());
+
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut tick = tokio::time::interval(COUNTER_LOG_INTERVAL);
-
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut batch = Vec::new();
     loop {
         tokio::select! {
             _ = sigint.recv() => { log::info!("SIGINT: detaching"); break; }
             _ = sigterm.recv() => { log::info!("SIGTERM: detaching"); break; }
             guard = events.readable_mut() => {
                 let mut guard = guard.context("waiting for events")?;
-                guard.get_inner_mut().drain(|ev| log::debug!("{ev}"));
+                guard.get_inner_mut().drain(|ev| batch.push(ev));
+                let decode_errors = guard.get_inner().decode_errors;
                 guard.clear_ready();
+                let mut s = lock(&state);
+                s.decode_errors = decode_errors;
+                for ev in batch.drain(..) {
+                    s.ingest(&ev, &followers);
+                }
             }
             guard = async {
                 match kernel_log.as_mut() {
@@ -71,20 +434,31 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 guard.clear_ready();
             }
             _ = tick.tick() => {
-                match events.get_ref().counters() {
-                    Ok(c) => log::info!("kernel counters: {c}"),
-                    Err(e) => log::warn!("reading kernel counters: {e}"),
-                }
+                let mut s = lock(&state);
+                let out = s.detector.tick(clock::boot_ns());
+                s.absorb(out, &followers);
             }
+            _ = sweep.tick() => lock(&state).sweep(&followers),
         }
     }
+    query_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     // Drain what is left so nothing the kernel reported is lost at exit.
-    let mut monitor = events.into_inner();
-    monitor.drain(|ev| log::debug!("{ev}"));
+    events.get_mut().drain(|ev| batch.push(ev));
+    {
+        let mut s = lock(&state);
+        for ev in batch.drain(..) {
+            s.ingest(&ev, &followers);
+        }
+    }
     if let Some(mut l) = kernel_log.map(AsyncFd::into_inner) {
         l.flush();
     }
-    drop(monitor);
+    let _ = std::fs::remove_file(&socket_path);
+    drop(events);
+    drop(state);
     log::info!("detached");
     Ok(())
 }

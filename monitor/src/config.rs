@@ -1,14 +1,24 @@
-//! What the agent is told to do, validated before anything touches the kernel.
+//! What the agent is told to do: a TOML file, overridden by flags, validated
+//! before anything touches the kernel. Unknown keys and bad values are errors
+//! that name the key.
 
-use std::time::Duration;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use monitor_common::{Config, DEFAULT_FLOW_TABLE_SIZE, MAX_PORTS};
+use serde::{Deserialize, Serialize};
+
+use crate::detector::{config::secs, DetectorConfig, DetectorConfigError};
 
 /// Largest flow table we accept: 16 Mi entries (~2.5 GiB of kernel memory).
 pub const MAX_FLOW_TABLE_SIZE: u32 = 1 << 24;
+/// Default /metrics address. 9100-9999 is fully allocated to other
+/// exporters, so the default sits outside that range.
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:19443";
+pub const DEFAULT_SOCKET: &str = "/run/activesync-monitor/monitor.sock";
 
 /// How to attach XDP. Our own enum so the configuration does not leak aya types.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum XdpModeSetting {
     /// Native (driver) mode if the driver supports it, else generic.
     #[default]
@@ -19,13 +29,16 @@ pub enum XdpModeSetting {
     Skb,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+/// `[agent]`: what to attach to and what to track.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// Interfaces facing the clients: XDP on ingress, TC on egress.
     pub interfaces: Vec<String>,
     /// Local (server) TCP ports to track.
     pub ports: Vec<u16>,
     /// Silence after which the next packet is reported as ending an idle gap.
+    #[serde(with = "secs", rename = "gap_threshold_seconds")]
     pub gap_threshold: Duration,
     /// Flow table entries.
     pub flow_table_size: u32,
@@ -44,24 +57,81 @@ impl Default for AgentConfig {
     }
 }
 
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address for /metrics; "off" is not an address: use `enabled = false`.
+    pub listen: SocketAddr,
+    pub enabled: bool,
+    /// Paths that get their own `path` label (the most killing ones); the rest are "other".
+    pub top_paths: usize,
+    /// Expose client addresses (top killed clients) as labels. Off by default.
+    pub client_addresses: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: DEFAULT_METRICS_ADDR.parse().expect("valid default address"),
+            enabled: true,
+            top_paths: 20,
+            client_addresses: false,
+        }
+    }
+}
+
+/// `[query]`: the local socket the CLI talks to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryConfig {
+    pub socket: PathBuf,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        QueryConfig {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    pub agent: AgentConfig,
+    pub detector: DetectorConfig,
+    pub metrics: MetricsConfig,
+    pub query: QueryConfig,
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ConfigError {
-    #[error("no interface given: name the interface(s) facing the clients with --iface")]
+    #[error(
+        "agent.interfaces: no interface given: name the interface(s) facing the clients (--iface)"
+    )]
     NoInterface,
-    #[error("interface name {name:?} is not a valid Linux interface name (1..15 bytes, no '/', no whitespace)")]
+    #[error("agent.interfaces: {name:?} is not a valid Linux interface name (1..15 bytes, no '/', no whitespace)")]
     BadInterfaceName { name: String },
-    #[error("ports: at least one port is needed")]
+    #[error("agent.ports: at least one port is needed")]
     NoPort,
-    #[error("ports: at most {max} ports can be tracked, {given} given")]
+    #[error("agent.ports: at most {max} ports can be tracked, {given} given")]
     TooManyPorts { given: usize, max: usize },
-    #[error("ports: port 0 cannot be tracked")]
+    #[error("agent.ports: port 0 cannot be tracked")]
     PortZero,
-    #[error("ports: port {port} is listed twice")]
+    #[error("agent.ports: port {port} is listed twice")]
     DuplicatePort { port: u16 },
-    #[error("gap_threshold: must be between 1 ms and 1 hour, got {got:?}")]
+    #[error("agent.gap_threshold_seconds: must be between 0.001 and 3600, got {got:?}")]
     GapThreshold { got: Duration },
-    #[error("flow_table_size: must be between 1 and {max}, got {got}")]
+    #[error("agent.flow_table_size: must be between 1 and {max}, got {got}")]
     FlowTableSize { got: u32, max: u32 },
+    #[error("metrics.top_paths: must be between 1 and 1000, got {0}")]
+    TopPaths(usize),
+    #[error("detector.{0}")]
+    Detector(#[from] DetectorConfigError),
+    #[error("reading the configuration file {path}: {message}")]
+    File { path: String, message: String },
 }
 
 impl AgentConfig {
@@ -124,6 +194,32 @@ impl AgentConfig {
     }
 }
 
+impl FileConfig {
+    pub fn parse(text: &str, path: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::File {
+            path: path.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.agent.validate()?;
+        self.detector.validate()?;
+        if self.metrics.top_paths == 0 || self.metrics.top_paths > 1000 {
+            return Err(ConfigError::TopPaths(self.metrics.top_paths));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,20 +239,20 @@ mod tests {
     #[test]
     fn bad_values_are_rejected_naming_the_setting() {
         let cases: Vec<(AgentConfig, &str)> = vec![
-            (AgentConfig::default(), "--iface"),
+            (AgentConfig::default(), "agent.interfaces"),
             (
                 AgentConfig {
                     interfaces: vec!["a-very-long-interface-name".into()],
                     ..valid()
                 },
-                "interface name",
+                "agent.interfaces",
             ),
             (
                 AgentConfig {
                     ports: vec![],
                     ..valid()
                 },
-                "ports",
+                "agent.ports",
             ),
             (
                 AgentConfig {
@@ -184,14 +280,14 @@ mod tests {
                     gap_threshold: Duration::ZERO,
                     ..valid()
                 },
-                "gap_threshold",
+                "agent.gap_threshold_seconds",
             ),
             (
                 AgentConfig {
                     flow_table_size: 0,
                     ..valid()
                 },
-                "flow_table_size",
+                "agent.flow_table_size",
             ),
         ];
         for (cfg, needle) in cases {
@@ -212,5 +308,57 @@ mod tests {
         assert_eq!(&k.ports[..3], &[443, 8443, 0]);
         assert_eq!(k.gap_threshold_ns, 1_500_000_000);
         assert!(k.tracks(8443) && !k.tracks(80));
+    }
+
+    #[test]
+    fn a_full_file_parses() {
+        let f = FileConfig::parse(
+            r#"
+[agent]
+interfaces = ["eth0"]
+ports = [443, 8443]
+gap_threshold_seconds = 2.5
+xdp_mode = "skb"
+[detector]
+min_heartbeat = 30
+max_heartbeat = 1800
+[metrics]
+listen = "127.0.0.1:19443"
+top_paths = 5
+[query]
+socket = "/tmp/m.sock"
+"#,
+            "test.toml",
+        )
+        .unwrap();
+        assert_eq!(f.agent.gap_threshold, Duration::from_millis(2500));
+        assert_eq!(f.agent.xdp_mode, XdpModeSetting::Skb);
+        assert_eq!(f.detector.max_heartbeat, Duration::from_secs(1800));
+        assert_eq!(f.metrics.top_paths, 5);
+        assert_eq!(f.validate(), Ok(()));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        for (text, needle) in [
+            ("[agent]\ninterface = [\"eth0\"]\n", "interface"),
+            ("[agent]\nports = [70000]\n", "ports"),
+            ("[detector]\nmax_heartbeat = \"long\"\n", "max_heartbeat"),
+            ("[metrics]\nlisten = \"nowhere\"\n", "listen"),
+            ("[nonsense]\n", "nonsense"),
+        ] {
+            let e = FileConfig::parse(text, "t.toml").unwrap_err().to_string();
+            assert!(e.contains(needle), "{text:?}: {e}");
+        }
+        let f = FileConfig::parse(
+            "[agent]\ninterfaces=[\"eth0\"]\n[detector]\nmax_heartbeat = 4000\n",
+            "t",
+        )
+        .unwrap();
+        assert!(f
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("detector.max_heartbeat"));
     }
 }

@@ -2,16 +2,22 @@
 //! their events and counters. `main.rs` only dispatches the CLI.
 
 pub mod agent;
+pub mod api;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod counters;
 pub mod detector;
 pub mod event;
+pub mod exporter;
 pub mod loader;
+pub mod metrics;
 pub mod monitor;
+pub mod query;
+pub mod render;
 pub mod replay;
 
-pub use config::{AgentConfig, ConfigError, XdpModeSetting};
+pub use config::{AgentConfig, ConfigError, FileConfig, XdpModeSetting};
 pub use event::FlowEvent;
 pub use monitor::Monitor;
 

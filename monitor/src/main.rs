@@ -1,72 +1,114 @@
 //! `monitor`: the agent and its CLI. This file only dispatches.
 
-use std::time::Duration;
+use std::io::Write;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use monitor::{AgentConfig, XdpModeSetting};
+use clap::{CommandFactory, Parser};
+use monitor::{
+    api::{EventPayload, FlowRow, ReportPayload, Status},
+    cli::{Cli, Command, FlowSort},
+    query::{Client, Request},
+    render,
+};
 
-#[derive(Parser)]
-#[command(
-    name = "monitor",
-    version,
-    about = "Sees which middlebox kills long-lived TCP connections (ActiveSync Direct Push) before the heartbeat"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the agent: attach XDP (ingress) and TC (egress) to the client-facing
-    /// interface(s) and track TCP flows to the server ports. Needs root
-    /// (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON). Detaches on SIGINT/SIGTERM.
-    Run(RunArgs),
-}
-
-#[derive(clap::Args)]
-struct RunArgs {
-    /// Client-facing interface; repeat for several.
-    #[arg(long = "iface", required = true)]
-    interfaces: Vec<String>,
-    /// Local TCP port to track; repeat for several (at most 8).
-    #[arg(long = "port", default_values_t = [443u16])]
-    ports: Vec<u16>,
-    /// Silence, in seconds, after which the next packet is reported as ending
-    /// an idle gap.
-    #[arg(long, default_value_t = 5.0)]
-    gap_threshold_seconds: f64,
-    /// Flow table entries (each ~200 bytes of kernel memory).
-    #[arg(long, default_value_t = monitor_common::DEFAULT_FLOW_TABLE_SIZE)]
-    flow_table_size: u32,
-    /// XDP attach mode.
-    #[arg(long, value_enum, default_value_t = XdpModeSetting::Auto)]
-    xdp_mode: XdpModeSetting,
-}
-
-fn seconds(s: f64, what: &str) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(s)
-        .with_context(|| format!("{what}: {s} is not a valid number of seconds"))
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    let socket = cli.socket.clone();
     match cli.command {
         Command::Run(args) => {
-            let cfg = AgentConfig {
-                interfaces: args.interfaces,
-                ports: args.ports,
-                gap_threshold: seconds(args.gap_threshold_seconds, "--gap-threshold-seconds")?,
-                flow_table_size: args.flow_table_size,
-                xdp_mode: args.xdp_mode,
-            };
+            let cfg = args.effective(&socket)?;
+            if args.print_config {
+                print!(
+                    "{}",
+                    toml::to_string(&cfg).context("printing the configuration")?
+                );
+                return Ok(());
+            }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
             rt.block_on(monitor::agent::run(cfg))
         }
+        Command::Status(a) => {
+            let v = Client::call(&socket, &Request::Status)?;
+            if a.json {
+                return print_json(&v);
+            }
+            let s: Status = serde_json::from_value(v)?;
+            print!("{}", render::status(&s));
+            Ok(())
+        }
+        Command::Flows(a) => {
+            let v = Client::call(&socket, &Request::Flows)?;
+            let mut rows: Vec<FlowRow> = serde_json::from_value(v)?;
+            rows.retain(|r| {
+                a.path.as_ref().is_none_or(|p| &r.path == p)
+                    && a.min_silence.is_none_or(|m| r.silence_seconds >= m)
+            });
+            match a.sort {
+                FlowSort::Silence => {
+                    rows.sort_by(|x, y| y.silence_seconds.total_cmp(&x.silence_seconds))
+                }
+                FlowSort::Age => rows.sort_by(|x, y| y.age_seconds.total_cmp(&x.age_seconds)),
+                FlowSort::Bytes => {
+                    rows.sort_by_key(|r| std::cmp::Reverse(r.bytes_in + r.bytes_out))
+                }
+                FlowSort::Client => rows.sort_by(|x, y| x.client.cmp(&y.client)),
+            }
+            if a.limit > 0 {
+                rows.truncate(a.limit);
+            }
+            if a.json {
+                return print_json(&serde_json::to_value(&rows)?);
+            }
+            print!("{}", render::flows(&rows));
+            Ok(())
+        }
+        Command::Report(a) => {
+            let v = Client::call(&socket, &Request::Report)?;
+            let r: ReportPayload = serde_json::from_value(v)?;
+            if a.json {
+                return print_json(&r.report);
+            }
+            print!("{}", r.text);
+            Ok(())
+        }
+        Command::Events(a) => {
+            let mut c = Client::connect(&socket)?;
+            c.send(&Request::Events { follow: a.follow })?;
+            let mut out = std::io::stdout().lock();
+            while let Some(v) = c.read_line()? {
+                let e: EventPayload = serde_json::from_value(v)?;
+                let line = if a.json {
+                    serde_json::to_string(&e.verdict)?
+                } else {
+                    e.text
+                };
+                // A closed pipe (| head) ends the command quietly.
+                if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "monitor",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Manpage => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .context("rendering the man page"),
     }
 }

@@ -18,13 +18,44 @@ use crate::{
 
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
-pub struct Monitor {
-    attached: Attached,
-    events: RingBuf<MapData>,
-    counters: PerCpuArray<MapData, u64>,
-    logger: Option<KernelLogger>,
+/// The kernel's event ring buffer. Readable (for epoll) when events are pending.
+pub struct EventReader {
+    ring: RingBuf<MapData>,
     /// Ring buffer records that did not decode (counted, never fatal).
     pub decode_errors: u64,
+}
+
+impl EventReader {
+    /// Hand every pending event to `f`; returns how many records were read.
+    pub fn drain(&mut self, mut f: impl FnMut(FlowEvent)) -> usize {
+        let mut n = 0;
+        let mut errors = 0;
+        while let Some(item) = self.ring.next() {
+            n += 1;
+            match FlowEvent::decode(&item) {
+                Ok(ev) => f(ev),
+                Err(e) => {
+                    errors += 1;
+                    log::warn!("{e}");
+                }
+            }
+        }
+        self.decode_errors += errors;
+        n
+    }
+}
+
+impl AsRawFd for EventReader {
+    fn as_raw_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+}
+
+pub struct Monitor {
+    attached: Attached,
+    events: Option<EventReader>,
+    counters: PerCpuArray<MapData, u64>,
+    logger: Option<KernelLogger>,
     pub config: AgentConfig,
     pub started: Instant,
 }
@@ -59,10 +90,12 @@ impl Monitor {
         })?;
         Ok(Monitor {
             attached,
-            events,
+            events: Some(EventReader {
+                ring: events,
+                decode_errors: 0,
+            }),
             counters,
             logger,
-            decode_errors: 0,
             config: cfg.clone(),
             started: Instant::now(),
         })
@@ -76,22 +109,19 @@ impl Monitor {
         &self.attached.programs
     }
 
-    /// Hand every pending event to `f`; returns how many were read.
-    pub fn drain(&mut self, mut f: impl FnMut(FlowEvent)) -> usize {
-        let mut n = 0;
-        let mut errors = 0;
-        while let Some(item) = self.events.next() {
-            n += 1;
-            match FlowEvent::decode(&item) {
-                Ok(ev) => f(ev),
-                Err(e) => {
-                    errors += 1;
-                    log::warn!("{e}");
-                }
-            }
-        }
-        self.decode_errors += errors;
-        n
+    /// Hand every pending event to `f` (while the reader was not taken).
+    pub fn drain(&mut self, f: impl FnMut(FlowEvent)) -> usize {
+        self.events.as_mut().map_or(0, |r| r.drain(f))
+    }
+
+    /// Ring buffer records that did not decode (while the reader was not taken).
+    pub fn decode_errors(&self) -> u64 {
+        self.events.as_ref().map_or(0, |r| r.decode_errors)
+    }
+
+    /// Move the event reader out, to be polled on its own.
+    pub fn take_event_reader(&mut self) -> Option<EventReader> {
+        self.events.take()
     }
 
     /// The reader of the kernel programs' aya-log records, to be polled on
@@ -102,6 +132,10 @@ impl Monitor {
 
     pub fn counters(&self) -> Result<KernelCounters, aya::maps::MapError> {
         KernelCounters::read(&self.counters)
+    }
+
+    pub fn flow_table_size(&self) -> u32 {
+        self.config.flow_table_size
     }
 
     /// The live flow table (read-only view).
@@ -115,13 +149,6 @@ impl Monitor {
             map: "FLOWS",
             source,
         })
-    }
-}
-
-impl AsRawFd for Monitor {
-    /// The event ring buffer: readable when events are pending.
-    fn as_raw_fd(&self) -> RawFd {
-        self.events.as_raw_fd()
     }
 }
 

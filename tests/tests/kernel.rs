@@ -311,7 +311,7 @@ fn gap_then_fin(server: &str) {
     let close = mine[2];
     assert_eq!(close.dir, Dir::In, "the client closed first");
     assert!(close.is_fin() && !close.is_rst());
-    assert_eq!(m.decode_errors, 0);
+    assert_eq!(m.decode_errors(), 0);
 }
 
 #[test]

@@ -139,6 +139,11 @@ impl Detector {
         self.recent.iter()
     }
 
+    /// The heartbeat in force for a followed flow (seconds), if known.
+    pub fn flow_heartbeat(&self, key: &FlowKey) -> Option<f64> {
+        self.flows.get(key).and_then(|f| self.heartbeat_in_force(f))
+    }
+
     pub fn path_of(&self, client: IpAddr, port: u16) -> PathKey {
         PathKey::new(client, port, self.cfg.ipv4_prefix, self.cfg.ipv6_prefix)
     }

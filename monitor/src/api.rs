@@ -1,0 +1,67 @@
+//! What the query API answers: typed payloads the agent builds and the CLI
+//! renders (as tables or plain words, or as JSON with `--json`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttachmentInfo {
+    pub interface: String,
+    pub xdp_mode: String,
+    pub tc_mode: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProgramInfo {
+    pub name: String,
+    pub verified_instructions: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub uptime_seconds: f64,
+    pub ports: Vec<u16>,
+    pub gap_threshold_seconds: f64,
+    pub attachments: Vec<AttachmentInfo>,
+    pub programs: Vec<ProgramInfo>,
+    pub flow_table_entries: u64,
+    pub flow_table_capacity: u64,
+    pub flow_table_fill_ratio: f64,
+    pub kernel_counters: BTreeMap<String, u64>,
+    pub events_dropped: u64,
+    pub event_decode_errors: u64,
+    pub flows_followed: usize,
+    pub paths: usize,
+    pub metrics_listen: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlowRow {
+    pub client: String,
+    pub server: String,
+    pub path: String,
+    pub age_seconds: f64,
+    /// Silence now, both directions.
+    pub silence_seconds: f64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub packets_in: u32,
+    pub packets_out: u32,
+    pub heartbeat_seconds: Option<f64>,
+    /// open, closed, retransmitting; "+midstream" when first seen mid-connection.
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReportPayload {
+    pub text: String,
+    pub report: serde_json::Value,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventPayload {
+    pub text: String,
+    pub verdict: serde_json::Value,
+}

@@ -1,0 +1,247 @@
+//! The command line: one binary, the agent and the commands that query it.
+//! Every flag of `run` has a key in the configuration file; flags win.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{ConfigError, FileConfig, XdpModeSetting, DEFAULT_SOCKET};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "monitor",
+    version,
+    about = "Sees which firewall, NAT or load balancer kills long-lived TCP connections \
+             (ActiveSync Direct Push) before the device's heartbeat, after how long, how, \
+             and what to set it to.",
+    long_about = None
+)]
+pub struct Cli {
+    /// The agent's query socket (Unix socket, owner-only).
+    #[arg(long, global = true, default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent: attach XDP (ingress) and TC (egress) to the client-facing
+    /// interface(s), track TCP flows to the server ports, diagnose, serve
+    /// /metrics and the query socket. Needs root or CAP_BPF, CAP_NET_ADMIN,
+    /// CAP_PERFMON. Detaches cleanly on SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// Programs attached (interface, mode), ports, uptime, flow table fill,
+    /// events dropped, kernel counters.
+    Status(JsonArg),
+    /// Live flows: client, age, current silence, bytes each way, inferred
+    /// heartbeat, state. Times in seconds.
+    Flows(FlowsArgs),
+    /// The diagnosis in plain words: which paths kill, after how long, how,
+    /// the likely device, the recommended timeout, the Exchange 3033/1040-style
+    /// alert state, and a histogram of silences before kills.
+    Report(JsonArg),
+    /// Flow endings with their verdicts (the most recent first, then live with --follow).
+    Events(EventsArgs),
+    /// Print shell completions for SHELL to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout.
+    Manpage,
+}
+
+#[derive(Args, Debug)]
+pub struct JsonArg {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowSort {
+    /// Longest silence first.
+    Silence,
+    /// Oldest first.
+    Age,
+    /// Most bytes (both ways) first.
+    Bytes,
+    /// By client address.
+    Client,
+}
+
+#[derive(Args, Debug)]
+pub struct FlowsArgs {
+    #[arg(long)]
+    pub json: bool,
+    /// Sort order.
+    #[arg(long, value_enum, default_value_t = FlowSort::Silence)]
+    pub sort: FlowSort,
+    /// Only flows on this path (as printed, e.g. 198.51.100.0/24:443).
+    #[arg(long)]
+    pub path: Option<String>,
+    /// Only flows silent for at least this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub min_silence: Option<f64>,
+    /// At most this many rows (0: all).
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct EventsArgs {
+    /// Keep printing new verdicts as flows end.
+    #[arg(long)]
+    pub follow: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// TOML configuration file (sections [agent], [detector], [metrics], [query]);
+    /// flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Client-facing interface; repeat for several. [agent] interfaces
+    #[arg(long = "iface", value_name = "IFACE")]
+    pub interfaces: Vec<String>,
+    /// Local TCP port to track; repeat for several, at most 8. Default 443. [agent] ports
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
+    /// Seconds of silence after which the next packet is an idle-gap event.
+    /// Default 5. [agent] gap_threshold_seconds
+    #[arg(long, value_name = "SECONDS")]
+    pub gap_threshold_seconds: Option<f64>,
+    /// Kernel flow table entries (~200 bytes each). Default 262144. [agent] flow_table_size
+    #[arg(long, value_name = "N")]
+    pub flow_table_size: Option<u32>,
+    /// XDP attach mode. Default auto. [agent] xdp_mode
+    #[arg(long, value_enum)]
+    pub xdp_mode: Option<XdpModeSetting>,
+    /// Exchange MinHeartbeatInterval, seconds (1..max). Default 60. [detector] min_heartbeat
+    #[arg(long, value_name = "SECONDS")]
+    pub min_heartbeat: Option<f64>,
+    /// Exchange MaxHeartbeatInterval, seconds (min..3540). Default 3540. [detector] max_heartbeat
+    #[arg(long, value_name = "SECONDS")]
+    pub max_heartbeat: Option<f64>,
+    /// Address for /metrics. Default 0.0.0.0:19443. [metrics] listen
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Do not serve /metrics. [metrics] enabled = false
+    #[arg(long)]
+    pub no_metrics: bool,
+    /// Print the effective configuration (TOML) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+fn secs(key: &str, v: f64) -> Result<std::time::Duration, ConfigError> {
+    std::time::Duration::try_from_secs_f64(v).map_err(|_| ConfigError::File {
+        path: "command line".into(),
+        message: format!("--{key}: {v} is not a valid number of seconds"),
+    })
+}
+
+impl RunArgs {
+    /// The file (if any) with the flags applied on top, validated.
+    pub fn effective(&self, socket: &std::path::Path) -> Result<FileConfig, ConfigError> {
+        let mut c = match &self.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        if !self.interfaces.is_empty() {
+            c.agent.interfaces = self.interfaces.clone();
+        }
+        if !self.ports.is_empty() {
+            c.agent.ports = self.ports.clone();
+        }
+        if let Some(v) = self.gap_threshold_seconds {
+            c.agent.gap_threshold = secs("gap-threshold-seconds", v)?;
+        }
+        if let Some(v) = self.flow_table_size {
+            c.agent.flow_table_size = v;
+        }
+        if let Some(v) = self.xdp_mode {
+            c.agent.xdp_mode = v;
+        }
+        if let Some(v) = self.min_heartbeat {
+            c.detector.min_heartbeat = secs("min-heartbeat", v)?;
+        }
+        if let Some(v) = self.max_heartbeat {
+            c.detector.max_heartbeat = secs("max-heartbeat", v)?;
+        }
+        if let Some(v) = self.metrics_listen {
+            c.metrics.listen = v;
+        }
+        if self.no_metrics {
+            c.metrics.enabled = false;
+        }
+        if socket != std::path::Path::new(DEFAULT_SOCKET) {
+            c.query.socket = socket.to_path_buf();
+        }
+        // The detector's notion of "after a silence" follows the kernel's.
+        c.detector.min_silence = c.agent.gap_threshold;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("monitor-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.toml");
+        std::fs::write(
+            &f,
+            "[agent]\ninterfaces=[\"eth0\"]\nports=[8443]\n[detector]\nmax_heartbeat=1800\n",
+        )
+        .unwrap();
+        let cli = Cli::parse_from([
+            "monitor",
+            "run",
+            "--config",
+            f.to_str().unwrap(),
+            "--port",
+            "443",
+            "--max-heartbeat",
+            "900",
+        ]);
+        let Command::Run(args) = cli.command else {
+            panic!()
+        };
+        let c = args.effective(&cli.socket).unwrap();
+        assert_eq!(c.agent.interfaces, ["eth0"]);
+        assert_eq!(c.agent.ports, [443]);
+        assert_eq!(c.detector.max_heartbeat.as_secs(), 900);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_bad_flag_value_names_the_flag() {
+        let cli = Cli::parse_from([
+            "monitor",
+            "run",
+            "--iface",
+            "eth0",
+            "--max-heartbeat",
+            "4000",
+        ]);
+        let Command::Run(args) = cli.command else {
+            panic!()
+        };
+        let e = args.effective(&cli.socket).unwrap_err().to_string();
+        assert!(e.contains("max_heartbeat"), "{e}");
+    }
+}

@@ -1,0 +1,352 @@
+//! Prometheus metrics. Labels come from fixed sets (ending, family) plus a
+//! `path` label for at most `top_paths` killing paths (the rest are "other");
+//! a path that stops killing for an hour loses its series. Client addresses
+//! appear only if the operator opts in, under the same bound.
+
+use std::{collections::HashMap, net::IpAddr};
+
+use monitor_common::Counter;
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::{
+    counters::KernelCounters,
+    detector::{Detector, Ending, Output, PathKey, Verdict},
+};
+
+const NS: &str = "activesync_monitor";
+/// A labelled path or client with no kill for this long loses its series.
+const LABEL_RETENTION_NS: u64 = 3600 * 1_000_000_000;
+/// Buckets resolving 1 s (scaled labs) through 60 s .. 3600 s (real heartbeats and timeouts).
+pub const SILENCE_BUCKETS: &[f64] = &[
+    1.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 240.0, 300.0, 350.0, 480.0, 600.0, 900.0,
+    1200.0, 1800.0, 2700.0, 3600.0,
+];
+pub const OTHER: &str = "other";
+
+/// Which keys get their own label: at most `k`, first come while there is
+/// room, released after an hour without a kill.
+#[derive(Debug)]
+struct Labeller<K> {
+    k: usize,
+    labelled: HashMap<K, u64>,
+}
+
+impl<K: std::hash::Hash + Eq + Copy> Labeller<K> {
+    fn new(k: usize) -> Self {
+        Labeller {
+            k,
+            labelled: HashMap::new(),
+        }
+    }
+
+    /// Is `key` labelled (making room for it if possible)?
+    fn label(&mut self, key: K, now: u64) -> bool {
+        if let Some(t) = self.labelled.get_mut(&key) {
+            *t = now;
+            return true;
+        }
+        if self.labelled.len() < self.k {
+            self.labelled.insert(key, now);
+            return true;
+        }
+        false
+    }
+
+    /// Keys to release (their series are removed by the caller).
+    fn expire(&mut self, now: u64) -> Vec<K> {
+        let old: Vec<K> = self
+            .labelled
+            .iter()
+            .filter(|(_, t)| now.saturating_sub(**t) >= LABEL_RETENTION_NS)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &old {
+            self.labelled.remove(k);
+        }
+        old
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    paths: Labeller<PathKey>,
+    clients: Option<Labeller<IpAddr>>,
+    kernel_last: KernelCounters,
+
+    flows_open: IntGauge,
+    flows_ended: IntCounterVec,
+    premature: IntCounterVec,
+    path_premature: IntCounterVec,
+    client_premature: Option<IntCounterVec>,
+    churn: IntCounterVec,
+    kill_silence: HistogramVec,
+    hold_time: Histogram,
+    path_estimate: GaugeVec,
+    path_recommended: GaugeVec,
+    window_mean: Gauge,
+    window_samples: IntGauge,
+    window_alert: IntGauge,
+    window_alerts: IntCounter,
+    kernel: Vec<(Counter, IntCounter)>,
+    table_entries: IntGauge,
+    table_capacity: IntGauge,
+    table_fill: Gauge,
+    decode_errors: IntGauge,
+    paths_evicted: IntGauge,
+    flows_untracked: IntGauge,
+}
+
+fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() {
+        "ipv4"
+    } else {
+        "ipv6"
+    }
+}
+
+fn name(n: &str) -> String {
+    format!("{NS}_{n}")
+}
+
+macro_rules! reg {
+    ($r:expr, $m:expr) => {{
+        let m = $m;
+        $r.register(Box::new(m.clone()))?;
+        m
+    }};
+}
+
+impl Metrics {
+    pub fn new(top_paths: usize, client_addresses: bool) -> Result<Self, prometheus::Error> {
+        let r = Registry::new();
+        let hist = |n: &str, help: &str, labels: &[&str]| {
+            HistogramVec::new(
+                HistogramOpts::new(name(n), help).buckets(SILENCE_BUCKETS.to_vec()),
+                labels,
+            )
+        };
+        let build = reg!(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    name("build_info"),
+                    "Build information; the value is always 1."
+                ),
+                &["version"],
+            )?
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let kernel_help = |c: Counter| match c {
+            Counter::PacketsSeen => (
+                "kernel_packets_seen_total",
+                "Packets the kernel programs saw.",
+            ),
+            Counter::PacketsTracked => (
+                "kernel_packets_tracked_total",
+                "Packets of tracked TCP flows.",
+            ),
+            Counter::ParseFailures => (
+                "kernel_parse_failures_total",
+                "IP/TCP packets too short or malformed to parse (passed untouched).",
+            ),
+            Counter::FlowInsertFailed => (
+                "kernel_flow_insert_failures_total",
+                "Flow table inserts the kernel refused.",
+            ),
+            Counter::EventsDropped => (
+                "kernel_ring_buffer_drops_total",
+                "Events lost because the ring buffer was full.",
+            ),
+            Counter::FlowsCreated => (
+                "kernel_flows_created_total",
+                "Flows entered into the kernel table.",
+            ),
+            Counter::EventsSent => (
+                "kernel_events_total",
+                "Events the kernel wrote to the ring buffer.",
+            ),
+        };
+        let mut kernel = Vec::new();
+        for c in Counter::ALL {
+            let (n, h) = kernel_help(c);
+            kernel.push((c, reg!(r, IntCounter::new(name(n), h)?)));
+        }
+        let client_premature = if client_addresses {
+            Some(reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(name("client_premature_kills_total"), "Premature kills per client address (top clients; the rest are \"other\"). Opt-in."),
+                    &["client"]
+                )?
+            ))
+        } else {
+            None
+        };
+        Ok(Metrics {
+            flows_open: reg!(r, IntGauge::new(name("flows_open"), "Flows followed now (opened and not yet ended).")?),
+            flows_ended: reg!(r, IntCounterVec::new(Opts::new(name("flows_ended_total"), "Flows ended, by how they ended."), &["ending", "family"])?),
+            premature: reg!(r, IntCounterVec::new(Opts::new(name("premature_kills_total"), "Flows killed by a middlebox before the heartbeat in force."), &["ending"])?),
+            path_premature: reg!(r, IntCounterVec::new(Opts::new(name("path_premature_kills_total"), "Premature kills per path (client prefix and port; top paths, the rest \"other\")."), &["path"])?),
+            client_premature,
+            churn: reg!(r, IntCounterVec::new(Opts::new(name("reconnect_churn_total"), "Clients reconnecting soon after one of their flows was killed, per path."), &["path"])?),
+            kill_silence: reg!(r, hist("kill_silence_seconds", "Silence before each kill.", &["ending"])?),
+            hold_time: reg!(r, Histogram::with_opts(HistogramOpts::new(name("hold_time_seconds"), "Time the server held a client request before answering (heartbeat or early answer).").buckets(SILENCE_BUCKETS.to_vec()))?),
+            path_estimate: reg!(r, GaugeVec::new(Opts::new(name("path_idle_timeout_estimate_seconds"), "Estimated middlebox idle timeout per killing path (point estimate, or the bracket's upper end)."), &["path"])?),
+            path_recommended: reg!(r, GaugeVec::new(Opts::new(name("path_recommended_idle_timeout_seconds"), "Idle timeout the path's middlebox needs: the heartbeat to cover plus 120 s."), &["path"])?),
+            window_mean: reg!(r, Gauge::new(name("heartbeat_window_mean_seconds"), "Mean of the Exchange 3033/1040-style heartbeat window.")?),
+            window_samples: reg!(r, IntGauge::new(name("heartbeat_window_samples"), "Samples in the heartbeat window.")?),
+            window_alert: reg!(r, IntGauge::new(name("heartbeat_window_alert"), "1 when the window is full and its mean is at or below the alert threshold.")?),
+            window_alerts: reg!(r, IntCounter::new(name("heartbeat_window_alerts_total"), "Window alerts raised (at most one an hour).")?),
+            kernel,
+            table_entries: reg!(r, IntGauge::new(name("flow_table_entries"), "Entries in the kernel flow table at the last sweep.")?),
+            table_capacity: reg!(r, IntGauge::new(name("flow_table_capacity"), "Size of the kernel flow table.")?),
+            table_fill: reg!(r, Gauge::new(name("flow_table_fill_ratio"), "Kernel flow table entries over its size, at the last sweep.")?),
+            decode_errors: reg!(r, IntGauge::new(name("event_decode_errors"), "Ring buffer records that did not decode.")?),
+            paths_evicted: reg!(r, IntGauge::new(name("detector_paths_evicted"), "Paths the detector forgot to stay within its bound.")?),
+            flows_untracked: reg!(r, IntGauge::new(name("detector_flows_untracked"), "Flows the detector could not follow (its flow bound was reached).")?),
+            paths: Labeller::new(top_paths),
+            clients: client_addresses.then(|| Labeller::new(top_paths)),
+            kernel_last: KernelCounters::default(),
+            registry: r,
+        })
+    }
+
+    fn path_label(&mut self, path: PathKey, now: u64) -> String {
+        if self.paths.label(path, now) {
+            path.to_string()
+        } else {
+            OTHER.to_string()
+        }
+    }
+
+    fn verdict(&mut self, v: &Verdict, path: PathKey) {
+        self.flows_ended
+            .with_label_values(&[v.ending.label(), family(v.client.ip())])
+            .inc();
+        if v.ending.is_kill() {
+            self.kill_silence
+                .with_label_values(&[v.ending.label()])
+                .observe(v.evidence.silence_seconds);
+        }
+        if v.premature {
+            self.premature.with_label_values(&[v.ending.label()]).inc();
+            let label = self.path_label(path, v.at_ns);
+            self.path_premature.with_label_values(&[&label]).inc();
+            if let (Some(l), Some(c)) = (self.clients.as_mut(), self.client_premature.as_ref()) {
+                let ip = v.client.ip();
+                let label = if l.label(ip, v.at_ns) {
+                    ip.to_string()
+                } else {
+                    OTHER.to_string()
+                };
+                c.with_label_values(&[&label]).inc();
+            }
+        }
+    }
+
+    /// Count what the detector concluded.
+    pub fn observe(&mut self, out: &Output, det: &Detector) {
+        match out {
+            Output::Verdict(v) => {
+                let path = det.path_of(v.client.ip(), v.server.port());
+                self.verdict(v, path);
+            }
+            Output::HoldTime { seconds, .. } => self.hold_time.observe(*seconds),
+            Output::Alert(_) => self.window_alerts.inc(),
+            Output::Churn { path } => {
+                let label = if self.paths.labelled.contains_key(path) {
+                    path.to_string()
+                } else {
+                    OTHER.to_string()
+                };
+                self.churn.with_label_values(&[&label]).inc();
+            }
+        }
+    }
+
+    /// Refresh gauges from the detector and the kernel, then encode.
+    pub fn render(
+        &mut self,
+        det: &Detector,
+        kernel: Option<&KernelCounters>,
+        table: Option<(u64, u64)>,
+        decode_errors: u64,
+        now_ns: u64,
+    ) -> Result<String, prometheus::Error> {
+        for gone in self.paths.expire(now_ns) {
+            let l = gone.to_string();
+            for v in [&self.path_premature, &self.churn] {
+                let _ = v.remove_label_values(&[&l]);
+            }
+            for g in [&self.path_estimate, &self.path_recommended] {
+                let _ = g.remove_label_values(&[&l]);
+            }
+        }
+        if let (Some(l), Some(c)) = (self.clients.as_mut(), self.client_premature.as_ref()) {
+            for gone in l.expire(now_ns) {
+                let _ = c.remove_label_values(&[&gone.to_string()]);
+            }
+        }
+        self.flows_open.set(det.flows_tracked() as i64);
+        let cover = det.heartbeat_to_cover();
+        for (key, p) in det.paths() {
+            if !self.paths.labelled.contains_key(key) {
+                continue;
+            }
+            let l = key.to_string();
+            if let Some(e) = p.estimate() {
+                self.path_estimate.with_label_values(&[&l]).set(e.seconds());
+                self.path_recommended
+                    .with_label_values(&[&l])
+                    .set(cover + 120.0);
+            }
+        }
+        let w = det.window();
+        self.window_mean.set(w.mean().unwrap_or(0.0));
+        self.window_samples.set(w.len() as i64);
+        self.window_alert.set(i64::from(w.alerting()));
+        if let Some(k) = kernel {
+            for (c, m) in &self.kernel {
+                let delta = k.get(*c).saturating_sub(self.kernel_last.get(*c));
+                m.inc_by(delta);
+            }
+            self.kernel_last = *k;
+        }
+        if let Some((entries, capacity)) = table {
+            self.table_entries.set(entries as i64);
+            self.table_capacity.set(capacity as i64);
+            self.table_fill.set(if capacity == 0 {
+                0.0
+            } else {
+                entries as f64 / capacity as f64
+            });
+        }
+        self.decode_errors.set(decode_errors as i64);
+        self.paths_evicted.set(det.stats.paths_evicted as i64);
+        self.flows_untracked.set(det.stats.flows_not_tracked as i64);
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+
+    /// Series a scrape can hold at most (families x label sets x buckets).
+    pub fn max_series(top_paths: usize, client_addresses: bool) -> usize {
+        let buckets = SILENCE_BUCKETS.len() + 3; // +Inf, _sum, _count
+        let paths = top_paths + 1;
+        1 // build info
+            + 1 // flows_open
+            + Ending::COUNT * 2 // flows_ended by ending x family
+            + Ending::KILLS.len() // premature by ending
+            + paths * 4 // path premature, churn, estimate, recommended
+            + Ending::KILLS.len() * buckets // kill silence histogram
+            + buckets // hold time histogram
+            + 4 // window
+            + Counter::COUNT as usize
+            + 3 // table
+            + 3 // decode errors, paths evicted, flows untracked
+            + if client_addresses { paths } else { 0 }
+    }
+}
