@@ -2,5 +2,7 @@
 //! network-namespace labs, the demo. A library too, so the kernel tests and
 //! the benchmarks build their labs with the same code.
 
+pub mod demo;
+pub mod lab;
 pub mod netns;
 pub mod setup;

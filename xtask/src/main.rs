@@ -20,6 +20,27 @@ enum Cmd {
     /// Set up, then run every check and test: fmt, clippy, host unit tests
     /// and the kernel tests (as root, in network namespaces).
     Test,
+    /// Set up, build the agent, run the lab with every kind of middlebox for a
+    /// couple of minutes, print the agent's report and metrics, tear down.
+    Demo {
+        /// Scenario file (default: xtask/scenarios/demo.toml).
+        #[arg(long)]
+        scenario: Option<std::path::PathBuf>,
+        /// Override the scenario's duration, in seconds.
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+    /// Lab housekeeping.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Remove lab namespaces left behind by a run that was killed.
+    Down,
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
@@ -43,6 +64,15 @@ fn main() -> Result<()> {
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
             cargo(&["build", "--bins"])?;
             cargo(&["test"])
+        }
+        Cmd::Demo { scenario, seconds } => {
+            let s = scenario.unwrap_or_else(xtask::demo::default_scenario);
+            xtask::demo::run(&s, seconds)
+        }
+        Cmd::Lab { cmd: LabCmd::Down } => {
+            let n = xtask::lab::down_all()?;
+            println!("removed {n} lab namespaces");
+            Ok(())
         }
     }
 }

@@ -374,7 +374,7 @@ impl Detector {
         }
         self.clients.entry(client).or_default().heartbeat_s = Some(h);
         self.max_heartbeat_seen_s = self.max_heartbeat_seen_s.max(h);
-        self.path_mut(path, now).record_heartbeat(h);
+        self.path_mut(path, now).record_heartbeat(client, h);
         if let Some(a) = self.window.push(h, path, false, now) {
             out.push(Output::Alert(a));
         }

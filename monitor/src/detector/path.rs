@@ -3,7 +3,7 @@
 //! survived, the silences that were killed, and from them the estimate.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
@@ -153,10 +153,15 @@ pub struct PathStats {
     pub kills: VecDeque<Kill>,
     /// Recent heartbeat samples (hold times), most recent last.
     pub heartbeats: VecDeque<f64>,
+    /// Each client's latest heartbeat sample: what devices use *now* (they
+    /// back off after kills).
+    pub latest_by_client: HashMap<IpAddr, f64>,
 }
 
 /// Heartbeat samples kept per path.
 pub const HEARTBEATS_KEPT: usize = 256;
+/// Clients whose latest heartbeat a path remembers.
+pub const CLIENTS_KEPT: usize = 1024;
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -184,16 +189,26 @@ impl PathStats {
         self.kills.push_back(kill);
     }
 
-    pub fn record_heartbeat(&mut self, seconds: f64) {
+    pub fn record_heartbeat(&mut self, client: IpAddr, seconds: f64) {
         if self.heartbeats.len() >= HEARTBEATS_KEPT {
             self.heartbeats.pop_front();
         }
         self.heartbeats.push_back(seconds);
+        if self.latest_by_client.len() >= CLIENTS_KEPT
+            && !self.latest_by_client.contains_key(&client)
+        {
+            // Bounded: forget an arbitrary client to make room.
+            if let Some(k) = self.latest_by_client.keys().next().copied() {
+                self.latest_by_client.remove(&k);
+            }
+        }
+        self.latest_by_client.insert(client, seconds);
     }
 
+    /// Median over clients of their latest heartbeat.
     pub fn median_heartbeat(&self) -> Option<f64> {
-        (!self.heartbeats.is_empty())
-            .then(|| median(&mut self.heartbeats.iter().copied().collect::<Vec<_>>()))
+        (!self.latest_by_client.is_empty())
+            .then(|| median(&mut self.latest_by_client.values().copied().collect::<Vec<_>>()))
     }
 
     pub fn kills_total(&self) -> u64 {

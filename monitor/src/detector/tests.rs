@@ -625,3 +625,39 @@ fn report_text_names_path_timeout_how_device_and_cure() {
     assert!(text.contains("no known default matches"), "{text}");
     assert!(text.contains("at least 165 s"), "{text}");
 }
+
+#[test]
+fn no_heartbeat_claim_where_kills_come_before_any_heartbeat_answer() {
+    let mut lab = Lab::new(cfg());
+    // Healthy path: heartbeats of 40 s.
+    let mut h = lab.connect("203.0.113.5", 0);
+    let mut t = S;
+    for _ in 0..3 {
+        t = cycle(&mut lab, &mut h, t, 40 * S);
+    }
+    // Killing path at expiry (20 s): only early answers (12 s) get through.
+    for i in 0..4u64 {
+        let mut c = lab.connect("198.51.100.7", t + i * 60 * S);
+        let t0 = t + i * 60 * S + S;
+        lab.ping(&mut c, t0);
+        lab.answer(&mut c, t0 + 12 * S, 20 * MS);
+        lab.ping(&mut c, t0 + 13 * S);
+        lab.send(
+            &mut c,
+            t0 + 13 * S + MS + 20 * S,
+            Dir::In,
+            TCP_RST,
+            0,
+            64,
+            None,
+        );
+    }
+    let r = lab.det.report();
+    assert_eq!(r.killing_paths[0].how, Some(Ending::InjectedReset));
+    assert!(r.killing_paths[0].median_heartbeat_seconds.unwrap() < 13.0);
+    assert!(
+        !r.to_text().contains("shorter heartbeats"),
+        "{}",
+        r.to_text()
+    );
+}

@@ -1,0 +1,158 @@
+//! The lab, end to end: real middleboxes (conntrack + nftables, an RST
+//! injector, HAProxy), real TLS Direct Push traffic, the real agent binary.
+//! All paths run side by side in one lab (the demo's own scenario).
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use serde_json::Value;
+use xtask::lab::{LabRun, Scenario};
+
+fn agent_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .join("monitor");
+    assert!(
+        bin.exists(),
+        "build the agent first (cargo build --bins): {bin:?}"
+    );
+    bin
+}
+
+fn scenario() -> Scenario {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    Scenario::load(&root.join("xtask/scenarios/demo.toml")).expect("demo scenario")
+}
+
+fn path<'a>(report: &'a Value, name: &str) -> Option<&'a Value> {
+    ["killing_paths", "quiet_paths"]
+        .iter()
+        .flat_map(|k| report[*k].as_array().into_iter().flatten())
+        .find(|p| p["path"] == name)
+}
+
+fn killing<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["killing_paths"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["path"] == name))
+        .unwrap_or_else(|| panic!("{name} should be a killing path: {report:#}"))
+}
+
+fn assert_point_near(p: &Value, t: f64) {
+    assert_eq!(p["estimate"]["kind"], "point", "{p:#}");
+    let s = p["estimate"]["seconds"].as_f64().unwrap();
+    assert!(
+        (s - t).abs() < 1.0,
+        "estimate {s} should be within 1 s of {t}: {p:#}"
+    );
+}
+
+fn assert_bracket_holds(p: &Value, t: f64, step: f64) {
+    assert_eq!(p["estimate"]["kind"], "bracket", "{p:#}");
+    let lo = p["estimate"]["low_seconds"].as_f64().unwrap();
+    let hi = p["estimate"]["high_seconds"].as_f64().unwrap();
+    assert!(
+        lo < t && t <= hi,
+        "bracket ({lo}, {hi}] should contain {t}: {p:#}"
+    );
+    // The device's heartbeat step, plus timing slack of the lab.
+    assert!(
+        hi - lo <= step + 0.5,
+        "bracket ({lo}, {hi}] wider than the step {step}: {p:#}"
+    );
+}
+
+#[test]
+fn lab_classifies_every_middlebox_side_by_side() {
+    xtask::netns::require_root();
+    let s = scenario();
+    let lab = LabRun::start(&s, &agent_bin()).expect("lab up");
+    std::thread::sleep(Duration::from_secs(s.duration_seconds));
+    let report = lab.report().expect("monitor report --json");
+    let text = lab.agent().cli(&["report"]).expect("monitor report");
+    let metrics = lab.agent().scrape(&lab.topo).expect("scrape /metrics");
+    let devices = lab.devices();
+    let log = lab.stop().expect("the agent stops cleanly");
+    assert!(!log.contains("panicked"), "{log}");
+    println!("{text}");
+
+    // Reset at expiry (F5-like injector, T = 20 s, heartbeat 40 s).
+    let f5 = killing(&report, "100.64.1.0/24:443");
+    assert_eq!(f5["how"], "injected_reset", "{f5:#}");
+    assert!(f5["premature_kills"].as_u64().unwrap() >= 2);
+    assert_point_near(f5, 20.0);
+    assert_eq!(
+        f5["likely_devices"].as_array().unwrap().len(),
+        0,
+        "scaled numbers match no default"
+    );
+    assert!(text.contains("no known default matches"));
+
+    // Reset on the next packet (conntrack + reject), Windows Mobile-like step 4 s.
+    let nat = killing(&report, "100.64.2.0/24:443");
+    assert_eq!(nat["how"], "reset_on_next_packet", "{nat:#}");
+    assert_bracket_holds(nat, 20.0, 4.0);
+
+    // Black hole (conntrack + drop): IPv6 Windows Mobile-like devices, IPv4 fixed.
+    let bh6 = killing(&report, "[2001:db8:3::/56]:443");
+    assert_eq!(bh6["how"], "black_hole", "{bh6:#}");
+    assert_bracket_holds(bh6, 20.0, 4.0);
+    assert!(bh6["reconnect_churn"].as_u64().unwrap() > 0, "{bh6:#}");
+    assert_eq!(killing(&report, "100.64.3.0/24:443")["how"], "black_hole");
+
+    // Full proxy (HAProxy, timeout 20 s): the server sees the proxy's address.
+    let proxy = killing(&report, "192.0.2.0/24:443");
+    assert_eq!(proxy["how"], "proxy_timeout", "{proxy:#}");
+    assert_point_near(proxy, 20.0);
+
+    // Control paths and a timeout longer than the heartbeat: no premature kills.
+    for name in [
+        "100.64.5.0/24:443",
+        "100.64.6.0/24:443",
+        "[2001:db8:6::/56]:443",
+    ] {
+        let p = path(&report, name).unwrap_or_else(|| panic!("{name} seen: {report:#}"));
+        assert_eq!(p["premature_kills"], 0, "{name}: {p:#}");
+    }
+
+    // The Android-like device backs off on the killing path, not on the control path.
+    let last = |name: &str| {
+        devices
+            .iter()
+            .find(|d| d.name == name)
+            .and_then(|d| d.heartbeats.last().copied())
+            .unwrap_or_else(|| panic!("device {name}"))
+    };
+    assert!(last("nat-reset-next-packet-3") < last("control-1"));
+    let here = nat["median_heartbeat_seconds"].as_f64().unwrap();
+    let elsewhere = report["median_heartbeat_elsewhere_seconds"]
+        .as_f64()
+        .unwrap();
+    assert!(here < 0.9 * elsewhere, "{here} vs {elsewhere}");
+    assert!(
+        text.contains("devices here use shorter heartbeats"),
+        "{text}"
+    );
+
+    // A real scrape passes promtool with no warnings.
+    let dir = std::env::temp_dir().join(format!("lab-metrics-{}", std::process::id()));
+    std::fs::write(&dir, &metrics).unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("promtool check metrics < {}", dir.display()))
+        .output()
+        .expect("promtool (Debian package prometheus)");
+    let _ = std::fs::remove_file(&dir);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool: {said}"
+    );
+    assert!(metrics.contains("activesync_monitor_premature_kills_total{ending=\"injected_reset\"}"));
+}

@@ -1,0 +1,123 @@
+//! The ActiveSync-like endpoint: TLS on port 443; holds each Ping until its
+//! heartbeat expires (Status 1) or until scripted "new mail" arrives (Status 2).
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
+
+use super::{http, wbxml};
+
+#[derive(Default, Debug)]
+pub struct ServerStats {
+    pub connections: AtomicU64,
+    pub pings: AtomicU64,
+    pub answered_at_heartbeat: AtomicU64,
+    pub answered_early: AtomicU64,
+}
+
+/// A small deterministic generator (xorshift), so runs are reproducible.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+    pub fn next_f64(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Sleep up to `d`, waking early when `stop` is set.
+pub fn sleep_until_stopped(d: Duration, stop: &AtomicBool) {
+    let end = Instant::now() + d;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= end {
+            return;
+        }
+        thread::sleep((end - now).min(Duration::from_millis(100)));
+    }
+}
+
+fn serve_connection(
+    tcp: TcpStream,
+    tls: Arc<ServerConfig>,
+    mail_probability: f64,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    stats: Arc<ServerStats>,
+) {
+    // Bounded: a connection whose client vanished ends here.
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(300)));
+    let Ok(conn) = ServerConnection::new(tls) else {
+        return;
+    };
+    let mut s = StreamOwned::new(conn, tcp);
+    let mut rng = Rng::new(seed);
+    while !stop.load(Ordering::Relaxed) {
+        let msg = match http::read_message(&mut s) {
+            Ok(Some(m)) => m,
+            _ => return,
+        };
+        if !msg.start_line.contains("Cmd=Ping") {
+            return;
+        }
+        stats.pings.fetch_add(1, Ordering::Relaxed);
+        let hb = wbxml::heartbeat_of(&msg.body).unwrap_or(60);
+        let hold = Duration::from_secs(u64::from(hb));
+        // New mail arrives during this Ping with some probability: answer early.
+        let (wait, status) = if rng.next_f64() < mail_probability {
+            stats.answered_early.fetch_add(1, Ordering::Relaxed);
+            (hold.mul_f64(0.2 + 0.5 * rng.next_f64()), 2)
+        } else {
+            stats.answered_at_heartbeat.fetch_add(1, Ordering::Relaxed);
+            (hold, 1)
+        };
+        sleep_until_stopped(wait, &stop);
+        if http::write_response(&mut s, &wbxml::ping_response(status)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Serve on `addr` until `stop`. Call from a thread inside the server's namespace.
+pub fn serve(
+    addr: SocketAddr,
+    tls: Arc<ServerConfig>,
+    mail_probability: f64,
+    stop: Arc<AtomicBool>,
+    stats: Arc<ServerStats>,
+) -> std::io::Result<()> {
+    let l = TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        match l.accept() {
+            Ok((tcp, _)) => {
+                let _ = tcp.set_nonblocking(false);
+                n += 1;
+                stats.connections.fetch_add(1, Ordering::Relaxed);
+                let (tls, stop, stats) = (tls.clone(), stop.clone(), stats.clone());
+                thread::spawn(move || {
+                    serve_connection(tcp, tls, mail_probability, n * 7919, stop, stats)
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(20))
+            }
+            Err(_) => thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    Ok(())
+}
