@@ -350,3 +350,18 @@ impl Metrics {
             + if client_addresses { paths } else { 0 }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_readme_states_the_default_series_bound() {
+        let readme = include_str!("../../README.md");
+        let n = Metrics::max_series(20, false);
+        assert!(
+            readme.contains(&format!("at most **{n} series**")),
+            "README should state {n}"
+        );
+    }
+}

@@ -236,7 +236,7 @@ mod tests {
             (Ipv4Addr::new(192, 0, 2, 1), 443),
             12345,
         );
-        let parsed = parse_ip(&p, 0).unwrap();
+        let parsed = parse_ip(p.as_slice(), 0).unwrap();
         assert_eq!(
             (parsed.ttl, parsed.tcp_flags, parsed.seq),
             (64, TCP_RST, 12345)
