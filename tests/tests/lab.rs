@@ -72,7 +72,7 @@ fn lab_classifies_every_middlebox_side_by_side() {
     std::thread::sleep(Duration::from_secs(s.duration_seconds));
     let report = lab.report().expect("monitor report --json");
     let text = lab.agent().cli(&["report"]).expect("monitor report");
-    let metrics = lab.agent().scrape(&lab.topo).expect("scrape /metrics");
+    let metrics = lab.agent().scrape().expect("scrape /metrics");
     let devices = lab.devices();
     let log = lab.stop().expect("the agent stops cleanly");
     assert!(!log.contains("panicked"), "{log}");

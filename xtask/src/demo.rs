@@ -107,7 +107,7 @@ pub fn run(scenario: &Path, seconds: Option<u64>) -> Result<()> {
     println!("\n===== monitor status =====\n");
     print!("{}", lab.agent().cli(&["status"])?);
     println!("\n===== /metrics (excerpt) =====\n");
-    let metrics = lab.agent().scrape(&lab.topo)?;
+    let metrics = lab.agent().scrape()?;
     for l in metrics.lines().filter(|l| {
         !l.starts_with('#')
             && (l.starts_with("activesync_monitor_path_")

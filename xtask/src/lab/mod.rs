@@ -506,25 +506,48 @@ pub struct Agent {
     pub ns: String,
 }
 
+/// Where and how to run the agent.
+pub struct AgentOptions {
+    pub iface: String,
+    /// Extra `[agent]` keys (e.g. gap_threshold_seconds).
+    pub agent: toml::Table,
+    pub detector: toml::Table,
+    pub workdir: PathBuf,
+}
+
 impl Agent {
     pub fn start(bin: &Path, topo: &Topology, s: &Scenario) -> Result<Agent> {
-        let dir = &topo.workdir;
-        let socket = dir.join("monitor.sock");
-        let log = dir.join("agent.log");
-        let cfg_path = dir.join("agent.toml");
+        Agent::start_in(
+            bin,
+            &topo.server,
+            AgentOptions {
+                iface: topo.server_if.clone(),
+                agent: toml::Table::new(),
+                detector: s.detector.clone(),
+                workdir: topo.workdir.clone(),
+            },
+        )
+    }
+
+    /// Start `monitor run` in namespace `ns`, configured through a file.
+    pub fn start_in(bin: &Path, ns: &Netns, o: AgentOptions) -> Result<Agent> {
+        std::fs::create_dir_all(&o.workdir)?;
+        let socket = o.workdir.join("monitor.sock");
+        let log = o.workdir.join("agent.log");
+        let cfg_path = o.workdir.join("agent.toml");
         let metrics: SocketAddr = "127.0.0.1:19443".parse().expect("address");
         let mut cfg = toml::Table::new();
-        let mut agent = toml::Table::new();
+        let mut agent = o.agent.clone();
         agent.insert(
             "interfaces".into(),
-            toml::Value::Array(vec![topo.server_if.clone().into()]),
+            toml::Value::Array(vec![o.iface.clone().into()]),
         );
         agent.insert(
             "ports".into(),
             toml::Value::Array(vec![i64::from(SERVER_PORT).into()]),
         );
         cfg.insert("agent".into(), agent.into());
-        cfg.insert("detector".into(), s.detector.clone().into());
+        cfg.insert("detector".into(), o.detector.clone().into());
         let mut m = toml::Table::new();
         m.insert("listen".into(), metrics.to_string().into());
         cfg.insert("metrics".into(), m.into());
@@ -533,7 +556,7 @@ impl Agent {
         cfg.insert("query".into(), q.into());
         std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;
         let child = Command::new("ip")
-            .args(["netns", "exec", &topo.server.name])
+            .args(["netns", "exec", &ns.name])
             .arg(bin)
             .args(["run", "--config"])
             .arg(&cfg_path)
@@ -548,7 +571,7 @@ impl Agent {
             bin: bin.to_path_buf(),
             log,
             metrics,
-            ns: topo.server.name.clone(),
+            ns: ns.name.clone(),
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !a.socket.exists() {
@@ -586,10 +609,12 @@ impl Agent {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// GET /metrics from inside the server namespace.
-    pub fn scrape(&self, topo: &Topology) -> Result<String> {
+    /// GET /metrics from inside the agent's namespace.
+    pub fn scrape(&self) -> Result<String> {
         let addr = self.metrics;
-        topo.server.run(move || -> Result<String> {
+        let path = format!("/run/netns/{}", self.ns);
+        std::thread::spawn(move || -> Result<String> {
+            crate::netns::enter(&path);
             use std::io::{Read, Write};
             let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
             s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -607,6 +632,8 @@ impl Agent {
                 ),
             }
         })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the scrape thread panicked"))?
     }
 
     /// SIGINT, and wait (bounded) for a clean detach.
