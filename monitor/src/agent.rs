@@ -141,6 +141,7 @@ impl Shared {
             flow_table_entries: self.table_entries,
             flow_table_capacity: capacity,
             flow_table_fill_ratio: self.table_entries as f64 / capacity.max(1) as f64,
+            flow_table_memory_bytes: self.monitor.flow_table_memory_bytes(),
             kernel_counters: Counter::ALL
                 .iter()
                 .map(|c| (c.name().to_string(), counters.get(*c)))
@@ -201,6 +202,7 @@ impl Shared {
         let table = Some((
             self.table_entries,
             u64::from(self.monitor.flow_table_size()),
+            self.monitor.flow_table_memory_bytes().unwrap_or(0),
         ));
         let decode = self.decode_errors;
         let now = clock::boot_ns();

@@ -29,6 +29,8 @@ pub struct Status {
     pub flow_table_entries: u64,
     pub flow_table_capacity: u64,
     pub flow_table_fill_ratio: f64,
+    /// Kernel memory of the flow table (bytes), as the kernel accounts it.
+    pub flow_table_memory_bytes: Option<u64>,
     pub kernel_counters: BTreeMap<String, u64>,
     pub events_dropped: u64,
     pub event_decode_errors: u64,

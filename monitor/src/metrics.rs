@@ -94,6 +94,7 @@ pub struct Metrics {
     table_entries: IntGauge,
     table_capacity: IntGauge,
     table_fill: Gauge,
+    table_memory: IntGauge,
     decode_errors: IntGauge,
     paths_evicted: IntGauge,
     flows_untracked: IntGauge,
@@ -204,6 +205,7 @@ impl Metrics {
             table_entries: reg!(r, IntGauge::new(name("flow_table_entries"), "Entries in the kernel flow table at the last sweep.")?),
             table_capacity: reg!(r, IntGauge::new(name("flow_table_capacity"), "Size of the kernel flow table.")?),
             table_fill: reg!(r, Gauge::new(name("flow_table_fill_ratio"), "Kernel flow table entries over its size, at the last sweep.")?),
+            table_memory: reg!(r, IntGauge::new(name("flow_table_memory_bytes"), "Kernel memory of the flow table, as the kernel accounts it.")?),
             decode_errors: reg!(r, IntGauge::new(name("event_decode_errors"), "Ring buffer records that did not decode.")?),
             paths_evicted: reg!(r, IntGauge::new(name("detector_paths_evicted"), "Paths the detector forgot to stay within its bound.")?),
             flows_untracked: reg!(r, IntGauge::new(name("detector_flows_untracked"), "Flows the detector could not follow (its flow bound was reached).")?),
@@ -272,7 +274,7 @@ impl Metrics {
         &mut self,
         det: &Detector,
         kernel: Option<&KernelCounters>,
-        table: Option<(u64, u64)>,
+        table: Option<(u64, u64, u64)>,
         decode_errors: u64,
         now_ns: u64,
     ) -> Result<String, prometheus::Error> {
@@ -315,7 +317,8 @@ impl Metrics {
             }
             self.kernel_last = *k;
         }
-        if let Some((entries, capacity)) = table {
+        if let Some((entries, capacity, memory)) = table {
+            self.table_memory.set(memory as i64);
             self.table_entries.set(entries as i64);
             self.table_capacity.set(capacity as i64);
             self.table_fill.set(if capacity == 0 {
@@ -345,7 +348,7 @@ impl Metrics {
             + buckets // hold time histogram
             + 4 // window
             + Counter::COUNT as usize
-            + 3 // table
+            + 4 // table
             + 3 // decode errors, paths evicted, flows untracked
             + if client_addresses { paths } else { 0 }
     }

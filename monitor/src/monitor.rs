@@ -138,6 +138,20 @@ impl Monitor {
         self.config.flow_table_size
     }
 
+    /// Kernel memory of the flow table, as the kernel accounts it (the
+    /// `memlock` line of the map's fdinfo).
+    pub fn flow_table_memory_bytes(&self) -> Option<u64> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let fd = match self.attached.ebpf.map("FLOWS")? {
+            aya::maps::Map::LruHashMap(data) => data.fd().as_fd().as_raw_fd(),
+            _ => return None,
+        };
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     /// The live flow table (read-only view).
     pub fn flows(&self) -> Result<BpfHashMap<&MapData, FlowKey, Flow>, LoadError> {
         let map = self

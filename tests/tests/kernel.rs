@@ -444,3 +444,13 @@ fn dropping_the_monitor_detaches_xdp_and_tc() {
     drop(m);
     assert_eq!(pair.server.run(attached(iface)), (false, 0));
 }
+
+#[test]
+fn flow_table_memory_is_reported_from_the_kernels_accounting() {
+    let pair = Pair::new();
+    let m = start_monitor(&pair);
+    let bytes = m.flow_table_memory_bytes().expect("memlock in fdinfo");
+    // An LRU hash of 262,144 entries of 40 + 88 bytes cannot take less than that.
+    assert!(bytes >= 262_144 * (40 + 88), "{bytes}");
+    println!("flow table memory at 262,144 entries: {bytes} bytes");
+}
