@@ -199,6 +199,24 @@ mod tests {
     }
 
     #[test]
+    fn completions_and_man_page_come_from_the_definition() {
+        let mut out = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "monitor",
+            &mut out,
+        );
+        let bash = String::from_utf8(out).unwrap();
+        assert!(bash.contains("flows") && bash.contains("--min-silence"));
+        let mut man = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut man)
+            .unwrap();
+        assert!(String::from_utf8(man).unwrap().contains(".TH monitor"));
+    }
+
+    #[test]
     fn flags_override_the_file() {
         let dir = std::env::temp_dir().join(format!("monitor-cli-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -359,6 +359,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_path_beyond_top_k_is_other_and_an_idle_path_loses_its_label() {
+        let mut l = Labeller::new(2);
+        let (a, b, c) = (PathKey::test(1), PathKey::test(2), PathKey::test(3));
+        assert!(l.label(a, 0));
+        assert!(l.label(b, 10));
+        assert!(!l.label(c, 20), "no room: folded into other");
+        assert_eq!(l.expire(LABEL_RETENTION_NS + 5), vec![a]);
+        assert!(l.label(c, LABEL_RETENTION_NS + 6), "room again");
+    }
+
+    #[test]
     fn the_readme_states_the_default_series_bound() {
         let readme = include_str!("../../README.md");
         let n = Metrics::max_series(20, false);

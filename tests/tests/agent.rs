@@ -173,6 +173,25 @@ fn cli_answers_match_the_traffic_field_by_field() {
     assert_eq!(srv.join().unwrap(), 400);
     let log = agent.stop().expect("clean stop");
     assert!(!log.contains("panicked"), "{log}");
+    // SIGINT detached everything the agent added.
+    let iface = pair.server_if.clone();
+    let (xdp, tcx) = pair.server.run(move || {
+        let link = std::process::Command::new("ip")
+            .args(["-d", "link", "show", "dev", &iface])
+            .output()
+            .unwrap();
+        let tcx = aya::programs::SchedClassifier::query_tcx(
+            &iface,
+            aya::programs::tc::TcAttachType::Egress,
+        )
+        .map(|(_, p)| p.len())
+        .unwrap_or(0);
+        (
+            String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
+            tcx,
+        )
+    });
+    assert_eq!((xdp, tcx), (false, 0), "nothing left attached after SIGINT");
 }
 
 #[test]
