@@ -168,6 +168,18 @@ pub fn monitor_tc(ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
+/// Benchmark references: the cheapest programs of each kind. The agent never
+/// loads them; `cargo xtask bench` compares ours against them.
+#[xdp]
+pub fn baseline_xdp(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[classifier]
+pub fn baseline_tc(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -1,2 +1,6 @@
-//! Kernel tests share the lab code with `cargo xtask` (see `xtask::netns`).
+//! Kernel tests share the lab code with `cargo xtask` (see `xtask::netns`);
+//! benchmarks live here because they load the monitor's programs.
+
+pub mod bench;
+
 pub use xtask::netns::*;

@@ -30,6 +30,9 @@ enum Cmd {
         #[arg(long)]
         seconds: Option<u64>,
     },
+    /// Set up, then measure the kernel programs' per-packet cost against empty
+    /// programs (BPF_PROG_TEST_RUN) and write BENCHMARKS.md.
+    Bench,
     /// Lab housekeeping.
     Lab {
         #[command(subcommand)]
@@ -68,6 +71,21 @@ fn main() -> Result<()> {
         Cmd::Demo { scenario, seconds } => {
             let s = scenario.unwrap_or_else(xtask::demo::default_scenario);
             xtask::demo::run(&s, seconds)
+        }
+        Cmd::Bench => {
+            xtask::setup::setup()?;
+            let out = xtask::demo::workspace_root().join("BENCHMARKS.md");
+            let out = out.to_string_lossy();
+            cargo(&[
+                "run",
+                "--release",
+                "--package",
+                "monitor-tests",
+                "--bin",
+                "bench",
+                "--",
+                &out,
+            ])
         }
         Cmd::Lab { cmd: LabCmd::Down } => {
             let n = xtask::lab::down_all()?;

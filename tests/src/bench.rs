@@ -1,0 +1,216 @@
+//! Per-packet cost of the kernel programs, measured with BPF_PROG_TEST_RUN
+//! against empty reference programs in the same run (ratios, not absolute
+//! times: the machine is noisy).
+
+use std::{net::IpAddr, time::Duration};
+
+use aya::{
+    maps::RingBuf,
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    Ebpf,
+};
+use monitor::{loader, AgentConfig};
+use monitor_common::{craft::Tcp, Dir, TCP_ACK, TCP_SYN};
+
+pub const BASELINE_XDP: &str = "baseline_xdp";
+pub const BASELINE_TC: &str = "baseline_tc";
+
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub hook: &'static str,
+    pub name: &'static str,
+    /// Median ns per packet, ours and the empty program's, same method.
+    pub ours_ns: f64,
+    pub empty_ns: f64,
+    pub method: &'static str,
+    /// The target ratio, if the issue sets one.
+    pub target: Option<f64>,
+}
+
+impl Case {
+    pub fn ratio(&self) -> f64 {
+        self.ours_ns / self.empty_ns.max(0.001)
+    }
+}
+
+fn load() -> Ebpf {
+    let cfg = AgentConfig {
+        interfaces: vec!["unused".into()],
+        // A gap threshold of 1 ms lets case (e) end a gap every few ms.
+        gap_threshold: Duration::from_millis(1),
+        ..AgentConfig::default()
+    };
+    let mut ebpf = loader::load(&cfg).expect("loading the programs");
+    let x: &mut Xdp = ebpf.program_mut(BASELINE_XDP).unwrap().try_into().unwrap();
+    x.load().expect("baseline xdp");
+    let t: &mut SchedClassifier = ebpf.program_mut(BASELINE_TC).unwrap().try_into().unwrap();
+    t.load().expect("baseline tc");
+    ebpf
+}
+
+fn run(ebpf: &mut Ebpf, prog: &str, frame: &[u8], repeat: u32) -> Duration {
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        repeat,
+        ..Default::default()
+    };
+    let p = ebpf.program_mut(prog).expect("program");
+    let r = if let Ok(x) = <&mut Xdp>::try_from(&mut *p) {
+        x.test_run(opts)
+    } else {
+        let t: &mut SchedClassifier = p.try_into().expect("xdp or tc");
+        t.test_run(opts)
+    };
+    r.expect("BPF_PROG_TEST_RUN").duration
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Mean ns per run over `repeat` runs, median of `rounds`, ours and empty
+/// interleaved round by round.
+fn repeated(
+    ebpf: &mut Ebpf,
+    ours: &str,
+    empty: &str,
+    frame: &[u8],
+    repeat: u32,
+    rounds: usize,
+) -> (f64, f64) {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        a.push(run(ebpf, ours, frame, repeat).as_nanos() as f64);
+        b.push(run(ebpf, empty, frame, repeat).as_nanos() as f64);
+    }
+    (median(a), median(b))
+}
+
+/// One run per distinct frame (each one creates a flow or ends a gap), the
+/// median of the kernel-measured durations; the empty program measured the
+/// same way on the same frames.
+fn single_runs(
+    ebpf: &mut Ebpf,
+    ours: &str,
+    empty: &str,
+    frames: &[Vec<u8>],
+    pause: Duration,
+) -> (f64, f64) {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for f in frames {
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
+        a.push(run(ebpf, ours, f, 1).as_nanos() as f64);
+        b.push(run(ebpf, empty, f, 1).as_nanos() as f64);
+    }
+    (median(a), median(b))
+}
+
+fn drain(ebpf: &mut Ebpf) {
+    if let Some(m) = ebpf.map_mut("EVENTS") {
+        if let Ok(mut r) = RingBuf::try_from(m) {
+            while r.next().is_some() {}
+        }
+    }
+}
+
+fn oriented(mut t: Tcp, dir: Dir) -> Tcp {
+    if dir == Dir::Out {
+        std::mem::swap(&mut t.src, &mut t.dst);
+        std::mem::swap(&mut t.sport, &mut t.dport);
+    }
+    t
+}
+
+/// All cases for both hooks. `repeat` runs per round, `rounds` rounds,
+/// `singles` frames for the flow-creating and gap-ending cases.
+pub fn per_packet(repeat: u32, rounds: usize, singles: usize) -> Vec<Case> {
+    let mut ebpf = load();
+    let c: IpAddr = "192.0.2.2".parse().unwrap();
+    let s: IpAddr = "192.0.2.1".parse().unwrap();
+    let mut out = Vec::new();
+    for (hook, ours, empty, dir) in [
+        ("XDP", loader::XDP_PROGRAM, BASELINE_XDP, Dir::In),
+        ("TC", loader::TC_PROGRAM, BASELINE_TC, Dir::Out),
+    ] {
+        let mut udp = oriented(Tcp::syn(c, s), dir).frame();
+        udp[14 + 9] = 17;
+        let mut other = Tcp::syn(c, s);
+        other.dport = 8080;
+        let other = oriented(other, dir).frame();
+        // An established flow: create it once, then time its ACKs.
+        let mut syn = Tcp::syn(c, s);
+        syn.sport = 50000;
+        run(&mut ebpf, ours, &oriented(syn.clone(), dir).frame(), 1);
+        let ack = oriented(syn.clone().flags(TCP_ACK), dir).frame();
+        for (name, frame, target) in [
+            ("(a) non-TCP packet", &udp, Some(1.3)),
+            ("(b) TCP to an untracked port", &other, Some(1.3)),
+            ("(c) packet of an established tracked flow", &ack, Some(3.0)),
+        ] {
+            let (o, e) = repeated(&mut ebpf, ours, empty, frame, repeat, rounds);
+            out.push(Case {
+                hook,
+                name,
+                ours_ns: o,
+                empty_ns: e,
+                method: "repeat",
+                target,
+            });
+        }
+        let base_port = if dir == Dir::In { 10000 } else { 30000 };
+        let syns: Vec<Vec<u8>> = (0..singles)
+            .map(|i| {
+                let mut t = Tcp::syn(c, s).flags(TCP_SYN);
+                t.sport = base_port + i as u16;
+                oriented(t, dir).frame()
+            })
+            .collect();
+        let (o, e) = single_runs(&mut ebpf, ours, empty, &syns, Duration::ZERO);
+        out.push(Case {
+            hook,
+            name: "(d) SYN creating a flow",
+            ours_ns: o,
+            empty_ns: e,
+            method: "single",
+            target: None,
+        });
+        drain(&mut ebpf);
+        // Each ACK comes 2 ms after the last packet of its flow: over the 1 ms threshold.
+        let acks: Vec<Vec<u8>> = (0..singles.min(500)).map(|_| ack.clone()).collect();
+        let (o, e) = single_runs(&mut ebpf, ours, empty, &acks, Duration::from_millis(2));
+        out.push(Case {
+            hook,
+            name: "(e) packet ending an idle gap (event)",
+            ours_ns: o,
+            empty_ns: e,
+            method: "single",
+            target: None,
+        });
+        drain(&mut ebpf);
+    }
+    out
+}
+
+/// A Markdown table of the cases.
+pub fn table(cases: &[Case]) -> String {
+    let mut s = String::from("| hook | case | ours ns/pkt | empty ns/pkt | ratio | target | |\n|---|---|---|---|---|---|---|\n");
+    for c in cases {
+        let (target, verdict) = match c.target {
+            Some(t) if c.ratio() <= t => (format!("<= {t}x"), "met"),
+            Some(t) => (format!("<= {t}x"), "MISSED"),
+            None => ("reported".to_string(), ""),
+        };
+        s.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} | {:.2}x | {target} | {verdict} |\n",
+            c.hook,
+            c.name,
+            c.ours_ns,
+            c.empty_ns,
+            c.ratio()
+        ));
+    }
+    s
+}
