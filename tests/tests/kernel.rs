@@ -481,3 +481,131 @@ fn per_packet_cost_has_not_doubled() {
         );
     }
 }
+
+fn syn_from_port(port: u16) -> Vec<u8> {
+    let mut t = Tcp::syn(ip(CLIENT_V4), ip(SERVER_V4));
+    t.sport = port;
+    t.frame()
+}
+
+#[test]
+fn a_full_ring_buffer_drops_events_counted_and_every_packet_still_passes() {
+    // Nobody reads the ring buffer: 40,000 new flows overflow its 4 MiB.
+    let mut ebpf = load_unattached();
+    for i in 0..40_000u32 {
+        let port = 1024 + (i % 60_000) as u16;
+        let mut t = Tcp::syn(ip(CLIENT_V4), ip(SERVER_V4));
+        t.sport = port;
+        t.src = std::net::IpAddr::V4(std::net::Ipv4Addr::new(100, 64, (i / 60_000) as u8, 1));
+        assert_eq!(run(&mut ebpf, Dir::In, &t.frame()), XDP_PASS);
+    }
+    let c = counters(&ebpf);
+    let (sent, dropped) = (c.get(Counter::EventsSent), c.get(Counter::EventsDropped));
+    assert!(
+        dropped > 0,
+        "the ring buffer should have filled: sent {sent}"
+    );
+    assert_eq!(
+        sent + dropped,
+        c.get(Counter::FlowsCreated),
+        "every event is sent or counted as dropped"
+    );
+    assert_eq!(c.get(Counter::FlowsCreated), 40_000);
+    println!("ring buffer full: {sent} events sent, {dropped} dropped and counted");
+}
+
+#[test]
+fn a_full_flow_table_evicts_and_every_packet_still_passes() {
+    require_root();
+    let cfg = AgentConfig {
+        flow_table_size: 64,
+        ..test_config("unused")
+    };
+    let mut ebpf = loader::load(&cfg).unwrap();
+    for port in 2000..3000u16 {
+        assert_eq!(run(&mut ebpf, Dir::In, &syn_from_port(port)), XDP_PASS);
+    }
+    let c = counters(&ebpf);
+    assert_eq!(c.get(Counter::FlowsCreated), 1000);
+    assert_eq!(
+        c.get(Counter::FlowInsertFailed),
+        0,
+        "LRU evicts instead of failing"
+    );
+    let flows: BpfHashMap<_, FlowKey, Flow> =
+        BpfHashMap::try_from(ebpf.map("FLOWS").unwrap()).unwrap();
+    let held = flows.keys().count();
+    assert!(
+        held <= 64 + 2 * 2,
+        "table bounded (LRU keeps per-CPU slack): {held}"
+    );
+}
+
+/// A cheap order-sensitive checksum, identical on both ends.
+fn fold(mut acc: u64, data: &[u8]) -> u64 {
+    for chunk in data.chunks(8) {
+        let mut w = [0u8; 8];
+        w[..chunk.len()].copy_from_slice(chunk);
+        acc = acc.rotate_left(5) ^ u64::from_le_bytes(w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    acc
+}
+
+#[test]
+fn a_gibibyte_through_the_tracked_port_arrives_byte_identical() {
+    const TOTAL: usize = 1 << 30;
+    let pair = Pair::new();
+    let m = start_monitor(&pair);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let srv = pair.server.spawn(move || {
+        let l = TcpListener::bind((ip(SERVER_V4), 443)).unwrap();
+        tx.send(()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let (mut acc, mut n, mut buf) = (0u64, 0usize, vec![0u8; 1 << 16]);
+        // Re-chunk into 8-byte-aligned pieces so both sides fold the same words.
+        let mut carry = Vec::new();
+        loop {
+            let k = s.read(&mut buf).unwrap();
+            if k == 0 {
+                break;
+            }
+            n += k;
+            carry.extend_from_slice(&buf[..k]);
+            let whole = carry.len() / 8 * 8;
+            acc = fold(acc, &carry[..whole]);
+            carry.drain(..whole);
+        }
+        (fold(acc, &carry), n)
+    });
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let sent = pair.client.run(|| {
+        let mut s = TcpStream::connect((ip(SERVER_V4), 443)).unwrap();
+        let mut block = vec![0u8; 1 << 16];
+        let (mut acc, mut x) = (0u64, 0x2545_f491_4f6c_dd1du64);
+        for _ in 0..TOTAL / block.len() {
+            for w in block.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+            acc = fold(acc, &block);
+            s.write_all(&block).unwrap();
+        }
+        acc
+    });
+    let (received, n) = srv.join().unwrap();
+    assert_eq!(n, TOTAL);
+    assert_eq!(received, sent, "bytes changed in flight");
+    // And the monitor tracked it all.
+    let flows = m.flows().unwrap();
+    let bytes_in: u64 = flows
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(_, f)| f.bytes_in)
+        .sum();
+    assert!(bytes_in >= TOTAL as u64, "tracked {bytes_in} bytes in");
+    let c = m.counters().unwrap();
+    assert_eq!(c.get(Counter::ParseFailures), 0);
+    println!("1 GiB byte-identical; {bytes_in} IP bytes tracked in");
+}
