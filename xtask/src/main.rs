@@ -16,7 +16,12 @@ struct Cli {
 enum Cmd {
     /// Install what a fresh machine lacks: rust-src for nightly, bpf-linker,
     /// Debian packages. Idempotent; checks root and the kernel first.
-    Setup,
+    Setup {
+        /// Only what building needs (rust-src, bpf-linker): no kernel checks,
+        /// no lab packages. For container builds.
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Set up, then run every check and test: fmt, clippy, host unit tests
     /// and the kernel tests (as root, in network namespaces).
     Test,
@@ -59,7 +64,8 @@ fn cargo(args: &[&str]) -> Result<()> {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Cmd::Setup => xtask::setup::setup(),
+        Cmd::Setup { build_only: false } => xtask::setup::setup(),
+        Cmd::Setup { build_only: true } => xtask::setup::setup_build(),
         Cmd::Test => {
             xtask::setup::setup()?;
             cargo(&["fmt", "--all", "--", "--check"])?;

@@ -201,3 +201,33 @@ pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<
 pub fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
 }
+
+/// HTTP GET `path` from `addr` inside namespace `ns`; the body of a 200 answer.
+pub fn http_get_in(ns: &str, addr: std::net::SocketAddr, path: &str) -> Result<String, String> {
+    let ns_path = format!("/run/netns/{ns}");
+    let path = path.to_string();
+    thread::spawn(move || -> Result<String, String> {
+        use std::io::{Read, Write};
+        enter(&ns_path);
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .map_err(|e| e.to_string())?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).map_err(|e| e.to_string())?;
+        match body.split_once("\r\n\r\n") {
+            Some((head, b)) if head.starts_with("HTTP/1.1 200") => Ok(b.to_string()),
+            _ => Err(format!(
+                "GET {path}: {}",
+                body.lines().next().unwrap_or_default()
+            )),
+        }
+    })
+    .join()
+    .map_err(|_| "the HTTP thread panicked".to_string())?
+}

@@ -199,6 +199,30 @@ pub fn ensure_packages() -> Result<()> {
     Ok(())
 }
 
+/// Only what building the agent needs (container builds).
+pub fn setup_build() -> Result<()> {
+    ensure_rust_src()?;
+    ensure_bpf_linker()
+}
+
+/// Python packages the deployment checks use (manifest validation).
+pub const PYTHON_PACKAGES: &[&str] = &["kubernetes-validate"];
+
+pub fn ensure_python_packages() -> Result<()> {
+    for p in PYTHON_PACKAGES {
+        let present = Command::new("python3")
+            .args(["-m", "pip", "show", "-q", p])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !present {
+            println!("setup: installing the Python package {p}");
+            run(Command::new("python3").args(["-m", "pip", "install", "-q", p]))?;
+        }
+    }
+    Ok(())
+}
+
 /// Everything, in order. Fast when already done.
 pub fn setup() -> Result<()> {
     check_root()?;
@@ -206,5 +230,6 @@ pub fn setup() -> Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     ensure_packages()?;
+    ensure_python_packages()?;
     Ok(())
 }

@@ -611,29 +611,7 @@ impl Agent {
 
     /// GET /metrics from inside the agent's namespace.
     pub fn scrape(&self) -> Result<String> {
-        let addr = self.metrics;
-        let path = format!("/run/netns/{}", self.ns);
-        std::thread::spawn(move || -> Result<String> {
-            crate::netns::enter(&path);
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            write!(
-                s,
-                "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut body = String::new();
-            s.read_to_string(&mut body)?;
-            match body.split_once("\r\n\r\n") {
-                Some((head, b)) if head.starts_with("HTTP/1.1 200") => Ok(b.to_string()),
-                _ => bail!(
-                    "bad /metrics answer: {}",
-                    body.lines().next().unwrap_or_default()
-                ),
-            }
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("the scrape thread panicked"))?
+        crate::netns::http_get_in(&self.ns, self.metrics, "/metrics").map_err(anyhow::Error::msg)
     }
 
     /// SIGINT, and wait (bounded) for a clean detach.

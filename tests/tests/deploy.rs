@@ -1,0 +1,185 @@
+//! The deployment files, checked with the operators' own tools: systemd's
+//! verifier, promtool, a Kubernetes schema validator, and the real agent run
+//! with exactly the capabilities the unit grants.
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use xtask::netns::{require_root, Pair};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn agent_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .join("monitor");
+    assert!(
+        bin.exists(),
+        "build the agent first (cargo build --bins): {bin:?}"
+    );
+    bin
+}
+
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+const UNIT: &str = "deploy/systemd/activesync-monitor.service";
+
+#[test]
+fn systemd_unit_verifies_clean() {
+    let unit = std::fs::read_to_string(root().join(UNIT)).unwrap();
+    // The unit names the installed path; verify it against the built binary.
+    let dir = std::env::temp_dir().join(format!("unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("activesync-monitor.service");
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/local/bin/monitor", agent_bin().to_str().unwrap()),
+    )
+    .unwrap();
+    let (ok, out) = run(Command::new("systemd-analyze").arg("verify").arg(&copy));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ok && out.trim().is_empty(), "systemd-analyze verify: {out}");
+}
+
+#[test]
+fn prometheus_rules_pass_promtool_check_and_unit_tests() {
+    let dir = root().join("deploy/prometheus");
+    let (ok, out) = run(Command::new("promtool")
+        .args(["check", "rules", "rules.yml"])
+        .current_dir(&dir));
+    assert!(ok, "{out}");
+    let (ok, out) = run(Command::new("promtool")
+        .args(["test", "rules", "rules.test.yml"])
+        .current_dir(&dir));
+    assert!(ok && out.contains("SUCCESS"), "{out}");
+    // Every alert has a unit test.
+    let rules = std::fs::read_to_string(dir.join("rules.yml")).unwrap();
+    let tests = std::fs::read_to_string(dir.join("rules.test.yml")).unwrap();
+    for line in rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+    {
+        assert!(
+            tests.contains(&format!("alertname: {line}")),
+            "no promtool test for {line}"
+        );
+    }
+}
+
+#[test]
+fn kubernetes_manifests_validate_strictly() {
+    let (ok, out) = run(Command::new("kubernetes-validate")
+        .args(["--strict", "--quiet"])
+        .arg(root().join("deploy/kubernetes/activesync-monitor.yaml")));
+    assert!(ok, "{out}");
+    assert!(!out.contains("ERROR") && !out.contains("FAIL"), "{out}");
+}
+
+/// The capabilities the unit grants, as Linux capability names.
+fn unit_capabilities() -> Vec<String> {
+    let unit = std::fs::read_to_string(root().join(UNIT)).unwrap();
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("AmbientCapabilities="))
+        .expect("AmbientCapabilities");
+    line.split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+        .collect()
+}
+
+/// Start the agent as `nobody` with only `caps`; Ok(()) once it serves status.
+fn start_with(pair: &Pair, caps: &[String]) -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!("caps-{}-{}", pair.server.name, caps.len()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = Command::new("chown")
+        .args(["nobody", dir.to_str().unwrap()])
+        .status();
+    let socket = dir.join("m.sock");
+    let set = format!(
+        "-all,{}",
+        caps.iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pair.server.name,
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+        ])
+        .args([
+            format!("--inh-caps={set}"),
+            format!("--ambient-caps={set}"),
+            format!("--bounding-set={set}"),
+        ])
+        .arg(agent_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .args(["run", "--iface", &pair.server_if, "--no-metrics"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut result = Err("did not start within 20 s".to_string());
+    for _ in 0..400 {
+        if let Ok(Some(_)) = child.try_wait() {
+            let mut err = String::new();
+            use std::io::Read;
+            let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+            result = Err(err);
+            break;
+        }
+        if socket.exists() {
+            let (ok, out) = run(Command::new(agent_bin())
+                .arg("--socket")
+                .arg(&socket)
+                .args(["status", "--json"]));
+            result = if ok { Ok(()) } else { Err(out) };
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+#[test]
+fn the_agent_runs_unprivileged_with_exactly_the_units_capabilities() {
+    require_root();
+    let caps = unit_capabilities();
+    assert_eq!(caps, ["bpf", "net_admin", "perfmon"]);
+    let pair = Pair::new();
+    start_with(&pair, &caps).unwrap_or_else(|e| panic!("with {caps:?}: {e}"));
+    // Each one is needed: without it, loading fails with a clear error.
+    for missing in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| c != &missing).cloned().collect();
+        let err = start_with(&pair, &fewer).expect_err(&format!("must fail without {missing}"));
+        assert!(
+            err.contains("Error: starting the monitor"),
+            "without {missing}: {err}"
+        );
+        assert!(!err.contains("panicked"), "without {missing}: {err}");
+    }
+}
