@@ -64,12 +64,107 @@ fn assert_bracket_holds(p: &Value, t: f64, step: f64) {
     );
 }
 
+/// Debian's Prometheus server in the lab's server namespace, scraping the
+/// agent every 2 s and evaluating the shipped rules.
+struct Prometheus {
+    child: std::process::Child,
+    dir: PathBuf,
+    ns: String,
+}
+
+const PROMETHEUS: &str = "127.0.0.1:19090";
+
+impl Prometheus {
+    fn start(ns: &str) -> Prometheus {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let dir = std::env::temp_dir().join(format!("lab-prometheus-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rules = root
+            .join("deploy/prometheus/rules.yml")
+            .canonicalize()
+            .unwrap();
+        let cfg = format!(
+            "global:\n  scrape_interval: 2s\n  evaluation_interval: 2s\nrule_files:\n  - {}\n\
+             scrape_configs:\n  - job_name: activesync-monitor\n    static_configs:\n      - targets: ['127.0.0.1:19443']\n",
+            rules.display()
+        );
+        std::fs::write(dir.join("prometheus.yml"), cfg).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "prometheus"])
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={PROMETHEUS}"))
+            .arg("--log.level=warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian package prometheus)");
+        Prometheus {
+            child,
+            dir,
+            ns: ns.to_string(),
+        }
+    }
+
+    fn get(&self, path: &str) -> Value {
+        let body = xtask::netns::http_get_in(&self.ns, PROMETHEUS.parse().unwrap(), path)
+            .expect("Prometheus API");
+        serde_json::from_str(&body).expect("Prometheus JSON")
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Metric names the shipped rules and dashboard use (recording rules aside).
+fn referenced_metrics() -> Vec<String> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut text = std::fs::read_to_string(root.join("deploy/prometheus/rules.yml")).unwrap();
+    text.push_str(
+        &std::fs::read_to_string(root.join("deploy/grafana/activesync-monitor.json")).unwrap(),
+    );
+    let mut names = Vec::new();
+    for (i, _) in text.match_indices("activesync_monitor_") {
+        if i > 0 && text.as_bytes()[i - 1] == b':' {
+            continue; // a recording rule's name
+        }
+        let name: String = text[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .fold(name.clone(), |n, s| {
+                n.strip_suffix(s).unwrap_or(&n).to_string()
+            });
+        if !names.contains(&base) {
+            names.push(base);
+        }
+    }
+    names
+}
+
 #[test]
 fn lab_classifies_every_middlebox_side_by_side() {
     xtask::netns::require_root();
     let s = scenario();
     let lab = LabRun::start(&s, &agent_bin()).expect("lab up");
+    let prometheus = Prometheus::start(&lab.topo.server.name);
     std::thread::sleep(Duration::from_secs(s.duration_seconds));
+    let alerts = prometheus.get("/api/v1/alerts");
+    let targets = prometheus.get("/api/v1/targets");
+    drop(prometheus);
     let report = lab.report().expect("monitor report --json");
     let text = lab.agent().cli(&["report"]).expect("monitor report");
     let metrics = lab.agent().scrape().expect("scrape /metrics");
@@ -155,4 +250,57 @@ fn lab_classifies_every_middlebox_side_by_side() {
         "promtool: {said}"
     );
     assert!(metrics.contains("activesync_monitor_premature_kills_total{ending=\"injected_reset\"}"));
+
+    // Every metric the shipped rules and dashboard use exists in a real scrape.
+    for name in referenced_metrics() {
+        assert!(
+            metrics.contains(&format!("{name}{{"))
+                || metrics.contains(&format!("{name} "))
+                || metrics.contains(&format!("{name}_bucket")),
+            "{name} is not exported"
+        );
+    }
+
+    // A real Prometheus scraped the agent, evaluated the shipped rules, and
+    // the premature-kill alert fired for the reset-at-expiry path.
+    assert_eq!(
+        targets["data"]["activeTargets"][0]["health"], "up",
+        "{targets:#}"
+    );
+    let firing: Vec<&Value> = alerts["data"]["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["state"] == "firing")
+        .collect();
+    assert!(
+        firing
+            .iter()
+            .any(|a| a["labels"]["alertname"] == "ActiveSyncPrematureKills"
+                && a["labels"]["path"] == "100.64.1.0/24:443"),
+        "ActiveSyncPrematureKills should fire for the injector path: {alerts:#}"
+    );
+    assert!(
+        firing
+            .iter()
+            .any(|a| a["labels"]["alertname"] == "ActiveSyncHeartbeatWindowLow"),
+        "{alerts:#}"
+    );
+    assert!(
+        !firing
+            .iter()
+            .any(|a| a["labels"]["path"] == "100.64.6.0/24:443"),
+        "control path must not alert"
+    );
+    println!(
+        "alerts firing: {}",
+        firing
+            .iter()
+            .map(|a| format!(
+                "{}{{path={}}}",
+                a["labels"]["alertname"], a["labels"]["path"]
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 }

@@ -31,6 +31,17 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::Relaxed)
 }
 
+/// The kernel's clock for events (boot time), to put verdicts on the run's timeline.
+fn boot_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer; CLOCK_BOOTTIME always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -63,7 +74,58 @@ pub fn default_scenario() -> PathBuf {
     workspace_root().join("xtask/scenarios/demo.toml")
 }
 
-pub fn run(scenario: &Path, seconds: Option<u64>) -> Result<()> {
+/// Plot every verdict of the run: silence before the ending against time,
+/// one series per ending, the middleboxes' 20 s timeout as a line.
+fn plot(events_json: &str, png: &Path, t0_ns: u64) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("demo-plot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut series: std::collections::BTreeMap<String, String> = Default::default();
+    for line in events_json.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let at = v["at_ns"].as_u64().unwrap_or(0).saturating_sub(t0_ns) as f64 / 1e9;
+        let silence = v["evidence"]["silence_seconds"].as_f64().unwrap_or(0.0);
+        let ending = v["ending"].as_str().unwrap_or("?").to_string();
+        series
+            .entry(ending)
+            .or_default()
+            .push_str(&format!("{at:.1} {silence:.3}\n"));
+    }
+    let mut plots = Vec::new();
+    for (ending, data) in &series {
+        let f = dir.join(format!("{ending}.dat"));
+        std::fs::write(&f, data)?;
+        plots.push(format!(
+            "'{}' using 1:2 with points pointsize 1.6 title '{}'",
+            f.display(),
+            ending.replace('_', " ")
+        ));
+    }
+    plots.push(
+        "20 with lines dashtype 2 linecolor rgb '#888888' title 'middlebox idle timeout (20 s)'"
+            .into(),
+    );
+    let script = format!(
+        "set terminal pngcairo size 1000,560 font 'Sans,11'\nset output '{}'\n\
+         set title 'Lab run: how each flow ended, and the silence before it (from monitor events --json)'\n\
+         set xlabel 'time since the lab started (s)'\nset ylabel 'silence before the ending (s)'\n\
+         set yrange [0:*]\nset offsets graph 0, graph 0, graph 0.1, 0\nset key below\nset grid\nplot {}\n",
+        png.display(),
+        plots.join(", ")
+    );
+    std::fs::write(dir.join("plot.gp"), script)?;
+    let st = Command::new("gnuplot")
+        .arg(dir.join("plot.gp"))
+        .status()
+        .context("gnuplot (Debian package gnuplot-nox)")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if !st.success() {
+        bail!("gnuplot failed");
+    }
+    println!("demo: plot written to {}", png.display());
+    Ok(())
+}
+
+pub fn run(scenario: &Path, seconds: Option<u64>, png: Option<&Path>) -> Result<()> {
     crate::setup::setup()?;
     let mut s = Scenario::load(scenario)?;
     if let Some(secs) = seconds {
@@ -84,6 +146,7 @@ pub fn run(scenario: &Path, seconds: Option<u64>) -> Result<()> {
             p.name, p.middlebox, p.timeout_seconds
         );
     }
+    let t0_ns = boot_ns();
     let lab = LabRun::start(&s, &bin)?;
     let start = Instant::now();
     let total = Duration::from_secs(s.duration_seconds);
@@ -125,6 +188,9 @@ pub fn run(scenario: &Path, seconds: Option<u64>) -> Result<()> {
             "  {:<28} {:<22} pings ok {:>3} failed {:>3}, heartbeat {first} -> {last} s",
             d.name, d.source, d.pings_ok, d.pings_failed
         );
+    }
+    if let Some(png) = png {
+        plot(&lab.agent().cli(&["events", "--json"])?, png, t0_ns)?;
     }
     lab.stop()?;
     println!("\ndemo: lab torn down");

@@ -34,6 +34,9 @@ enum Cmd {
         /// Override the scenario's duration, in seconds.
         #[arg(long)]
         seconds: Option<u64>,
+        /// Also plot every verdict (silence before the ending, over time) to this PNG.
+        #[arg(long)]
+        png: Option<std::path::PathBuf>,
     },
     /// Set up, then measure the kernel programs' per-packet cost against empty
     /// programs (BPF_PROG_TEST_RUN) and write BENCHMARKS.md.
@@ -74,9 +77,13 @@ fn main() -> Result<()> {
             cargo(&["build", "--bins"])?;
             cargo(&["test"])
         }
-        Cmd::Demo { scenario, seconds } => {
+        Cmd::Demo {
+            scenario,
+            seconds,
+            png,
+        } => {
             let s = scenario.unwrap_or_else(xtask::demo::default_scenario);
-            xtask::demo::run(&s, seconds)
+            xtask::demo::run(&s, seconds, png.as_deref())
         }
         Cmd::Bench => {
             xtask::setup::setup()?;

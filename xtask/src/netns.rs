@@ -213,15 +213,16 @@ pub fn http_get_in(ns: &str, addr: std::net::SocketAddr, path: &str) -> Result<S
             .map_err(|e| format!("connecting to {addr}: {e}"))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(|e| e.to_string())?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )
-        .map_err(|e| e.to_string())?;
+        // HTTP/1.0: the answer comes whole, never chunked.
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
         let mut body = String::new();
         s.read_to_string(&mut body).map_err(|e| e.to_string())?;
         match body.split_once("\r\n\r\n") {
-            Some((head, b)) if head.starts_with("HTTP/1.1 200") => Ok(b.to_string()),
+            Some((head, b))
+                if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") =>
+            {
+                Ok(b.to_string())
+            }
             _ => Err(format!(
                 "GET {path}: {}",
                 body.lines().next().unwrap_or_default()

@@ -11,14 +11,15 @@ use anyhow::{bail, Context, Result};
 
 /// Debian packages the tests, the lab and the demo use.
 pub const DEBIAN_PACKAGES: &[&str] = &[
-    "iproute2",   // ip netns, veth
-    "nftables",   // lab middleboxes
-    "conntrack",  // lab middleboxes (inspection)
-    "haproxy",    // lab full-proxy path
-    "tcpdump",    // captures for offline analysis
-    "iperf3",     // throughput benchmark
-    "procps",     // sysctl
-    "prometheus", // promtool check metrics; the server for the alerting lab
+    "iproute2",    // ip netns, veth
+    "nftables",    // lab middleboxes
+    "conntrack",   // lab middleboxes (inspection)
+    "haproxy",     // lab full-proxy path
+    "tcpdump",     // captures for offline analysis
+    "iperf3",      // throughput benchmark
+    "procps",      // sysctl
+    "prometheus",  // promtool check metrics; the server for the alerting lab
+    "gnuplot-nox", // the demo's --png plot
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";

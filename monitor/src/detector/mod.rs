@@ -70,12 +70,30 @@ struct FlowTrack {
     finalized: bool,
 }
 
+/// Heartbeat samples per client that its estimate is the maximum of: one
+/// early answer (new mail) must not pass for a device backing off, which
+/// shows in every sample after a kill.
+const CLIENT_SAMPLES: usize = 3;
+
 #[derive(Clone, Copy, Debug, Default)]
 struct ClientTrack {
     last_seen_ns: u64,
     last_kill_ns: Option<u64>,
-    /// Most recent heartbeat sample from this client (seconds).
+    /// The client's heartbeat estimate: the largest of its recent samples (seconds).
     heartbeat_s: Option<f64>,
+    recent: [f64; CLIENT_SAMPLES],
+    samples: usize,
+}
+
+impl ClientTrack {
+    fn sample(&mut self, h: f64) -> f64 {
+        self.recent[self.samples % CLIENT_SAMPLES] = h;
+        self.samples += 1;
+        let n = self.samples.min(CLIENT_SAMPLES);
+        let est = self.recent[..n].iter().copied().fold(0.0, f64::max);
+        self.heartbeat_s = Some(est);
+        est
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -372,9 +390,9 @@ impl Detector {
         if h + 0.5 < self.cfg.min_heartbeat.as_secs_f64() {
             return;
         }
-        self.clients.entry(client).or_default().heartbeat_s = Some(h);
+        let estimate = self.clients.entry(client).or_default().sample(h);
         self.max_heartbeat_seen_s = self.max_heartbeat_seen_s.max(h);
-        self.path_mut(path, now).record_heartbeat(client, h);
+        self.path_mut(path, now).record_heartbeat(client, estimate);
         if let Some(a) = self.window.push(h, path, false, now) {
             out.push(Output::Alert(a));
         }

@@ -115,8 +115,9 @@ impl Estimate {
         }
     }
 
-    /// How sure: "high" (3+ agreeing point samples, or a bracket closed on
-    /// both sides), "low" otherwise.
+    /// How sure: "high" for 3+ agreeing point samples, or for a bracket
+    /// closed on both sides and narrow (within a quarter of its upper end);
+    /// "low" otherwise.
     pub fn confidence(&self) -> &'static str {
         match self {
             Estimate::Point {
@@ -126,9 +127,14 @@ impl Estimate {
             } if *samples >= 3 && *spread_seconds <= (0.05 * seconds).max(1.0) => "high",
             Estimate::Bracket {
                 low_seconds,
+                high_seconds,
                 samples,
-                ..
-            } if *low_seconds > 0.0 && *samples >= 2 => "high",
+            } if *low_seconds > 0.0
+                && *samples >= 2
+                && high_seconds - low_seconds <= 0.25 * high_seconds =>
+            {
+                "high"
+            }
             _ => "low",
         }
     }
@@ -153,8 +159,8 @@ pub struct PathStats {
     pub kills: VecDeque<Kill>,
     /// Recent heartbeat samples (hold times), most recent last.
     pub heartbeats: VecDeque<f64>,
-    /// Each client's latest heartbeat sample: what devices use *now* (they
-    /// back off after kills).
+    /// Each client's current heartbeat estimate (the largest of its last few
+    /// samples): what devices use *now*, after backing off from kills.
     pub latest_by_client: HashMap<IpAddr, f64>,
 }
 
@@ -348,6 +354,18 @@ mod tests {
                 samples: 2
             })
         );
+    }
+
+    #[test]
+    fn a_wide_bracket_is_low_confidence_and_a_narrow_one_high() {
+        let b = |low_seconds, high_seconds| Estimate::Bracket {
+            low_seconds,
+            high_seconds,
+            samples: 4,
+        };
+        assert_eq!(b(19.0, 23.0).confidence(), "high");
+        assert_eq!(b(19.1, 40.0).confidence(), "low");
+        assert_eq!(b(0.0, 23.0).confidence(), "low");
     }
 
     #[test]

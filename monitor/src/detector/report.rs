@@ -44,8 +44,8 @@ pub struct Report {
     pub endings: BTreeMap<&'static str, u64>,
     pub premature_kills: u64,
     pub reconnect_churn: u64,
-    /// Median over clients on paths that do not kill of their latest heartbeat
-    /// (what devices use when nothing interferes).
+    /// Median over clients on paths that do not kill of their heartbeat
+    /// estimate (what devices use when nothing interferes).
     pub median_heartbeat_elsewhere_seconds: Option<f64>,
     pub heartbeat_to_cover_seconds: f64,
     pub killing_paths: Vec<PathReport>,

@@ -661,3 +661,22 @@ fn no_heartbeat_claim_where_kills_come_before_any_heartbeat_answer() {
         r.to_text()
     );
 }
+
+#[test]
+fn one_early_answer_does_not_pass_for_a_shorter_heartbeat_but_a_back_off_does() {
+    let mut lab = Lab::new(cfg());
+    // A fixed 40 s device: a heartbeat answer, then one early (new mail) at 9 s.
+    let mut c = lab.connect("198.51.100.7", 0);
+    let t = cycle(&mut lab, &mut c, S, 40 * S);
+    let t = cycle(&mut lab, &mut c, t, 9 * S);
+    let path = lab.det.path_of("198.51.100.7".parse().unwrap(), 443);
+    let p = lab.det.paths().find(|(k, _)| **k == path).unwrap().1;
+    assert_eq!(p.median_heartbeat().map(f64::round), Some(40.0));
+    // A device that backs off to 25 s for good: after three samples that is its heartbeat.
+    let mut t = t;
+    for _ in 0..3 {
+        t = cycle(&mut lab, &mut c, t, 25 * S);
+    }
+    let p = lab.det.paths().find(|(k, _)| **k == path).unwrap().1;
+    assert_eq!(p.median_heartbeat().map(f64::round), Some(25.0));
+}
