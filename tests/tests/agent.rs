@@ -5,31 +5,17 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
     sync::mpsc,
     time::Duration,
 };
 
+use monitor_tests::agent_bin;
 use serde_json::Value;
 use socket2::{Domain, Protocol, Socket, Type};
 use xtask::{
     lab::{Agent, AgentOptions},
     netns::{ip, sh, Pair, CLIENT_V4, SERVER_V4},
 };
-
-fn agent_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("target dir")
-        .join("monitor");
-    assert!(
-        bin.exists(),
-        "build the agent first (cargo build --bins): {bin:?}"
-    );
-    bin
-}
 
 fn start_agent(pair: &Pair) -> Agent {
     let mut agent = toml::Table::new();

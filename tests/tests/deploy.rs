@@ -4,24 +4,11 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
+use monitor_tests::agent_bin;
 use xtask::netns::{require_root, Pair};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn agent_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("target dir")
-        .join("monitor");
-    assert!(
-        bin.exists(),
-        "build the agent first (cargo build --bins): {bin:?}"
-    );
-    bin
 }
 
 fn run(cmd: &mut Command) -> (bool, String) {

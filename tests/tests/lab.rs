@@ -4,22 +4,9 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
+use monitor_tests::agent_bin;
 use serde_json::Value;
 use xtask::lab::{LabRun, Scenario};
-
-fn agent_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("target dir")
-        .join("monitor");
-    assert!(
-        bin.exists(),
-        "build the agent first (cargo build --bins): {bin:?}"
-    );
-    bin
-}
 
 fn scenario() -> Scenario {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");

@@ -138,6 +138,23 @@ impl Lab {
     }
 }
 
+/// Ping at 1 s; the server answers at 41 s, then resends the answer 200 ms
+/// later (nobody acknowledged it).
+fn answer_then_resend(lab: &mut Lab, c: &mut Conn) {
+    lab.ping(c, S);
+    let seq = c.sseq;
+    lab.send(c, 41 * S, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
+    lab.send(
+        c,
+        41 * S + 200 * MS,
+        Dir::Out,
+        TCP_ACK | TCP_PSH,
+        200,
+        64,
+        Some(seq),
+    );
+}
+
 /// A healthy cycle: ping at t, answer after `hb`. Returns the time after.
 fn cycle(lab: &mut Lab, c: &mut Conn, t: u64, hb: u64) -> u64 {
     lab.ping(c, t);
@@ -274,18 +291,7 @@ fn reset_on_next_packet_from_the_clients_own_ttl_is_the_clients_reset() {
 fn unanswered_retransmission_then_reconnect_is_a_black_hole_and_churn() {
     let mut lab = Lab::new(cfg());
     let mut c = lab.connect("198.51.100.7", 0);
-    lab.ping(&mut c, S);
-    let answer_seq = c.sseq;
-    lab.send(&mut c, 41 * S, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
-    lab.send(
-        &mut c,
-        41 * S + 200 * MS,
-        Dir::Out,
-        TCP_ACK | TCP_PSH,
-        200,
-        64,
-        Some(answer_seq),
-    );
+    answer_then_resend(&mut lab, &mut c);
     assert!(lab.verdicts().is_empty());
     // The device gives up and reconnects from the same address.
     let _c2 = lab.connect("198.51.100.7", 50 * S);
@@ -301,18 +307,7 @@ fn unanswered_retransmission_then_reconnect_is_a_black_hole_and_churn() {
 fn unanswered_retransmission_becomes_a_black_hole_after_the_timeout_once() {
     let mut lab = Lab::new(cfg());
     let mut c = lab.connect("198.51.100.7", 0);
-    lab.ping(&mut c, S);
-    let seq = c.sseq;
-    lab.send(&mut c, 41 * S, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
-    lab.send(
-        &mut c,
-        41 * S + 200 * MS,
-        Dir::Out,
-        TCP_ACK | TCP_PSH,
-        200,
-        64,
-        Some(seq),
-    );
+    answer_then_resend(&mut lab, &mut c);
     assert!(lab.det.tick(41 * S + 29 * S).is_empty());
     let out = lab.det.tick(41 * S + 31 * S);
     assert!(matches!(&out[..], [Output::Verdict(v)] if v.ending == Ending::BlackHole));
@@ -327,18 +322,7 @@ fn unanswered_retransmission_becomes_a_black_hole_after_the_timeout_once() {
 fn answered_retransmission_is_no_black_hole() {
     let mut lab = Lab::new(cfg());
     let mut c = lab.connect("198.51.100.7", 0);
-    lab.ping(&mut c, S);
-    let seq = c.sseq;
-    lab.send(&mut c, 41 * S, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
-    lab.send(
-        &mut c,
-        41 * S + 200 * MS,
-        Dir::Out,
-        TCP_ACK | TCP_PSH,
-        200,
-        64,
-        Some(seq),
-    );
+    answer_then_resend(&mut lab, &mut c);
     lab.send(
         &mut c,
         41 * S + 220 * MS,

@@ -45,6 +45,17 @@ fn client_v6(path: usize, host: usize) -> String {
     format!("2001:db8:{path:x}::{host:x}")
 }
 
+/// Add an address (IPv6 without duplicate address detection: the lab is ready at once).
+fn add_addr(ns: &str, cidr: &str, dev: &str) {
+    if cidr.contains(':') {
+        sh(&[
+            "ip", "-n", ns, "-6", "addr", "add", cidr, "dev", dev, "nodad",
+        ]);
+    } else {
+        sh(&["ip", "-n", ns, "addr", "add", cidr, "dev", dev]);
+    }
+}
+
 fn shq(ns: &str, cmd: &str) -> Result<()> {
     let out = Command::new("ip")
         .args(["netns", "exec", ns, "sh", "-c", cmd])
@@ -108,28 +119,8 @@ impl Topology {
         sh(&[
             "ip", "-n", &sw, "link", "set", "p-srv", "master", "br0", "up",
         ]);
-        sh(&[
-            "ip",
-            "-n",
-            &srv,
-            "addr",
-            "add",
-            &format!("{SERVER_V4}/24"),
-            "dev",
-            "srv0",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &srv,
-            "-6",
-            "addr",
-            "add",
-            &format!("{SERVER_V6}/64"),
-            "dev",
-            "srv0",
-            "nodad",
-        ]);
+        add_addr(&srv, &format!("{SERVER_V4}/24"), "srv0");
+        add_addr(&srv, &format!("{SERVER_V6}/64"), "srv0");
         sh(&["ip", "-n", &srv, "link", "set", "srv0", "up"]);
         for (i0, spec) in s.paths.iter().enumerate() {
             let i = i0 + 1;
@@ -168,50 +159,10 @@ impl Topology {
                 "ip", "link", "add", "down0", "netns", &r, "type", "veth", "peer", "name", "cl0",
                 "netns", &c,
             ]);
-            sh(&[
-                "ip",
-                "-n",
-                &r,
-                "addr",
-                "add",
-                &format!("{up_v4}/24"),
-                "dev",
-                "up0",
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                &r,
-                "-6",
-                "addr",
-                "add",
-                &format!("{up_v6}/64"),
-                "dev",
-                "up0",
-                "nodad",
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                &r,
-                "addr",
-                "add",
-                &format!("{}/24", client_v4(i, 1)),
-                "dev",
-                "down0",
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                &r,
-                "-6",
-                "addr",
-                "add",
-                &format!("{}/64", client_v6(i, 1)),
-                "dev",
-                "down0",
-                "nodad",
-            ]);
+            add_addr(&r, &format!("{up_v4}/24"), "up0");
+            add_addr(&r, &format!("{up_v6}/64"), "up0");
+            add_addr(&r, &format!("{}/24", client_v4(i, 1)), "down0");
+            add_addr(&r, &format!("{}/64", client_v6(i, 1)), "down0");
             for ifname in ["up0", "down0"] {
                 sh(&["ip", "-n", &r, "link", "set", ifname, "up"]);
             }
@@ -221,28 +172,8 @@ impl Topology {
             )?;
             let hosts: u32 = spec.devices.iter().map(|d| d.count).sum();
             for h in 0..hosts as usize {
-                sh(&[
-                    "ip",
-                    "-n",
-                    &c,
-                    "addr",
-                    "add",
-                    &format!("{}/24", client_v4(i, 10 + h)),
-                    "dev",
-                    "cl0",
-                ]);
-                sh(&[
-                    "ip",
-                    "-n",
-                    &c,
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{}/64", client_v6(i, 10 + h)),
-                    "dev",
-                    "cl0",
-                    "nodad",
-                ]);
+                add_addr(&c, &format!("{}/24", client_v4(i, 10 + h)), "cl0");
+                add_addr(&c, &format!("{}/64", client_v6(i, 10 + h)), "cl0");
             }
             sh(&["ip", "-n", &c, "link", "set", "cl0", "up"]);
             sh(&[
