@@ -43,6 +43,10 @@ pub enum Command {
     Report(JsonArg),
     /// Flow endings with their verdicts (the most recent first, then live with --follow).
     Events(EventsArgs),
+    /// Analyse a capture (pcap or pcapng, e.g. from tcpdump on a firewall or a
+    /// SPAN port) with the same state machine and detector as the live agent,
+    /// packet timestamps as the clock, and print the same report. No root needed.
+    Analyze(AnalyzeArgs),
     /// Print shell completions for SHELL to stdout.
     Completions {
         #[arg(value_enum)]
@@ -87,6 +91,62 @@ pub struct FlowsArgs {
     /// At most this many rows (0: all).
     #[arg(long, default_value_t = 50)]
     pub limit: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct AnalyzeArgs {
+    /// The capture file (pcap or pcapng; Ethernet, raw IP, Linux SLL/SLL2, loopback).
+    pub file: PathBuf,
+    /// Server port; repeat for several (at most 8). Default 443.
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
+    /// Server address; repeat for several. Default: any address on those ports.
+    #[arg(long = "server", value_name = "ADDR")]
+    pub servers: Vec<std::net::IpAddr>,
+    /// Only packets at least this many seconds after the capture's first.
+    #[arg(long, value_name = "SECONDS")]
+    pub from: Option<f64>,
+    /// Only packets at most this many seconds after the capture's first.
+    #[arg(long, value_name = "SECONDS")]
+    pub to: Option<f64>,
+    /// Seconds of silence that make an idle gap. Default 5 (as the agent).
+    #[arg(long, value_name = "SECONDS")]
+    pub gap_threshold_seconds: Option<f64>,
+    /// Take [agent] ports and gap threshold and [detector] settings from this
+    /// agent configuration file; flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print JSON (capture statistics, every verdict, the report).
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl AnalyzeArgs {
+    pub fn options(&self) -> Result<crate::analyze::AnalyzeOptions, ConfigError> {
+        let c = match &self.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        let gap = match self.gap_threshold_seconds {
+            Some(v) => secs("gap-threshold-seconds", v)?,
+            None => c.agent.gap_threshold,
+        };
+        let mut detector = c.detector.clone();
+        detector.min_silence = gap;
+        detector.validate()?;
+        Ok(crate::analyze::AnalyzeOptions {
+            ports: if self.ports.is_empty() {
+                c.agent.ports.clone()
+            } else {
+                self.ports.clone()
+            },
+            servers: self.servers.clone(),
+            from: self.from,
+            to: self.to,
+            gap_threshold: gap,
+            detector,
+        })
+    }
 }
 
 #[derive(Args, Debug)]

@@ -2,6 +2,7 @@
 //! their events and counters. `main.rs` only dispatches the CLI.
 
 pub mod agent;
+pub mod analyze;
 pub mod api;
 pub mod cli;
 pub mod clock;

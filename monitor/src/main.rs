@@ -98,6 +98,16 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Analyze(a) => {
+            let opts = a.options()?;
+            let analysis = monitor::analyze::analyze(&a.file, &opts)?;
+            if a.json {
+                return print_json(&serde_json::to_value(&analysis)?);
+            }
+            println!("{}\n", analysis.capture.summary());
+            print!("{}", analysis.report.to_text());
+            Ok(())
+        }
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

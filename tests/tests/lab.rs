@@ -142,17 +142,72 @@ fn referenced_metrics() -> Vec<String> {
     names
 }
 
+/// Every killing path the live agent reported, offline analysis reports
+/// too: the same kill class, the same estimate within 0.2 s, the same number
+/// of kills give or take one (the capture and the report end a moment apart).
+fn compare_live_and_offline(live: &Value, offline: &Value) {
+    let close = |a: &Value, b: &Value| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() <= 0.2;
+    for l in live["killing_paths"].as_array().unwrap() {
+        let name = l["path"].as_str().unwrap();
+        let o = killing(offline, name);
+        assert_eq!(o["how"], l["how"], "{name}: offline {o:#} live {l:#}");
+        let (lk, ok) = (
+            l["premature_kills"].as_i64().unwrap(),
+            o["premature_kills"].as_i64().unwrap(),
+        );
+        assert!((lk - ok).abs() <= 1, "{name}: {lk} live, {ok} offline");
+        let (le, oe) = (&l["estimate"], &o["estimate"]);
+        assert_eq!(oe["kind"], le["kind"], "{name}");
+        if le["kind"] == "point" {
+            assert!(
+                close(&le["seconds"], &oe["seconds"]),
+                "{name}: {le} vs {oe}"
+            );
+        } else {
+            assert!(
+                close(&le["high_seconds"], &oe["high_seconds"]),
+                "{name}: {le} vs {oe}"
+            );
+            assert!(
+                close(&le["low_seconds"], &oe["low_seconds"]),
+                "{name}: {le} vs {oe}"
+            );
+        }
+    }
+    for q in live["quiet_paths"].as_array().unwrap() {
+        let name = q["path"].as_str().unwrap();
+        let offline_kills = offline["killing_paths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["path"] == name);
+        assert!(!offline_kills, "{name} is quiet live but killing offline");
+    }
+    println!(
+        "offline analysis matched the live agent on {} killing paths",
+        live["killing_paths"].as_array().unwrap().len()
+    );
+}
+
 #[test]
 fn lab_classifies_every_middlebox_side_by_side() {
     xtask::netns::require_root();
     let s = scenario();
-    let lab = LabRun::start(&s, &agent_bin()).expect("lab up");
+    let pcap = std::env::temp_dir().join(format!("lab-{}.pcap", std::process::id()));
+    let mut lab = LabRun::start_capturing(&s, &agent_bin(), Some(&pcap)).expect("lab up");
     let prometheus = Prometheus::start(&lab.topo.server.name);
     std::thread::sleep(Duration::from_secs(s.duration_seconds));
     let alerts = prometheus.get("/api/v1/alerts");
     let targets = prometheus.get("/api/v1/targets");
     drop(prometheus);
     let report = lab.report().expect("monitor report --json");
+    let pcap = lab
+        .stop_capture()
+        .expect("capture stops")
+        .expect("a capture");
+    // The lab's files go with it: keep a copy of the agent's configuration.
+    let agent_config = std::env::temp_dir().join(format!("lab-agent-{}.toml", std::process::id()));
+    std::fs::copy(&lab.agent().config, &agent_config).expect("copy the agent configuration");
     let text = lab.agent().cli(&["report"]).expect("monitor report");
     let metrics = lab.agent().scrape().expect("scrape /metrics");
     let devices = lab.devices();
@@ -279,6 +334,33 @@ fn lab_classifies_every_middlebox_side_by_side() {
             .any(|a| a["labels"]["path"] == "100.64.6.0/24:443"),
         "control path must not alert"
     );
+    // The same capture analysed offline gives the same diagnosis.
+    let out = Command::new(agent_bin())
+        .arg("analyze")
+        .arg(&pcap)
+        .arg("--config")
+        .arg(&agent_config)
+        .arg("--json")
+        .output()
+        .expect("monitor analyze");
+    let _ = std::fs::remove_file(&pcap);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let offline: Value = serde_json::from_slice(&out.stdout).expect("analyze JSON");
+    assert_eq!(
+        offline["capture"]["truncated"], 0,
+        "{:#}",
+        offline["capture"]
+    );
+    assert!(
+        offline["capture"]["cut_by_snaplen"].as_u64().unwrap() > 0,
+        "snaplen 256 cut some packets"
+    );
+    compare_live_and_offline(&report, &offline["report"]);
+
     println!(
         "alerts firing: {}",
         firing

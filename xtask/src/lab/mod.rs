@@ -431,6 +431,8 @@ impl Drop for Traffic {
 pub struct Agent {
     child: Child,
     pub socket: PathBuf,
+    /// The configuration file the agent runs with.
+    pub config: PathBuf,
     pub bin: PathBuf,
     pub log: PathBuf,
     pub metrics: SocketAddr,
@@ -499,6 +501,7 @@ impl Agent {
         let mut a = Agent {
             child,
             socket,
+            config: cfg_path.clone(),
             bin: bin.to_path_buf(),
             log,
             metrics,
@@ -584,10 +587,81 @@ impl Drop for Agent {
     }
 }
 
+/// tcpdump on an interface of a namespace, writing a pcap file.
+pub struct Capture {
+    child: Child,
+    pub path: PathBuf,
+}
+
+impl Capture {
+    /// Start and wait until tcpdump listens. A 256-byte snaplen keeps every
+    /// header and cuts payloads, like a capture on a busy firewall.
+    pub fn start(ns: &str, iface: &str, path: &Path) -> Result<Capture> {
+        use std::io::BufRead;
+        let mut child = Command::new("ip")
+            .args([
+                "netns", "exec", ns, "tcpdump", "-i", iface, "-s", "256", "-U", "-w",
+            ])
+            .arg(path)
+            .arg(format!("tcp port {SERVER_PORT}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tcpdump (Debian package tcpdump)")?;
+        let stderr = child.stderr.take().context("tcpdump's stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("listening on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+            let _ = child.kill();
+            bail!("tcpdump did not start listening on {iface} within 10 s");
+        }
+        Ok(Capture {
+            child,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// SIGINT: tcpdump flushes and closes the file.
+    pub fn stop(mut self) -> Result<PathBuf> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        for _ in 0..100 {
+            if let Some(st) = self.child.try_wait()? {
+                // tcpdump ends with 0 on SIGINT, after flushing the file.
+                if !st.success() {
+                    bail!("tcpdump exited with {st}");
+                }
+                return Ok(self.path.clone());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("tcpdump did not stop within 5 s")
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// A whole lab run: topology, agent, traffic. Dropping it tears everything
-/// down in the right order (traffic, agent, namespaces).
+/// down in the right order (traffic, capture, agent, namespaces).
 pub struct LabRun {
     pub traffic: Option<Traffic>,
+    pub capture: Option<Capture>,
     pub agent: Option<Agent>,
     pub topo: Topology,
     pub scenario: Scenario,
@@ -595,15 +669,35 @@ pub struct LabRun {
 
 impl LabRun {
     pub fn start(s: &Scenario, monitor_bin: &Path) -> Result<LabRun> {
+        LabRun::start_capturing(s, monitor_bin, None)
+    }
+
+    /// Also capture the server's port-443 traffic to `capture` (pcap) from
+    /// before the first device connects.
+    pub fn start_capturing(
+        s: &Scenario,
+        monitor_bin: &Path,
+        capture: Option<&Path>,
+    ) -> Result<LabRun> {
         let topo = Topology::up(s)?;
         let agent = Agent::start(monitor_bin, &topo, s)?;
+        let capture = match capture {
+            Some(p) => Some(Capture::start(&topo.server.name, &topo.server_if, p)?),
+            None => None,
+        };
         let traffic = Traffic::start(&topo, s)?;
         Ok(LabRun {
             traffic: Some(traffic),
+            capture,
             agent: Some(agent),
             topo,
             scenario: s.clone(),
         })
+    }
+
+    /// Stop the capture (traffic goes on); the pcap's path.
+    pub fn stop_capture(&mut self) -> Result<Option<PathBuf>> {
+        self.capture.take().map(Capture::stop).transpose()
     }
 
     pub fn agent(&self) -> &Agent {
