@@ -76,7 +76,7 @@ impl Prometheus {
             rules.display()
         );
         std::fs::write(dir.join("prometheus.yml"), cfg).unwrap();
-        let child = Command::new("ip")
+        let child = xtask::netns::die_with_parent(&mut Command::new("ip"))
             .args(["netns", "exec", ns, "prometheus"])
             .arg(format!(
                 "--config.file={}",

@@ -232,3 +232,19 @@ pub fn http_get_in(ns: &str, addr: std::net::SocketAddr, path: &str) -> Result<S
     .join()
     .map_err(|_| "the HTTP thread panicked".to_string())?
 }
+
+/// Make a child die with the thread that starts it (SIGTERM), so a lab whose
+/// process is killed leaves no middlebox or agent running. The setting
+/// survives the exec of `ip netns exec`.
+pub fn die_with_parent(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}

@@ -268,7 +268,7 @@ impl Topology {
                         client_v4(p.index, 1)
                     ),
                 )?;
-                let child = Command::new("ip")
+                let child = crate::netns::die_with_parent(&mut Command::new("ip"))
                     .args(["netns", "exec", &r, "haproxy", "-db", "-f"])
                     .arg(&cfg)
                     .stdout(Stdio::null())
@@ -488,7 +488,7 @@ impl Agent {
         q.insert("socket".into(), socket.display().to_string().into());
         cfg.insert("query".into(), q.into());
         std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;
-        let child = Command::new("ip")
+        let child = crate::netns::die_with_parent(&mut Command::new("ip"))
             .args(["netns", "exec", &ns.name])
             .arg(bin)
             .args(["run", "--config"])
@@ -595,12 +595,13 @@ pub struct Capture {
 
 impl Capture {
     /// Start and wait until tcpdump listens. A 256-byte snaplen keeps every
-    /// header and cuts payloads, like a capture on a busy firewall.
+    /// header and cuts payloads, like a capture on a busy firewall. `-Z root`:
+    /// dropping to tcpdump's own user would clear the parent-death signal.
     pub fn start(ns: &str, iface: &str, path: &Path) -> Result<Capture> {
         use std::io::BufRead;
-        let mut child = Command::new("ip")
+        let mut child = crate::netns::die_with_parent(&mut Command::new("ip"))
             .args([
-                "netns", "exec", ns, "tcpdump", "-i", iface, "-s", "256", "-U", "-w",
+                "netns", "exec", ns, "tcpdump", "-Z", "root", "-i", iface, "-s", "256", "-U", "-w",
             ])
             .arg(path)
             .arg(format!("tcp port {SERVER_PORT}"))
