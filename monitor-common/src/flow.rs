@@ -4,7 +4,8 @@
 
 use crate::parse::Packet;
 use crate::types::{
-    state, Dir, Event, EventKind, Flow, FlowKey, NEVER, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    state, Dir, Event, EventKind, Flow, FlowKey, NEVER, SAMPLES_PER_REQUEST, TCP_ACK, TCP_FIN,
+    TCP_RST, TCP_SYN,
 };
 
 /// The flow key for `pkt` seen in direction `dir` (server side normalised).
@@ -167,6 +168,19 @@ pub fn fill_event(
     ev._pad = 0;
 }
 
+/// Should the first bytes of `pkt`'s payload go to user space? Client payload
+/// on a plaintext port (`plaintext`: [`Config::plaintext`] of the local
+/// port), in the first few segments of a request. Ask before [`update`]
+/// (which counts the segment).
+#[inline(always)]
+pub fn wants_sample(plaintext: bool, flow: &Flow, pkt: &Packet, dir: Dir) -> bool {
+    plaintext
+        && dir == Dir::In
+        && pkt.payload_len > 0
+        && flow.req_segments < SAMPLES_PER_REQUEST
+        && flow.state & state::CLOSED == 0
+}
+
 /// Fold `pkt` into `flow`, given what [`classify`] said of it.
 #[inline(always)]
 pub fn update(flow: &mut Flow, pkt: &Packet, dir: Dir, now: u64, kind: Option<EventKind>) {
@@ -268,6 +282,11 @@ fn apply(flow: &mut Flow, pkt: &Packet, dir: Dir, now: u64) {
     if pkt.payload_len > 0 {
         flow.last_payload_ns = now;
         flow.last_payload_dir = dir as u8;
+        // A server answer ends the client's request: the next one is sampled again.
+        flow.req_segments = match dir {
+            Dir::In => flow.req_segments.saturating_add(1),
+            Dir::Out => 0,
+        };
     }
 }
 

@@ -14,5 +14,5 @@ pub mod parse;
 pub mod types;
 
 pub use flow::{on_packet, open_flow};
-pub use parse::{parse_ethernet, Frame, Packet, ParseError};
+pub use parse::{glance, parse_ethernet, Frame, Glance, Packet, ParseError};
 pub use types::*;

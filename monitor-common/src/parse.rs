@@ -72,6 +72,8 @@ pub struct Packet {
     pub ip_len: u32,
     /// TCP payload bytes, as the headers state (not what was captured).
     pub payload_len: u32,
+    /// Offset of the TCP payload from the start of the frame.
+    pub payload_off: u32,
 }
 
 const ETH_HLEN: usize = 14;
@@ -83,6 +85,65 @@ const IPPROTO_TCP: u8 = 6;
 const IPV6_HLEN: usize = 40;
 /// How many IPv6 extension headers we walk before giving up (verifier bound).
 pub const MAX_IPV6_EXT_HEADERS: usize = 4;
+
+/// What a glance at the first header bytes says, before the full parse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Glance {
+    /// IPv4/IPv6 without options to skip, not TCP; or not IP at all.
+    NotTcp,
+    /// TCP, with this local port (the destination for ingress, the source
+    /// for egress).
+    LocalPort(u16),
+    /// Needs the full parse to say (VLAN tag, IPv6 extension headers,
+    /// fragments, truncation, malformed headers).
+    Unsure,
+}
+
+/// The cheap first look every packet gets: most packets on a server are not
+/// for a tracked port, and this settles them in a few loads. Never decides
+/// anything the full parse would count as a failure.
+#[inline(always)]
+pub fn glance<F: Frame + ?Sized>(f: &F, ingress: bool) -> Glance {
+    // Ethernet header and the first 10 bytes of an IP header, in one read.
+    let Some(h): Option<[u8; 24]> = f.read(0) else {
+        return Glance::Unsure;
+    };
+    let (l4, proto_ok) = match be16(&h, 12) {
+        ETH_P_IP => {
+            if h[14] >> 4 != 4 || h[14] & 0x0f < 5 || be16(&h, 20) & 0x1fff != 0 {
+                return Glance::Unsure;
+            }
+            (
+                ETH_HLEN + ((h[14] & 0x0f) as usize) * 4,
+                h[23] == IPPROTO_TCP,
+            )
+        }
+        ETH_P_IPV6 => {
+            if h[14] >> 4 != 6 {
+                return Glance::Unsure;
+            }
+            match h[20] {
+                IPPROTO_TCP => (ETH_HLEN + IPV6_HLEN, true),
+                // Extension headers the full parse walks.
+                0 | 43 | 44 | 60 => return Glance::Unsure,
+                _ => return Glance::NotTcp,
+            }
+        }
+        ETH_P_8021Q | ETH_P_8021AD => return Glance::Unsure,
+        _ => return Glance::NotTcp,
+    };
+    if !proto_ok {
+        return Glance::NotTcp;
+    }
+    let Some(ports): Option<[u8; 4]> = f.read(l4) else {
+        return Glance::Unsure;
+    };
+    Glance::LocalPort(if ingress {
+        be16(&ports, 2)
+    } else {
+        be16(&ports, 0)
+    })
+}
 
 /// Parse an Ethernet frame down to TCP.
 #[inline(always)]
@@ -217,6 +278,7 @@ fn parse_tcp<F: Frame + ?Sized>(
         return Err(ParseError::Malformed);
     }
     p.payload_len = l4_len - doff;
+    p.payload_off = l4 as u32 + doff;
     Ok(p)
 }
 

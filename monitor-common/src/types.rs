@@ -9,6 +9,12 @@ pub const MAX_PORTS: usize = 8;
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 262_144;
 /// Ring buffer size for events, in bytes (a power of two and a page multiple).
 pub const EVENT_RING_BYTES: u32 = 1 << 22;
+/// Payload bytes of a plaintext client segment copied to user space: enough
+/// for an ActiveSync request line, its headers and a Ping body.
+pub const SAMPLE_BYTES: usize = 1024;
+/// Client payload segments sampled per request (since the server last sent
+/// payload): a request split over a few segments is read, a large upload is not.
+pub const SAMPLES_PER_REQUEST: u8 = 3;
 /// Default silence that makes an "idle gap" worth an event.
 pub const DEFAULT_GAP_THRESHOLD_NS: u64 = 5_000_000_000;
 /// "Never happened" for the `since_*` fields of an [`Event`].
@@ -31,7 +37,9 @@ pub struct Config {
     /// Local (server) ports to track; only the first `port_count` are used.
     pub ports: [u16; MAX_PORTS],
     pub port_count: u32,
-    pub _pad: u32,
+    /// Bit i set: `ports[i]` carries plaintext HTTP (behind a TLS-terminating
+    /// load balancer), whose requests are sampled for ActiveSync Pings.
+    pub plaintext_mask: u32,
     /// A packet after at least this much silence ends an idle gap (event).
     pub gap_threshold_ns: u64,
 }
@@ -41,21 +49,39 @@ impl Config {
     pub const DEFAULT: Config = Config {
         ports: [443, 0, 0, 0, 0, 0, 0, 0],
         port_count: 1,
-        _pad: 0,
+        plaintext_mask: 0,
         gap_threshold_ns: DEFAULT_GAP_THRESHOLD_NS,
     };
 
-    /// Is `port` one of the tracked local ports? Bounded loop: verifier friendly.
+    /// Where `port` is among the tracked local ports. Bounded loop: verifier friendly.
     #[inline(always)]
-    pub fn tracks(&self, port: u16) -> bool {
+    pub fn port_index(&self, port: u16) -> Option<u32> {
         let mut i = 0;
         while i < MAX_PORTS {
             if (i as u32) < self.port_count && self.ports[i] == port {
-                return true;
+                return Some(i as u32);
             }
             i += 1;
         }
-        false
+        None
+    }
+
+    /// Is `port` one of the tracked local ports?
+    #[inline(always)]
+    pub fn tracks(&self, port: u16) -> bool {
+        self.port_index(port).is_some()
+    }
+
+    /// Is the tracked port at `index` plaintext?
+    #[inline(always)]
+    pub fn plaintext_at(&self, index: u32) -> bool {
+        index < MAX_PORTS as u32 && self.plaintext_mask & (1 << index) != 0
+    }
+
+    /// Is `port` a tracked plaintext port?
+    #[inline(always)]
+    pub fn plaintext(&self, port: u16) -> bool {
+        self.port_index(port).is_some_and(|i| self.plaintext_at(i))
     }
 }
 
@@ -139,7 +165,9 @@ pub struct Flow {
     pub last_payload_dir: u8,
     /// Bits from [`state`].
     pub state: u8,
-    pub _pad: [u8; 10],
+    /// Client payload segments since the server last sent payload (saturating).
+    pub req_segments: u8,
+    pub _pad: [u8; 9],
 }
 const _: () = assert!(size_of::<Flow>() == 88);
 
@@ -256,6 +284,27 @@ impl Event {
     }
 }
 
+/// The first bytes of a client payload segment on a plaintext port, for
+/// user space to read ActiveSync requests from. A separate record type in the
+/// same ring buffer as [`Event`] (told apart by size), so it stays in order
+/// with the flow's events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sample {
+    pub key: FlowKey,
+    pub ts_ns: u64,
+    /// TCP sequence number of the segment's first payload byte.
+    pub seq: u32,
+    /// Payload bytes of the segment, as the headers state.
+    pub payload_len: u32,
+    /// Bytes copied into `data` (at most [`SAMPLE_BYTES`]).
+    pub captured: u32,
+    pub _pad: u32,
+    pub data: [u8; SAMPLE_BYTES],
+}
+const _: () = assert!(size_of::<Sample>() == 1088);
+const _: () = assert!(size_of::<Sample>() != size_of::<Event>());
+
 /// Indices into the per-CPU counter array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -274,11 +323,15 @@ pub enum Counter {
     FlowsCreated = 5,
     /// Events written to the ring buffer.
     EventsSent = 6,
+    /// Plaintext request segments copied to user space.
+    SamplesSent = 7,
+    /// Plaintext request segments not copied (ring buffer full, copy failed).
+    SamplesDropped = 8,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 7;
-    pub const ALL: [Counter; 7] = [
+    pub const COUNT: u32 = 9;
+    pub const ALL: [Counter; 9] = [
         Counter::PacketsSeen,
         Counter::PacketsTracked,
         Counter::ParseFailures,
@@ -286,6 +339,8 @@ impl Counter {
         Counter::EventsDropped,
         Counter::FlowsCreated,
         Counter::EventsSent,
+        Counter::SamplesSent,
+        Counter::SamplesDropped,
     ];
 
     pub fn name(self) -> &'static str {
@@ -297,6 +352,8 @@ impl Counter {
             Counter::EventsDropped => "events_dropped",
             Counter::FlowsCreated => "flows_created",
             Counter::EventsSent => "events_sent",
+            Counter::SamplesSent => "samples_sent",
+            Counter::SamplesDropped => "samples_dropped",
         }
     }
 }
@@ -308,4 +365,5 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::Sample {}
 }

@@ -6,21 +6,23 @@
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_NOEXIST, TC_ACT_OK},
-    helpers::bpf_ktime_get_boot_ns,
+    helpers::{bpf_ktime_get_boot_ns, bpf_xdp_load_bytes},
     macros::{classifier, map, xdp},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
-    flow::{classify, fill_event, flow_key, new_flow, opens_flow, update},
-    parse_ethernet, Config, Counter, Dir, Event, EventKind, Flow, FlowKey, Frame, Packet,
-    DEFAULT_FLOW_TABLE_SIZE, EVENT_RING_BYTES,
+    flow::{classify, fill_event, flow_key, new_flow, opens_flow, update, wants_sample},
+    glance, parse_ethernet, Config, Counter, Dir, Event, EventKind, Flow, FlowKey, Frame, Glance,
+    Packet, ParseError, Sample, DEFAULT_FLOW_TABLE_SIZE, EVENT_RING_BYTES, SAMPLE_BYTES,
 };
 
-/// Written by the agent at load time (ports, gap threshold).
+/// Written by the agent at load time (ports, gap threshold). `mut` so the
+/// compiler reads it where it lies (the loader rewrites it) instead of
+/// folding the default in or copying it to the 512-byte stack.
 #[no_mangle]
-static CONFIG: Config = Config::DEFAULT;
+static mut CONFIG: Config = Config::DEFAULT;
 
 /// The flow table; the agent sets its size at load time.
 #[map]
@@ -79,53 +81,152 @@ fn emit(kind: EventKind, key: &FlowKey, flow: &Flow, pkt: &Packet, dir: Dir, now
     }
 }
 
+/// Copies payload bytes out of a packet (only XDP needs to: samples are of
+/// client segments, which arrive on ingress).
+trait Payload: aya_ebpf::EbpfContext {
+    /// Copy `len` (1..=SAMPLE_BYTES) bytes at `off` to `dst`; false if the
+    /// packet does not hold them.
+    fn copy(&self, off: u32, dst: *mut u8, len: u32) -> bool;
+}
+
+impl Payload for XdpContext {
+    #[inline(always)]
+    fn copy(&self, off: u32, dst: *mut u8, len: u32) -> bool {
+        // The helper also reads fragments of multi-buffer frames.
+        unsafe { bpf_xdp_load_bytes(self.ctx, off, dst as *mut _, len) == 0 }
+    }
+}
+
+impl Payload for TcContext {
+    #[inline(always)]
+    fn copy(&self, _off: u32, _dst: *mut u8, _len: u32) -> bool {
+        false
+    }
+}
+
+/// Copy the first bytes of a plaintext request segment into the ring buffer.
+#[inline(always)]
+fn emit_sample<C: Payload>(ctx: &C, key: &FlowKey, pkt: &Packet, now: u64) {
+    let Some(mut slot) = EVENTS.reserve::<Sample>(0) else {
+        count(Counter::SamplesDropped);
+        return;
+    };
+    let s = unsafe { &mut *slot.as_mut_ptr() };
+    let mut len = pkt.payload_len;
+    if len > SAMPLE_BYTES as u32 {
+        len = SAMPLE_BYTES as u32;
+    }
+    // Bounds the verifier can see: 1..=SAMPLE_BYTES.
+    if len == 0 || !ctx.copy(pkt.payload_off, s.data.as_mut_ptr(), len) {
+        slot.discard(0);
+        count(Counter::SamplesDropped);
+        return;
+    }
+    s.key = *key;
+    s.ts_ns = now;
+    s.seq = pkt.seq;
+    s.payload_len = pkt.payload_len;
+    s.captured = len;
+    s._pad = 0;
+    slot.submit(0);
+    count(Counter::SamplesSent);
+}
+
+/// The header parse, in a function of its own (a BPF-to-BPF call): its
+/// header copies get their own stack frame instead of crowding the 512 bytes
+/// shared with the flow update.
+#[inline(never)]
+fn parse(start: usize, end: usize, out: &mut Packet) -> Result<(), ParseError> {
+    *out = parse_ethernet(&Bytes { start, end })?;
+    Ok(())
+}
+
 /// Shared by both hooks.
 #[inline(always)]
-fn track<C: aya_ebpf::EbpfContext>(ctx: &C, bytes: &Bytes, dir: Dir) {
+fn track<C: Payload>(ctx: &C, bytes: &Bytes, dir: Dir) {
     count(Counter::PacketsSeen);
-    let pkt = match parse_ethernet(bytes) {
-        Ok(p) => p,
+    // SAFETY: never written after load.
+    let cfg = unsafe { &*core::ptr::addr_of!(CONFIG) };
+    match glance(bytes, dir == Dir::In) {
+        Glance::NotTcp => return,
+        Glance::LocalPort(p) if !cfg.tracks(p) => return,
+        _ => {}
+    }
+    let mut pkt = Packet::default();
+    match parse(bytes.start, bytes.end, &mut pkt) {
+        Ok(()) => {}
         Err(e) => {
             if e.is_failure() {
                 count(Counter::ParseFailures);
             }
             return;
         }
-    };
-    let cfg = unsafe { core::ptr::read_volatile(&CONFIG) };
+    }
     let local_port = match dir {
         Dir::In => pkt.dst_port,
         Dir::Out => pkt.src_port,
     };
-    if !cfg.tracks(local_port) {
+    let Some(port_index) = cfg.port_index(local_port) else {
         return;
-    }
+    };
     count(Counter::PacketsTracked);
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let key = flow_key(&pkt, dir);
 
     if let Some(flow) = FLOWS.get_ptr_mut(&key) {
+        let step = Step {
+            now,
+            gap_threshold_ns: cfg.gap_threshold_ns,
+            dir,
+            plaintext: cfg.plaintext_at(port_index),
+        };
         // XDP and TC may update one flow on two CPUs at once; a lost update
         // skews a counter by a packet, which a monitor can accept.
-        let flow = unsafe { &mut *flow };
-        let kind = classify(flow, &pkt, dir, now, cfg.gap_threshold_ns);
-        if let Some(kind) = kind {
-            emit(kind, &key, flow, &pkt, dir, now);
-        }
-        update(flow, &pkt, dir, now, kind);
+        known(ctx, unsafe { &mut *flow }, &key, &pkt, &step);
         return;
     }
-    if !opens_flow(&pkt) {
+    open(ctx, &key, &pkt, dir, now);
+}
+
+/// What a packet of a known flow needs besides the flow, key and packet
+/// (BPF functions take at most five arguments).
+struct Step {
+    now: u64,
+    gap_threshold_ns: u64,
+    dir: Dir,
+    plaintext: bool,
+}
+
+/// A packet of a flow in the table. A function of its own (a BPF-to-BPF
+/// call): inlined, the packet path overflows LLVM's 512-byte stack frame.
+#[inline(never)]
+fn known<C: Payload>(ctx: &C, flow: &mut Flow, key: &FlowKey, pkt: &Packet, step: &Step) {
+    let (dir, now) = (step.dir, step.now);
+    if wants_sample(step.plaintext, flow, pkt, dir) {
+        emit_sample(ctx, key, pkt, now);
+    }
+    let kind = classify(flow, pkt, dir, now, step.gap_threshold_ns);
+    if let Some(kind) = kind {
+        emit(kind, key, flow, pkt, dir, now);
+    }
+    update(flow, pkt, dir, now, kind);
+}
+
+/// A packet of a flow not in the table: maybe a new flow. Its own function
+/// too, for the same reason.
+#[inline(never)]
+fn open<C: Payload>(ctx: &C, key: &FlowKey, pkt: &Packet, dir: Dir, now: u64) {
+    if !opens_flow(pkt) {
         return;
     }
-    let mut flow = new_flow(&pkt, dir, now);
-    update(&mut flow, &pkt, dir, now, None);
-    match FLOWS.insert(&key, &flow, BPF_NOEXIST as u64) {
+    let mut flow = new_flow(pkt, dir, now);
+    update(&mut flow, pkt, dir, now, None);
+    match FLOWS.insert(key, &flow, BPF_NOEXIST as u64) {
         Ok(()) => {
             count(Counter::FlowsCreated);
             // The event shows the flow before its first packet, like every event.
-            let before = new_flow(&pkt, dir, now);
-            emit(EventKind::Opened, &key, &before, &pkt, dir, now);
+            let before = new_flow(pkt, dir, now);
+            emit(EventKind::Opened, key, &before, pkt, dir, now);
         }
         Err(err) => {
             count(Counter::FlowInsertFailed);

@@ -23,10 +23,11 @@ use crate::{
     clock,
     config::FileConfig,
     detector::{Detector, Output},
-    event::{client_of, server_of, FlowEvent},
+    event::{client_of, server_of, Record},
     exporter,
     metrics::Metrics,
     monitor::Monitor,
+    ping,
     query::{self, Request, Response},
 };
 
@@ -39,6 +40,8 @@ const FOLLOW_BUFFER: usize = 1024;
 pub struct Shared {
     pub monitor: Monitor,
     pub detector: Detector,
+    /// Reads ActiveSync requests from plaintext-port samples.
+    pub requests: ping::Reader,
     pub metrics: Metrics,
     pub table_entries: u64,
     pub decode_errors: u64,
@@ -89,10 +92,23 @@ impl Shared {
         }
     }
 
-    fn ingest(&mut self, ev: &FlowEvent, followers: &broadcast::Sender<String>) {
-        log::debug!("{ev}");
-        let out = self.detector.ingest(ev);
-        self.absorb(out, followers);
+    fn ingest(&mut self, record: &Record, followers: &broadcast::Sender<String>) {
+        match record {
+            Record::Event(ev) => {
+                log::debug!("{ev}");
+                let out = self.detector.ingest(ev);
+                if ev.kind == monitor_common::EventKind::Closed {
+                    self.requests.forget(&ev.raw.key);
+                }
+                self.absorb(out, followers);
+            }
+            Record::Sample(s) => {
+                for o in self.requests.feed(s, &mut self.detector) {
+                    log::debug!("request from {}: {o:?}", client_of(&s.key));
+                    self.metrics.request(&o);
+                }
+            }
+        }
     }
 
     /// Walk the kernel table: count it, and retire flows that left it.
@@ -118,6 +134,7 @@ impl Shared {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             ports: self.config.agent.ports.clone(),
+            plaintext_ports: self.config.agent.plaintext_ports.clone(),
             gap_threshold_seconds: self.config.agent.gap_threshold.as_secs_f64(),
             attachments: self
                 .monitor
@@ -387,6 +404,7 @@ pub async fn run(config: FileConfig) -> anyhow::Result<()> {
     let state: State = Arc::new(Mutex::new(Shared {
         monitor,
         detector,
+        requests: ping::Reader::new(),
         metrics,
         table_entries: 0,
         decode_errors: 0,
@@ -416,7 +434,7 @@ pub async fn run(config: FileConfig) -> anyhow::Result<()> {
             _ = sigterm.recv() => { log::info!("SIGTERM: detaching"); break; }
             guard = events.readable_mut() => {
                 let mut guard = guard.context("waiting for events")?;
-                guard.get_inner_mut().drain(|ev| batch.push(ev));
+                guard.get_inner_mut().drain_records(|r| batch.push(r));
                 let decode_errors = guard.get_inner().decode_errors;
                 guard.clear_ready();
                 let mut s = lock(&state);
@@ -437,7 +455,9 @@ pub async fn run(config: FileConfig) -> anyhow::Result<()> {
             }
             _ = tick.tick() => {
                 let mut s = lock(&state);
-                let out = s.detector.tick(clock::boot_ns());
+                let now = clock::boot_ns();
+                let out = s.detector.tick(now);
+                s.requests.expire(now);
                 s.absorb(out, &followers);
             }
             _ = sweep.tick() => lock(&state).sweep(&followers),
@@ -448,7 +468,7 @@ pub async fn run(config: FileConfig) -> anyhow::Result<()> {
         t.abort();
     }
     // Drain what is left so nothing the kernel reported is lost at exit.
-    events.get_mut().drain(|ev| batch.push(ev));
+    events.get_mut().drain_records(|r| batch.push(r));
     {
         let mut s = lock(&state);
         for ev in batch.drain(..) {

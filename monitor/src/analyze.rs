@@ -49,6 +49,8 @@ pub enum AnalyzeError {
 pub struct AnalyzeOptions {
     /// Server ports (at most 8); packets to them are client -> server.
     pub ports: Vec<u16>,
+    /// Those of `ports` carrying plaintext HTTP: their Pings are read.
+    pub plaintext_ports: Vec<u16>,
     /// Server addresses; empty: any address on those ports.
     pub servers: Vec<IpAddr>,
     /// Only packets from this many seconds after the first one...
@@ -102,6 +104,7 @@ struct Engine<'a> {
     opts: &'a AnalyzeOptions,
     replay: Replay,
     detector: Detector,
+    requests: crate::ping::Reader,
     stats: CaptureStats,
     verdicts: Vec<Verdict>,
     last_ns: u64,
@@ -180,7 +183,11 @@ impl Engine<'_> {
             self.stats.cut_by_snaplen += 1;
         }
         self.stats.tracked += 1;
-        if let Some(ev) = self.replay.packet(&pkt, dir, ns) {
+        let (ev, sample) = self.replay.packet_with_payload(&pkt, dir, ns, data);
+        if let Some(s) = sample {
+            self.requests.feed(&s, &mut self.detector);
+        }
+        if let Some(ev) = ev {
             let out = self.detector.ingest(&ev);
             self.absorb(out);
         }
@@ -208,11 +215,17 @@ pub fn analyze(path: &Path, opts: &AnalyzeOptions) -> Result<Analysis, AnalyzeEr
     kcfg.ports = [0; MAX_PORTS];
     kcfg.ports[..opts.ports.len()].copy_from_slice(&opts.ports);
     kcfg.port_count = opts.ports.len() as u32;
+    for (i, p) in opts.ports.iter().enumerate() {
+        if opts.plaintext_ports.contains(p) {
+            kcfg.plaintext_mask |= 1 << i;
+        }
+    }
     kcfg.gap_threshold_ns = opts.gap_threshold.as_nanos() as u64;
     let mut e = Engine {
         opts,
         replay: Replay::new(kcfg),
         detector,
+        requests: crate::ping::Reader::new(),
         stats: CaptureStats::default(),
         verdicts: Vec::new(),
         last_ns: 0,

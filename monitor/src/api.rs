@@ -23,6 +23,8 @@ pub struct Status {
     pub version: String,
     pub uptime_seconds: f64,
     pub ports: Vec<u16>,
+    /// Ports whose Pings are read (plaintext HTTP).
+    pub plaintext_ports: Vec<u16>,
     pub gap_threshold_seconds: f64,
     pub attachments: Vec<AttachmentInfo>,
     pub programs: Vec<ProgramInfo>,

@@ -100,6 +100,10 @@ pub struct AnalyzeArgs {
     /// Server port; repeat for several (at most 8). Default 443.
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
+    /// Server port carrying plaintext HTTP (behind a TLS-terminating load
+    /// balancer): its Pings are read for the exact heartbeat. Tracked too.
+    #[arg(long = "plaintext-port", value_name = "PORT")]
+    pub plaintext_ports: Vec<u16>,
     /// Server address; repeat for several. Default: any address on those ports.
     #[arg(long = "server", value_name = "ADDR")]
     pub servers: Vec<std::net::IpAddr>,
@@ -134,12 +138,23 @@ impl AnalyzeArgs {
         let mut detector = c.detector.clone();
         detector.min_silence = gap;
         detector.validate()?;
+        let mut ports = if self.ports.is_empty() {
+            c.agent.ports.clone()
+        } else {
+            self.ports.clone()
+        };
+        let mut plaintext_ports = c.agent.plaintext_ports.clone();
+        for &p in &self.plaintext_ports {
+            if !ports.contains(&p) {
+                ports.push(p);
+            }
+            if !plaintext_ports.contains(&p) {
+                plaintext_ports.push(p);
+            }
+        }
         Ok(crate::analyze::AnalyzeOptions {
-            ports: if self.ports.is_empty() {
-                c.agent.ports.clone()
-            } else {
-                self.ports.clone()
-            },
+            ports,
+            plaintext_ports,
             servers: self.servers.clone(),
             from: self.from,
             to: self.to,
@@ -170,6 +185,11 @@ pub struct RunArgs {
     /// Local TCP port to track; repeat for several, at most 8. Default 443. [agent] ports
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
+    /// Local port carrying plaintext HTTP (behind a TLS-terminating load
+    /// balancer): its ActiveSync Pings are read for the exact heartbeat;
+    /// tracked too. [agent] plaintext_ports
+    #[arg(long = "plaintext-port", value_name = "PORT")]
+    pub plaintext_ports: Vec<u16>,
     /// Seconds of silence after which the next packet is an idle-gap event.
     /// Default 5. [agent] gap_threshold_seconds
     #[arg(long, value_name = "SECONDS")]
@@ -216,6 +236,14 @@ impl RunArgs {
         }
         if !self.ports.is_empty() {
             c.agent.ports = self.ports.clone();
+        }
+        for &p in &self.plaintext_ports {
+            if !c.agent.ports.contains(&p) {
+                c.agent.ports.push(p);
+            }
+            if !c.agent.plaintext_ports.contains(&p) {
+                c.agent.plaintext_ports.push(p);
+            }
         }
         if let Some(v) = self.gap_threshold_seconds {
             c.agent.gap_threshold = secs("gap-threshold-seconds", v)?;

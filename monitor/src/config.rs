@@ -37,6 +37,9 @@ pub struct AgentConfig {
     pub interfaces: Vec<String>,
     /// Local (server) TCP ports to track.
     pub ports: Vec<u16>,
+    /// Those of `ports` that carry plaintext HTTP (behind a TLS-terminating
+    /// load balancer): their ActiveSync Pings are read for the exact heartbeat.
+    pub plaintext_ports: Vec<u16>,
     /// Silence after which the next packet is reported as ending an idle gap.
     #[serde(with = "secs", rename = "gap_threshold_seconds")]
     pub gap_threshold: Duration,
@@ -50,6 +53,7 @@ impl Default for AgentConfig {
         AgentConfig {
             interfaces: Vec::new(),
             ports: vec![443],
+            plaintext_ports: Vec::new(),
             gap_threshold: Duration::from_secs(5),
             flow_table_size: DEFAULT_FLOW_TABLE_SIZE,
             xdp_mode: XdpModeSetting::Auto,
@@ -122,6 +126,8 @@ pub enum ConfigError {
     PortZero,
     #[error("agent.ports: port {port} is listed twice")]
     DuplicatePort { port: u16 },
+    #[error("agent.plaintext_ports: port {port} is not one of agent.ports")]
+    PlaintextNotTracked { port: u16 },
     #[error("agent.gap_threshold_seconds: must be between 0.001 and 3600, got {got:?}")]
     GapThreshold { got: Duration },
     #[error("agent.flow_table_size: must be between 1 and {max}, got {got}")]
@@ -165,6 +171,13 @@ impl AgentConfig {
                 return Err(ConfigError::DuplicatePort { port });
             }
         }
+        if let Some(&port) = self
+            .plaintext_ports
+            .iter()
+            .find(|p| !self.ports.contains(p))
+        {
+            return Err(ConfigError::PlaintextNotTracked { port });
+        }
         if self.gap_threshold < Duration::from_millis(1)
             || self.gap_threshold > Duration::from_secs(3600)
         {
@@ -189,6 +202,12 @@ impl AgentConfig {
             *slot = port;
         }
         c.port_count = self.ports.len().min(MAX_PORTS) as u32;
+        c.plaintext_mask = 0;
+        for (i, port) in self.ports.iter().take(MAX_PORTS).enumerate() {
+            if self.plaintext_ports.contains(port) {
+                c.plaintext_mask |= 1 << i;
+            }
+        }
         c.gap_threshold_ns = self.gap_threshold.as_nanos().min(u64::MAX as u128) as u64;
         c
     }

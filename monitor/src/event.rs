@@ -8,7 +8,8 @@ use std::{
 };
 
 use monitor_common::{
-    Dir, Event, EventKind, FlowKey, FAMILY_V4, NEVER, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN,
+    Dir, Event, EventKind, FlowKey, Sample, FAMILY_V4, NEVER, SAMPLE_BYTES, TCP_ACK, TCP_FIN,
+    TCP_PSH, TCP_RST, TCP_SYN,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -19,6 +20,54 @@ pub enum DecodeError {
     Kind(u8),
     #[error("decoding a ring buffer record: unknown direction {0}")]
     Dir(u8),
+    #[error("decoding a request sample: {captured} bytes captured, at most {SAMPLE_BYTES}")]
+    Captured { captured: u32 },
+}
+
+/// The first bytes of a plaintext client request segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PayloadSample {
+    pub key: FlowKey,
+    pub ts_ns: u64,
+    pub seq: u32,
+    pub payload_len: u32,
+    pub data: Vec<u8>,
+}
+
+impl PayloadSample {
+    pub fn from_sample(raw: &Sample) -> Result<Self, DecodeError> {
+        let n = raw.captured as usize;
+        if n > SAMPLE_BYTES || raw.captured > raw.payload_len {
+            return Err(DecodeError::Captured {
+                captured: raw.captured,
+            });
+        }
+        Ok(PayloadSample {
+            key: raw.key,
+            ts_ns: raw.ts_ns,
+            seq: raw.seq,
+            payload_len: raw.payload_len,
+            data: raw.data[..n].to_vec(),
+        })
+    }
+}
+
+/// One ring buffer record: an event, or a request sample (told apart by size).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    Event(FlowEvent),
+    Sample(PayloadSample),
+}
+
+impl Record {
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() == std::mem::size_of::<Sample>() {
+            // SAFETY: length checked; Sample is plain old data valid for any bits.
+            let raw = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const Sample) };
+            return PayloadSample::from_sample(&raw).map(Record::Sample);
+        }
+        FlowEvent::decode(bytes).map(Record::Event)
+    }
 }
 
 /// One event from the kernel, validated.

@@ -14,6 +14,7 @@ pub mod exporter;
 pub mod loader;
 pub mod metrics;
 pub mod monitor;
+pub mod ping;
 pub mod query;
 pub mod render;
 pub mod replay;

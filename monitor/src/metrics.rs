@@ -84,6 +84,8 @@ pub struct Metrics {
     churn: IntCounterVec,
     kill_silence: HistogramVec,
     hold_time: Histogram,
+    requests: IntCounterVec,
+    ping_heartbeat: Histogram,
     path_estimate: GaugeVec,
     path_recommended: GaugeVec,
     window_mean: Gauge,
@@ -169,6 +171,14 @@ impl Metrics {
                 "kernel_events_total",
                 "Events the kernel wrote to the ring buffer.",
             ),
+            Counter::SamplesSent => (
+                "kernel_request_samples_total",
+                "First bytes of plaintext client requests copied to user space.",
+            ),
+            Counter::SamplesDropped => (
+                "kernel_request_samples_dropped_total",
+                "Plaintext request samples lost (ring buffer full or copy failed).",
+            ),
         };
         let mut kernel = Vec::new();
         for c in Counter::ALL {
@@ -195,6 +205,8 @@ impl Metrics {
             churn: reg!(r, IntCounterVec::new(Opts::new(name("reconnect_churn_total"), "Clients reconnecting soon after one of their flows was killed, per path."), &["path"])?),
             kill_silence: reg!(r, hist("kill_silence_seconds", "Silence before each kill.", &["ending"])?),
             hold_time: reg!(r, Histogram::with_opts(HistogramOpts::new(name("hold_time_seconds"), "Time the server held a client request before answering (heartbeat or early answer).").buckets(SILENCE_BUCKETS.to_vec()))?),
+            requests: reg!(r, IntCounterVec::new(Opts::new(name("plaintext_requests_total"), "Client requests read on plaintext ports, by ActiveSync command (ping, other) or unreadable."), &["command"])?),
+            ping_heartbeat: reg!(r, Histogram::with_opts(HistogramOpts::new(name("ping_heartbeat_interval_seconds"), "HeartbeatInterval stated in Ping requests read on plaintext ports (exact heartbeats).").buckets(SILENCE_BUCKETS.to_vec()))?),
             path_estimate: reg!(r, GaugeVec::new(Opts::new(name("path_idle_timeout_estimate_seconds"), "Estimated middlebox idle timeout per killing path (point estimate, or the bracket's upper end)."), &["path"])?),
             path_recommended: reg!(r, GaugeVec::new(Opts::new(name("path_recommended_idle_timeout_seconds"), "Idle timeout the path's middlebox needs: the heartbeat to cover plus 120 s."), &["path"])?),
             window_mean: reg!(r, Gauge::new(name("heartbeat_window_mean_seconds"), "Mean of the Exchange 3033/1040-style heartbeat window.")?),
@@ -247,6 +259,22 @@ impl Metrics {
                 c.with_label_values(&[&label]).inc();
             }
         }
+    }
+
+    /// Count a request read on a plaintext port.
+    pub fn request(&mut self, o: &crate::ping::Outcome) {
+        use crate::ping::{Heartbeat, Outcome};
+        let command = match o {
+            Outcome::Ping(p) => {
+                if let Heartbeat::Stated(h) = p.heartbeat {
+                    self.ping_heartbeat.observe(f64::from(h));
+                }
+                "ping"
+            }
+            Outcome::Other(_) => "other",
+            Outcome::Unreadable(_) => "unreadable",
+        };
+        self.requests.with_label_values(&[command]).inc();
     }
 
     /// Count what the detector concluded.
@@ -346,6 +374,8 @@ impl Metrics {
             + paths * 4 // path premature, churn, estimate, recommended
             + Ending::KILLS.len() * buckets // kill silence histogram
             + buckets // hold time histogram
+            + 3 // plaintext requests by command
+            + buckets // ping heartbeat histogram
             + 4 // window
             + Counter::COUNT as usize
             + 4 // table

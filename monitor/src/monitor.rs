@@ -12,7 +12,7 @@ use monitor_common::{Flow, FlowKey};
 use crate::{
     config::AgentConfig,
     counters::KernelCounters,
-    event::FlowEvent,
+    event::{FlowEvent, Record},
     loader::{self, Attached, LoadError},
 };
 
@@ -26,14 +26,24 @@ pub struct EventReader {
 }
 
 impl EventReader {
-    /// Hand every pending event to `f`; returns how many records were read.
+    /// Hand every pending event to `f` (request samples are skipped); returns
+    /// how many records were read.
     pub fn drain(&mut self, mut f: impl FnMut(FlowEvent)) -> usize {
+        self.drain_records(|r| {
+            if let Record::Event(ev) = r {
+                f(ev)
+            }
+        })
+    }
+
+    /// Hand every pending record to `f`; returns how many were read.
+    pub fn drain_records(&mut self, mut f: impl FnMut(Record)) -> usize {
         let mut n = 0;
         let mut errors = 0;
         while let Some(item) = self.ring.next() {
             n += 1;
-            match FlowEvent::decode(&item) {
-                Ok(ev) => f(ev),
+            match Record::decode(&item) {
+                Ok(r) => f(r),
                 Err(e) => {
                     errors += 1;
                     log::warn!("{e}");
@@ -112,6 +122,11 @@ impl Monitor {
     /// Hand every pending event to `f` (while the reader was not taken).
     pub fn drain(&mut self, f: impl FnMut(FlowEvent)) -> usize {
         self.events.as_mut().map_or(0, |r| r.drain(f))
+    }
+
+    /// Hand every pending record, events and request samples, to `f`.
+    pub fn drain_records(&mut self, f: impl FnMut(Record)) -> usize {
+        self.events.as_mut().map_or(0, |r| r.drain_records(f))
     }
 
     /// Ring buffer records that did not decode (while the reader was not taken).

@@ -8,8 +8,8 @@ pub fn status(s: &Status) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "monitor {} up {:.0} s, ports {:?}, gap threshold {} s",
-        s.version, s.uptime_seconds, s.ports, s.gap_threshold_seconds
+        "monitor {} up {:.0} s, ports {:?} (plaintext, Pings read: {:?}), gap threshold {} s",
+        s.version, s.uptime_seconds, s.ports, s.plaintext_ports, s.gap_threshold_seconds
     );
     for a in &s.attachments {
         let _ = writeln!(

@@ -106,7 +106,8 @@ fn cli_answers_match_the_traffic_field_by_field() {
     let idle_addr = idle.local_addr().unwrap();
 
     let status = json(&agent, &["status", "--json"]);
-    assert_eq!(status["ports"], serde_json::json!([443]));
+    assert_eq!(status["ports"], serde_json::json!([443, 8080]));
+    assert_eq!(status["plaintext_ports"], serde_json::json!([8080]));
     assert_eq!(
         status["attachments"][0]["interface"],
         pair.server_if.as_str()

@@ -609,3 +609,97 @@ fn a_gibibyte_through_the_tracked_port_arrives_byte_identical() {
     assert_eq!(c.get(Counter::ParseFailures), 0);
     println!("1 GiB byte-identical; {bytes_in} IP bytes tracked in");
 }
+
+/// `<Ping><HeartbeatInterval>h</HeartbeatInterval><Folders/></Ping>` in WBXML.
+fn ping_body(h: &str) -> Vec<u8> {
+    let mut b = vec![0x03, 0x01, 0x6a, 0x00, 0x00, 13, 0x45, 0x48, 0x03];
+    b.extend_from_slice(h.as_bytes());
+    b.extend_from_slice(&[0x00, 0x01, 0x09, 0x01]);
+    b
+}
+
+fn ping_head(query: &str, body_len: usize) -> String {
+    format!(
+        "POST /Microsoft-Server-ActiveSync?{query} HTTP/1.1\r\nHost: mail\r\n\
+         Content-Type: application/vnd.ms-sync.wbxml\r\nContent-Length: {body_len}\r\n\r\n"
+    )
+}
+
+#[test]
+fn plaintext_pings_reach_user_space_and_give_their_heartbeats() {
+    use monitor::{
+        event::Record,
+        ping::{request::encode_base64_query, Heartbeat, Outcome, Reader},
+    };
+    let pair = Pair::new();
+    let mut cfg = test_config(&pair.server_if);
+    cfg.ports = vec![443, 8080];
+    cfg.plaintext_ports = vec![8080];
+    let mut m = pair
+        .server
+        .run(move || Monitor::start(&cfg).expect("monitor start"));
+    let addr = ip(SERVER_V4);
+    let body1 = ping_body("480");
+    let req1_len = ping_head("", 0).len();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let srv = pair.server.spawn(move || {
+        let l = TcpListener::bind(SocketAddr::new(addr, 8080)).expect("bind");
+        tx.send(()).unwrap();
+        let (mut s, _) = l.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // Answer the first request, then read to the end.
+        let mut first = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !first.windows(4).any(|w| w == b"\r\n\r\n") || first.len() < req1_len {
+            let n = s.read(&mut buf).expect("read");
+            assert!(n > 0, "client closed early");
+            first.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .unwrap();
+        let _ = s.read_to_end(&mut first);
+    });
+    rx.recv_timeout(Duration::from_secs(5)).expect("listening");
+    let b1 = body1.clone();
+    pair.client.run(move || {
+        let mut s = TcpStream::connect((addr, 8080)).expect("connect");
+        s.set_nodelay(true).unwrap();
+        // Head and body in separate segments, as many clients send them.
+        s.write_all(ping_head("Cmd=Ping&User=u&DeviceId=KT1&DeviceType=T", b1.len()).as_bytes())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        s.write_all(&b1).unwrap();
+        let mut answer = [0u8; 64];
+        let _ = s.read(&mut answer).unwrap();
+        let body2 = ping_body("900");
+        let mut req2 = ping_head(&encode_base64_query(18, "KT2", "T"), body2.len()).into_bytes();
+        req2.extend_from_slice(&body2);
+        s.write_all(&req2).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    srv.join().unwrap();
+    let mut reader = Reader::new();
+    let mut heartbeats = Vec::new();
+    wait_for(Duration::from_secs(10), || {
+        m.drain_records(|r| {
+            if let Record::Sample(s) = r {
+                for o in reader.sample(&s.key, s.ts_ns, s.seq, s.payload_len, &s.data) {
+                    if let Outcome::Ping(p) = o {
+                        heartbeats.push((p.device_id, p.base64_query, p.heartbeat));
+                    }
+                }
+            }
+        });
+        (heartbeats.len() >= 2).then_some(())
+    });
+    assert_eq!(
+        heartbeats,
+        [
+            (Some("KT1".into()), false, Heartbeat::Stated(480)),
+            (Some("KT2".into()), true, Heartbeat::Stated(900)),
+        ]
+    );
+    let c = m.counters().unwrap();
+    assert_eq!(c.get(Counter::SamplesSent), 3, "head, body, second request");
+    assert_eq!(c.get(Counter::SamplesDropped), 0);
+}

@@ -254,6 +254,37 @@ fn lab_classifies_every_middlebox_side_by_side() {
         assert_eq!(p["premature_kills"], 0, "{name}: {p:#}");
     }
 
+    // Behind a TLS-terminating load balancer (plaintext port 8080) the agent
+    // reads the heartbeat from each Ping: exact where inference cannot see
+    // it (the proxy closes at 20 s, before any 40 s Ping is answered).
+    let offload = killing(&report, "192.0.2.0/24:8080");
+    assert_eq!(offload["how"], "proxy_timeout", "{offload:#}");
+    assert_point_near(offload, 20.0);
+    assert!(offload["pings_read"].as_u64().unwrap() >= 4, "{offload:#}");
+    assert_eq!(offload["requested_heartbeat_seconds"], 40.0, "{offload:#}");
+    assert!(text.contains("read from"), "{text}");
+    let inferred_here = offload["median_heartbeat_seconds"].as_f64();
+    assert!(
+        inferred_here.is_none_or(|h| h < 30.0),
+        "only the short Pings that beat the proxy leave a hold time: {offload:#}"
+    );
+    // Where Pings survive, inference and the exact value agree.
+    let calm = path(&report, "100.64.8.0/24:8080").expect("offload control path");
+    assert_eq!(calm["premature_kills"], 0, "{calm:#}");
+    let (exact, inferred) = (
+        calm["requested_heartbeat_seconds"].as_f64().unwrap(),
+        calm["median_heartbeat_seconds"].as_f64().unwrap(),
+    );
+    assert!(
+        (exact - inferred).abs() < 1.0,
+        "exact {exact} vs inferred {inferred}"
+    );
+    println!(
+        "heartbeat on 192.0.2.0/24:8080: read from Pings {}, inferred {}; \
+         on 100.64.8.0/24:8080: read {exact}, inferred {inferred}",
+        offload["requested_heartbeat_seconds"], offload["median_heartbeat_seconds"],
+    );
+
     // The Android-like device backs off on the killing path, not on the control path.
     let last = |name: &str| {
         devices
@@ -357,9 +388,13 @@ fn lab_classifies_every_middlebox_side_by_side() {
     );
     assert!(
         offline["capture"]["cut_by_snaplen"].as_u64().unwrap() > 0,
-        "snaplen 256 cut some packets"
+        "snaplen 400 cut some packets"
     );
     compare_live_and_offline(&report, &offline["report"]);
+    // The exact heartbeat, from the capture too.
+    let o = killing(&offline["report"], "192.0.2.0/24:8080");
+    assert_eq!(o["requested_heartbeat_seconds"], 40.0, "{o:#}");
+    assert!(o["pings_read"].as_u64().unwrap() >= 4, "{o:#}");
 
     println!(
         "alerts firing: {}",

@@ -6,6 +6,7 @@ use std::vec::Vec;
 use super::*;
 use crate::craft::Tcp;
 use crate::parse::parse_ethernet;
+use crate::types::Config;
 use crate::types::{TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN};
 
 const S: u64 = 1_000_000_000;
@@ -306,4 +307,50 @@ fn counters_add_up_bytes_and_packets_each_way() {
     assert_eq!(f.bytes_out, 40 + 1040);
     assert_eq!(f.flags_in & TCP_SYN, TCP_SYN);
     assert_eq!(f.flags_out, TCP_SYN | TCP_ACK | TCP_PSH);
+}
+
+/// Would the next packet `dir` with `payload` bytes be sampled, then send it.
+fn sampled(c: &mut Conn, cfg: &Config, at: u64, dir: Dir, payload: usize) -> bool {
+    let seq = match dir {
+        Dir::In => c.client_seq,
+        Dir::Out => c.server_seq,
+    };
+    let pkt = c.packet(dir, TCP_ACK | TCP_PSH, payload, seq, 64);
+    let wanted = wants_sample(
+        cfg.plaintext(pkt.dst_port),
+        c.flow.as_ref().unwrap(),
+        &pkt,
+        dir,
+    );
+    c.send(at, dir, TCP_ACK | TCP_PSH, payload, 64);
+    wanted
+}
+
+#[test]
+fn plaintext_requests_are_sampled_for_their_first_three_segments_only() {
+    let mut cfg = Config::DEFAULT;
+    cfg.plaintext_mask = 1;
+    let mut c = Conn::new();
+    c.handshake();
+    let got: Vec<bool> = (0..5)
+        .map(|i| sampled(&mut c, &cfg, 3_000_000 + i, Dir::In, 100))
+        .collect();
+    assert_eq!(got, [true, true, true, false, false]);
+    // The server's answer ends the request; its own payload is never sampled.
+    assert!(!sampled(&mut c, &cfg, 4_000_000, Dir::Out, 100));
+    assert!(sampled(&mut c, &cfg, 5_000_000, Dir::In, 100));
+    // Pure ACKs carry nothing to read.
+    assert!(!sampled(&mut c, &cfg, 6_000_000, Dir::In, 0));
+}
+
+#[test]
+fn tls_ports_are_never_sampled() {
+    let mut c = Conn::new();
+    c.handshake();
+    assert!(!sampled(&mut c, &Config::DEFAULT, 3_000_000, Dir::In, 100));
+    let mut other = Config::DEFAULT;
+    other.ports[1] = 8080;
+    other.port_count = 2;
+    other.plaintext_mask = 0b10;
+    assert!(!sampled(&mut c, &other, 4_000_000, Dir::In, 100));
 }

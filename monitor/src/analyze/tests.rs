@@ -20,6 +20,7 @@ use crate::detector::Ending;
 fn opts() -> AnalyzeOptions {
     AnalyzeOptions {
         ports: vec![443],
+        plaintext_ports: vec![],
         servers: vec![],
         from: None,
         to: None,
@@ -251,4 +252,106 @@ fn the_time_window_and_server_filter_select_packets() {
     .unwrap();
     assert_eq!(a.capture.tracked, 0);
     let _ = std::fs::remove_file(p);
+}
+
+/// A device on plaintext port 8080 sends a Ping (head and body in two
+/// segments) asking for a 40 s heartbeat; a proxy closes at 20 s of silence.
+fn plaintext_ping_killed_at_20s() -> Vec<(f64, Vec<u8>)> {
+    let c: IpAddr = "198.51.100.8".parse().unwrap();
+    let s: IpAddr = "192.0.2.1".parse().unwrap();
+    let body = crate::ping::wbxml::tests::ping_body("40");
+    let head = format!(
+        "POST /Microsoft-Server-ActiveSync?Cmd=Ping&User=u&DeviceId=PLAIN1&DeviceType=Lab HTTP/1.1\r\n\
+         Host: mail\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mk = |src, dst, sport, dport, flags, bytes: &[u8], seq| {
+        let mut t = Tcp::syn(src, dst);
+        t.sport = sport;
+        t.dport = dport;
+        t.flags = flags;
+        t.payload = bytes.len();
+        t.seq = seq;
+        t.ttl = 50;
+        let mut f = t.frame();
+        let n = f.len();
+        f[n - bytes.len()..].copy_from_slice(bytes);
+        f
+    };
+    let h = head.as_bytes();
+    let seq_body = 1001 + h.len() as u32;
+    vec![
+        (0.0, mk(c, s, 40002, 8080, TCP_SYN, b"", 1000)),
+        (0.001, mk(s, c, 8080, 40002, TCP_SYN | TCP_ACK, b"", 9000)),
+        (0.002, mk(c, s, 40002, 8080, TCP_ACK, b"", 1001)),
+        (1.0, mk(c, s, 40002, 8080, TCP_ACK | TCP_PSH, h, 1001)),
+        (
+            1.001,
+            mk(c, s, 40002, 8080, TCP_ACK | TCP_PSH, &body, seq_body),
+        ),
+        (1.002, mk(s, c, 8080, 40002, TCP_ACK, b"", 9001)),
+        (
+            21.002,
+            mk(
+                c,
+                s,
+                40002,
+                8080,
+                TCP_ACK | monitor_common::TCP_FIN,
+                b"",
+                seq_body + body.len() as u32,
+            ),
+        ),
+    ]
+}
+
+#[test]
+fn a_plaintext_ping_gives_the_exact_heartbeat_that_inference_cannot() {
+    let path = tmp("plaintext.pcap");
+    write_pcap(
+        &path,
+        DataLink::ETHERNET,
+        65535,
+        &plaintext_ping_killed_at_20s(),
+        0,
+        &[],
+    );
+    let exact = analyze(
+        &path,
+        &AnalyzeOptions {
+            ports: vec![8080],
+            plaintext_ports: vec![8080],
+            ..opts()
+        },
+    )
+    .unwrap();
+    let inferred = analyze(
+        &path,
+        &AnalyzeOptions {
+            ports: vec![8080],
+            ..opts()
+        },
+    )
+    .unwrap();
+    let _ = std::fs::remove_file(&path);
+    let v = &exact.verdicts[0];
+    assert_eq!(v.ending, Ending::ProxyTimeout);
+    assert_eq!(v.heartbeat_seconds, Some(40.0));
+    assert_eq!(
+        v.heartbeat_source,
+        Some(crate::detector::HeartbeatSource::Ping)
+    );
+    let p = &exact.report.killing_paths[0];
+    assert_eq!(
+        (p.pings_read, p.requested_heartbeat_seconds),
+        (1, Some(40.0))
+    );
+    assert!(exact
+        .report
+        .to_text()
+        .contains("heartbeat in force: 40 s, read from 1 Ping"));
+    // Without reading the Ping, the same traffic gives no heartbeat at all.
+    let w = &inferred.verdicts[0];
+    assert_eq!((w.heartbeat_seconds, w.heartbeat_source), (None, None));
+    assert_eq!(inferred.report.killing_paths[0].pings_read, 0);
 }

@@ -121,6 +121,16 @@ pub struct Evidence {
     pub note: Option<&'static str>,
 }
 
+/// How the heartbeat in force was known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeartbeatSource {
+    /// Read from the device's Ping request (plaintext port): exact.
+    Ping,
+    /// Inferred from how long the server held the device's requests.
+    HoldTimes,
+}
+
 /// The detector's word on one ended flow.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Verdict {
@@ -132,6 +142,8 @@ pub struct Verdict {
     pub premature: bool,
     /// The heartbeat in force for this flow, if known (seconds).
     pub heartbeat_seconds: Option<f64>,
+    /// Where that heartbeat came from.
+    pub heartbeat_source: Option<HeartbeatSource>,
     /// Boot-time ns of the ending.
     pub at_ns: u64,
     pub flow_age_seconds: f64,
@@ -149,6 +161,9 @@ impl fmt::Display for Verdict {
             f.write_str(" (premature")?;
             if let Some(h) = self.heartbeat_seconds {
                 write!(f, ": heartbeat {h:.0}s")?;
+                if self.heartbeat_source == Some(HeartbeatSource::Ping) {
+                    f.write_str(" read from its Ping")?;
+                }
             }
             f.write_str(")")?;
         }

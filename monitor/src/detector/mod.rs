@@ -17,11 +17,14 @@ use std::{
 use monitor_common::{Dir, EventKind, FlowKey};
 
 pub use config::{DetectorConfig, DetectorConfigError};
-pub use ending::{Ending, Evidence, Verdict};
+pub use ending::{Ending, Evidence, HeartbeatSource, Verdict};
 pub use path::{Estimate, PathKey, PathStats};
 pub use window::{HbiAlert, HbiWindow};
 
-use crate::event::FlowEvent;
+use crate::{
+    event::FlowEvent,
+    ping::{Heartbeat, PingRequest},
+};
 use path::Kill;
 
 const NS: f64 = 1e9;
@@ -62,6 +65,8 @@ struct FlowTrack {
     opened_ns: u64,
     /// Longest hold time seen on this flow: the heartbeat in force (seconds).
     max_hold_s: Option<f64>,
+    /// The heartbeat the flow's latest Ping asked for (plaintext ports): exact.
+    ping_heartbeat_s: Option<f64>,
     /// The last idle gap, not yet known to have survived.
     pending_gap: Option<Gap>,
     /// An unanswered server retransmission after a silence.
@@ -102,6 +107,9 @@ pub struct DetectorStats {
     pub premature: u64,
     pub churn: u64,
     pub hold_times: u64,
+    /// Ping requests read on plaintext ports, and those stating a heartbeat.
+    pub pings_read: u64,
+    pub pings_stated: u64,
     pub paths_evicted: u64,
     pub flows_not_tracked: u64,
 }
@@ -112,6 +120,9 @@ pub struct Detector {
     flows: HashMap<FlowKey, FlowTrack>,
     paths: HashMap<PathKey, PathStats>,
     clients: HashMap<IpAddr, ClientTrack>,
+    /// Device (DeviceId, else address) -> its last stated heartbeat and when
+    /// it was seen: an empty Ping keeps the previous interval.
+    devices: HashMap<String, (f64, u64)>,
     /// Client address -> its flows with an unanswered retransmission.
     suspects: HashMap<IpAddr, Vec<FlowKey>>,
     window: HbiWindow,
@@ -130,6 +141,7 @@ impl Detector {
             flows: HashMap::new(),
             paths: HashMap::new(),
             clients: HashMap::new(),
+            devices: HashMap::new(),
             suspects: HashMap::new(),
             recent: VecDeque::new(),
             max_heartbeat_seen_s: 0.0,
@@ -159,7 +171,44 @@ impl Detector {
 
     /// The heartbeat in force for a followed flow (seconds), if known.
     pub fn flow_heartbeat(&self, key: &FlowKey) -> Option<f64> {
-        self.flows.get(key).and_then(|f| self.heartbeat_in_force(f))
+        self.flows
+            .get(key)
+            .and_then(|f| self.heartbeat_in_force(f))
+            .map(|h| h.0)
+    }
+
+    /// A Ping request read from a plaintext flow: the heartbeat in force,
+    /// exactly (or, for an empty Ping, the device's previous one).
+    pub fn ping(&mut self, key: &FlowKey, req: &PingRequest, now: u64) {
+        let client = crate::event::client_of(key);
+        let device = req
+            .device_id
+            .clone()
+            .unwrap_or_else(|| client.ip().to_string());
+        let stated = match req.heartbeat {
+            Heartbeat::Stated(h) => Some(f64::from(h)),
+            _ => None,
+        };
+        let h = match req.heartbeat {
+            Heartbeat::Stated(h) => Some(f64::from(h)),
+            Heartbeat::Unstated => self.devices.get(&device).map(|d| d.0),
+            Heartbeat::Unreadable => None,
+        };
+        self.stats.pings_read += 1;
+        if let Some(h) = stated {
+            self.stats.pings_stated += 1;
+            if self.devices.len() < self.cfg.max_flows || self.devices.contains_key(&device) {
+                self.devices.insert(device.clone(), (h, now));
+            }
+            self.max_heartbeat_seen_s = self.max_heartbeat_seen_s.max(h);
+        } else if let Some(d) = self.devices.get_mut(&device) {
+            d.1 = now;
+        }
+        let path = self.path_of(client.ip(), key.server_port);
+        self.path_mut(path, now).record_ping(&device, h);
+        if let (Some(f), Some(h)) = (self.flows.get_mut(key), h) {
+            f.ping_heartbeat_s = Some(h);
+        }
     }
 
     pub fn path_of(&self, client: IpAddr, port: u16) -> PathKey {
@@ -259,6 +308,8 @@ impl Detector {
         let keep = (self.cfg.churn_window.max(self.cfg.max_heartbeat) * 2).as_nanos() as u64;
         self.clients
             .retain(|_, c| now_ns.saturating_sub(c.last_seen_ns) < keep);
+        self.devices
+            .retain(|_, d| now_ns.saturating_sub(d.1) < keep);
         out
     }
 
@@ -330,6 +381,7 @@ impl Detector {
                     ev.raw.first_seen_ns
                 },
                 max_hold_s: None,
+                ping_heartbeat_s: None,
                 pending_gap: None,
                 suspect: None,
                 finalized: false,
@@ -398,9 +450,14 @@ impl Detector {
         }
     }
 
-    fn heartbeat_in_force(&self, f: &FlowTrack) -> Option<f64> {
+    /// The Ping's own heartbeat where it was read; else the inferred one.
+    fn heartbeat_in_force(&self, f: &FlowTrack) -> Option<(f64, HeartbeatSource)> {
+        if let Some(h) = f.ping_heartbeat_s {
+            return Some((h, HeartbeatSource::Ping));
+        }
         f.max_hold_s
             .or_else(|| self.clients.get(&f.client.ip()).and_then(|c| c.heartbeat_s))
+            .map(|h| (h, HeartbeatSource::HoldTimes))
     }
 
     fn black_hole(&mut self, key: &FlowKey, now: u64, note: &'static str, out: &mut Vec<Output>) {
@@ -511,7 +568,7 @@ impl Detector {
             Ending::InjectedReset | Ending::ProxyTimeout => {
                 evidence.silence_seconds >= min_silence
                     && (evidence.server_owed_answer
-                        || heartbeat.is_some_and(|h| evidence.silence_seconds < h))
+                        || heartbeat.is_some_and(|(h, _)| evidence.silence_seconds < h))
             }
             _ => false,
         };
@@ -533,7 +590,8 @@ impl Detector {
             path: f.path.to_string(),
             ending,
             premature,
-            heartbeat_seconds: self.heartbeat_in_force(f),
+            heartbeat_seconds: self.heartbeat_in_force(f).map(|h| h.0),
+            heartbeat_source: self.heartbeat_in_force(f).map(|h| h.1),
             at_ns: now,
             flow_age_seconds: now.saturating_sub(f.opened_ns) as f64 / NS,
             evidence,

@@ -162,6 +162,10 @@ pub struct PathStats {
     /// Each client's current heartbeat estimate (the largest of its last few
     /// samples): what devices use *now*, after backing off from kills.
     pub latest_by_client: HashMap<IpAddr, f64>,
+    /// Ping requests read on plaintext ports.
+    pub pings_read: u64,
+    /// Each device's latest HeartbeatInterval, read from its Ping (exact).
+    pub requested_by_device: HashMap<String, f64>,
 }
 
 /// Heartbeat samples kept per path.
@@ -209,6 +213,33 @@ impl PathStats {
             }
         }
         self.latest_by_client.insert(client, seconds);
+    }
+
+    /// A Ping request read; `device` stated `seconds` (or `None`: unstated or unreadable).
+    pub fn record_ping(&mut self, device: &str, seconds: Option<f64>) {
+        self.pings_read += 1;
+        let Some(h) = seconds else { return };
+        if self.requested_by_device.len() >= CLIENTS_KEPT
+            && !self.requested_by_device.contains_key(device)
+        {
+            if let Some(k) = self.requested_by_device.keys().next().cloned() {
+                self.requested_by_device.remove(&k);
+            }
+        }
+        self.requested_by_device.insert(device.to_string(), h);
+    }
+
+    /// Median over devices of the heartbeat their latest Ping asked for.
+    pub fn median_requested_heartbeat(&self) -> Option<f64> {
+        (!self.requested_by_device.is_empty()).then(|| {
+            median(
+                &mut self
+                    .requested_by_device
+                    .values()
+                    .copied()
+                    .collect::<Vec<_>>(),
+            )
+        })
     }
 
     /// Median over clients of their latest heartbeat.

@@ -22,7 +22,12 @@ pub struct PathReport {
     pub longest_survived_seconds: f64,
     pub likely_devices: Vec<String>,
     pub recommended_idle_timeout_seconds: Option<f64>,
+    /// Inferred from hold times: median over clients of their estimate.
     pub median_heartbeat_seconds: Option<f64>,
+    /// Read from Pings (plaintext ports): median over devices of the
+    /// HeartbeatInterval of their latest Ping. Exact where present.
+    pub requested_heartbeat_seconds: Option<f64>,
+    pub pings_read: u64,
     /// (upper bound in seconds, kills) bins of the silences before kills.
     pub kill_silence_histogram: Vec<(f64, usize)>,
 }
@@ -119,6 +124,8 @@ impl Detector {
                 likely_devices,
                 recommended_idle_timeout_seconds: (p.premature > 0).then_some(cover + 120.0),
                 median_heartbeat_seconds: p.median_heartbeat(),
+                requested_heartbeat_seconds: p.median_requested_heartbeat(),
+                pings_read: p.pings_read,
                 kill_silence_histogram: p.kill_histogram(8),
             };
             if p.premature > 0 {
@@ -226,6 +233,16 @@ impl Report {
                     self.heartbeat_to_cover_seconds
                 );
             }
+            if let Some(h) = p.requested_heartbeat_seconds {
+                let inferred = p
+                    .median_heartbeat_seconds
+                    .map_or("none seen".to_string(), |i| format!("{i:.0} s"));
+                let _ = writeln!(
+                    s,
+                    "  heartbeat in force: {h:.0} s, read from {} Ping requests (exact; inferred from hold times: {inferred})",
+                    p.pings_read
+                );
+            }
             if p.reconnect_churn > 0 {
                 let _ = writeln!(
                     s,
@@ -271,11 +288,17 @@ impl Report {
             let _ = writeln!(s);
             let _ = writeln!(s, "Paths without premature kills:");
             for p in &self.quiet_paths {
-                let hb = p
+                let mut hb = p
                     .median_heartbeat_seconds
                     .map_or(String::from("no heartbeat seen"), |h| {
                         format!("median heartbeat {h:.0} s")
                     });
+                if let Some(h) = p.requested_heartbeat_seconds {
+                    hb = format!(
+                        "heartbeat {h:.0} s read from {} Pings ({hb} inferred)",
+                        p.pings_read
+                    );
+                }
                 let _ = writeln!(
                     s,
                     "  {}: {} flows ended, longest silence survived {:.1} s, {hb}",

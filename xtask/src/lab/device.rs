@@ -113,6 +113,27 @@ pub struct DeviceSpec {
     pub ttl: u32,
     /// How long past its heartbeat the device waits before giving up.
     pub grace: Duration,
+    /// Plain HTTP (the server's plaintext port) instead of TLS.
+    pub plaintext: bool,
+    /// Name the command in the base64 query form.
+    pub base64_query: bool,
+}
+
+/// A device's connection, TLS or plain.
+trait Stream: io::Read + io::Write + Send {
+    fn read_timeout(&mut self, d: Duration);
+}
+
+impl Stream for TcpStream {
+    fn read_timeout(&mut self, d: Duration) {
+        let _ = self.set_read_timeout(Some(d));
+    }
+}
+
+impl Stream for StreamOwned<ClientConnection, TcpStream> {
+    fn read_timeout(&mut self, d: Duration) {
+        let _ = self.sock.set_read_timeout(Some(d));
+    }
 }
 
 fn connect(spec: &DeviceSpec) -> io::Result<TcpStream> {
@@ -132,9 +153,9 @@ fn connect(spec: &DeviceSpec) -> io::Result<TcpStream> {
     Ok(s.into())
 }
 
-/// One Ping: Ok(true) answered (status 1 or 2), Err on failure.
-fn ping<S: io::Read + io::Write>(s: &mut S, name: &str, hb: u32) -> io::Result<u8> {
-    http::write_ping_request(s, name, &wbxml::ping_request(hb))?;
+/// One Ping: Ok(status) answered (1 or 2), Err on failure.
+fn ping<S: io::Read + io::Write>(s: &mut S, spec: &DeviceSpec, hb: u32) -> io::Result<u8> {
+    http::write_ping_request(s, &spec.name, spec.base64_query, &wbxml::ping_request(hb))?;
     match http::read_message(s)? {
         Some(m) if m.start_line.starts_with("HTTP/1.1 200") => {
             Ok(wbxml::status_of(&m.body).unwrap_or(0))
@@ -172,20 +193,22 @@ pub fn run(
         if let Ok(mut r) = report.lock() {
             r.connections += 1;
         }
-        let Ok(conn) = ClientConnection::new(tls.clone(), server_name.clone()) else {
-            return;
+        let mut s: Box<dyn Stream> = if spec.plaintext {
+            Box::new(tcp)
+        } else {
+            let Ok(conn) = ClientConnection::new(tls.clone(), server_name.clone()) else {
+                return;
+            };
+            Box::new(StreamOwned::new(conn, tcp))
         };
-        let mut s = StreamOwned::new(conn, tcp);
         while !stop.load(Ordering::Relaxed) {
             let hb = adapt.current;
-            let _ = s
-                .sock
-                .set_read_timeout(Some(Duration::from_secs(u64::from(hb)) + spec.grace));
+            s.read_timeout(Duration::from_secs(u64::from(hb)) + spec.grace);
             if let Ok(mut r) = report.lock() {
                 r.heartbeats.push(hb);
             }
             let started = Instant::now();
-            match ping(&mut s, &spec.name, hb) {
+            match ping(&mut s, &spec, hb) {
                 Ok(status) => {
                     if let Ok(mut r) = report.lock() {
                         r.pings_ok += 1;

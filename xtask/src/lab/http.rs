@@ -54,9 +54,32 @@ pub fn read_message<S: Read>(s: &mut S) -> io::Result<Option<Message>> {
     Ok(Some(Message { start_line, body }))
 }
 
-pub fn write_ping_request<S: Write>(s: &mut S, user: &str, body: &[u8]) -> io::Result<()> {
+/// The base64 query value (MS-ASHTTP 2.2.1.1.1.1): protocol 14.1, command
+/// Ping (18), locale en-US, DeviceId, no policy key, DeviceType.
+fn base64_query(device: &str) -> String {
+    use base64::Engine as _;
+    let mut b = vec![141, 18, 0x09, 0x04, device.len() as u8];
+    b.extend_from_slice(device.as_bytes());
+    b.extend_from_slice(&[0, 3]);
+    b.extend_from_slice(b"Lab");
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// A Ping request; head and body in two writes (two segments on a plain
+/// socket, as many clients send them).
+pub fn write_ping_request<S: Write + ?Sized>(
+    s: &mut S,
+    user: &str,
+    base64_form: bool,
+    body: &[u8],
+) -> io::Result<()> {
+    let query = if base64_form {
+        base64_query(user)
+    } else {
+        format!("Cmd=Ping&User={user}&DeviceId={user}&DeviceType=Lab")
+    };
     let head = format!(
-        "POST /Microsoft-Server-ActiveSync?Cmd=Ping&User={user}&DeviceId={user}&DeviceType=Lab HTTP/1.1\r\n\
+        "POST /Microsoft-Server-ActiveSync?{query} HTTP/1.1\r\n\
          Host: {}\r\nMS-ASProtocolVersion: 14.1\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n\
          Content-Length: {}\r\n\r\n",
         super::tls::SERVER_NAME,

@@ -35,6 +35,9 @@ pub use scenario::{Middlebox, Scenario};
 pub const SERVER_V4: &str = "192.0.2.1";
 pub const SERVER_V6: &str = "2001:db8:ffff::1";
 pub const SERVER_PORT: u16 = 443;
+/// The endpoint's plaintext port, as behind a TLS-terminating load balancer:
+/// the agent reads its Pings for the exact heartbeat.
+pub const PLAINTEXT_PORT: u16 = 8080;
 /// The device's initial TTL / hop limit.
 pub const DEVICE_TTL: u32 = 50;
 
@@ -218,10 +221,11 @@ impl Topology {
                 "via",
                 &up_v6,
             ]);
+            let port = spec.port();
             let monitor_path = match spec.middlebox {
                 // The proxy is the client the server sees.
-                Middlebox::Proxy => format!("192.0.2.0/24:{SERVER_PORT}"),
-                _ => format!("100.64.{i}.0/24:{SERVER_PORT}"),
+                Middlebox::Proxy => format!("192.0.2.0/24:{port}"),
+                _ => format!("100.64.{i}.0/24:{port}"),
             };
             topo.paths.push(PathRuntime {
                 spec: spec.clone(),
@@ -264,8 +268,9 @@ impl Topology {
                     &cfg,
                     format!(
                         "global\n  maxconn 1000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client {t}s\n  timeout server {t}s\n\
-                         frontend fe\n  bind {}:{SERVER_PORT}\n  default_backend be\nbackend be\n  server exchange {SERVER_V4}:{SERVER_PORT}\n",
-                        client_v4(p.index, 1)
+                         frontend fe\n  bind {}:{port}\n  default_backend be\nbackend be\n  server exchange {SERVER_V4}:{port}\n",
+                        client_v4(p.index, 1),
+                        port = p.spec.port(),
                     ),
                 )?;
                 let child = crate::netns::die_with_parent(&mut Command::new("ip"))
@@ -289,7 +294,7 @@ impl Topology {
             (_, false) => SERVER_V4.parse().expect("address"),
             (_, true) => SERVER_V6.parse().expect("address"),
         };
-        SocketAddr::new(ip, SERVER_PORT)
+        SocketAddr::new(ip, p.spec.port())
     }
 }
 
@@ -322,36 +327,42 @@ impl Traffic {
         let injector_stats = Arc::new(injector::InjectorStats::default());
         let mut threads = Vec::new();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        {
-            let (tls, stop, stats, p) = (
-                tls.server.clone(),
+        for (port, tls) in [
+            (SERVER_PORT, Some(tls.server.clone())),
+            (PLAINTEXT_PORT, None),
+        ] {
+            let (stop, stats, p, ready) = (
                 stop.clone(),
                 server_stats.clone(),
                 s.mail_probability,
+                ready_tx.clone(),
             );
             threads.push(topo.server.spawn(move || {
                 // One dual-stack listener serves IPv4 and IPv6.
-                let addr: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, SERVER_PORT).into();
-                let _ = ready_tx.send(());
+                let addr: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, port).into();
+                let _ = ready.send(());
                 if let Err(e) = server::serve(addr, tls, p, stop, stats) {
-                    eprintln!("lab server: {e}");
+                    eprintln!("lab server on port {port}: {e}");
                 }
             }));
         }
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .context("the lab server did not start")?;
+        for _ in 0..2 {
+            ready_rx
+                .recv_timeout(Duration::from_secs(5))
+                .context("the lab server did not start")?;
+        }
         std::thread::sleep(Duration::from_millis(200));
         let mut devices = Vec::new();
         for p in &topo.paths {
             if p.spec.middlebox == Middlebox::Injector {
-                let (stop, stats, t) = (
+                let (stop, stats, t, port) = (
                     stop.clone(),
                     injector_stats.clone(),
                     Duration::from_secs(u64::from(p.spec.timeout_seconds)),
+                    p.spec.port(),
                 );
                 threads.push(p.router.spawn(move || {
-                    if let Err(e) = injector::run("down0", SERVER_PORT, t, stop, stats) {
+                    if let Err(e) = injector::run("down0", port, t, stop, stats) {
                         eprintln!("lab injector: {e}");
                     }
                 }));
@@ -381,6 +392,8 @@ impl Traffic {
                         profile: g.profile.clone(),
                         ttl: DEVICE_TTL,
                         grace: Duration::from_secs(s.device_grace_seconds),
+                        plaintext: p.spec.plaintext,
+                        base64_query: g.base64_query,
                     };
                     let (tls, stop, r) = (tls.client.clone(), stop.clone(), report.clone());
                     threads.push(p.clients.spawn(move || device::run(spec, tls, stop, r)));
@@ -477,7 +490,14 @@ impl Agent {
         );
         agent.insert(
             "ports".into(),
-            toml::Value::Array(vec![i64::from(SERVER_PORT).into()]),
+            toml::Value::Array(vec![
+                i64::from(SERVER_PORT).into(),
+                i64::from(PLAINTEXT_PORT).into(),
+            ]),
+        );
+        agent.insert(
+            "plaintext_ports".into(),
+            toml::Value::Array(vec![i64::from(PLAINTEXT_PORT).into()]),
         );
         cfg.insert("agent".into(), agent.into());
         cfg.insert("detector".into(), o.detector.clone().into());
@@ -594,17 +614,20 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// Start and wait until tcpdump listens. A 256-byte snaplen keeps every
-    /// header and cuts payloads, like a capture on a busy firewall. `-Z root`:
+    /// Start and wait until tcpdump listens. A 400-byte snaplen keeps every
+    /// header and a plaintext Ping's head, and cuts longer payloads (TLS
+    /// certificates), like a capture on a busy firewall. `-Z root`:
     /// dropping to tcpdump's own user would clear the parent-death signal.
     pub fn start(ns: &str, iface: &str, path: &Path) -> Result<Capture> {
         use std::io::BufRead;
         let mut child = crate::netns::die_with_parent(&mut Command::new("ip"))
             .args([
-                "netns", "exec", ns, "tcpdump", "-Z", "root", "-i", iface, "-s", "256", "-U", "-w",
+                "netns", "exec", ns, "tcpdump", "-Z", "root", "-i", iface, "-s", "400", "-U", "-w",
             ])
             .arg(path)
-            .arg(format!("tcp port {SERVER_PORT}"))
+            .arg(format!(
+                "tcp port {SERVER_PORT} or tcp port {PLAINTEXT_PORT}"
+            ))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -34,6 +34,9 @@ pub struct DeviceGroup {
     /// Use the path's IPv6 addresses.
     #[serde(default)]
     pub ipv6: bool,
+    /// Name the command in the base64 query form (ActiveSync 12.1+).
+    #[serde(default)]
+    pub base64_query: bool,
 }
 
 fn one() -> u32 {
@@ -47,7 +50,22 @@ pub struct PathSpec {
     pub middlebox: Middlebox,
     #[serde(default)]
     pub timeout_seconds: u32,
+    /// Devices reach the endpoint's plaintext port, as the server sees
+    /// traffic behind a TLS-terminating load balancer.
+    #[serde(default)]
+    pub plaintext: bool,
     pub devices: Vec<DeviceGroup>,
+}
+
+impl PathSpec {
+    /// The server port this path's devices reach.
+    pub fn port(&self) -> u16 {
+        if self.plaintext {
+            super::PLAINTEXT_PORT
+        } else {
+            super::SERVER_PORT
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

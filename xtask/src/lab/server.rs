@@ -1,4 +1,4 @@
-//! The ActiveSync-like endpoint: TLS on port 443; holds each Ping until its
+//! The ActiveSync-like endpoint: TLS on port 443, plain HTTP on 8080; holds each Ping until its
 //! heartbeat expires (Status 1) or until scripted "new mail" arrives (Status 2).
 
 use std::{
@@ -52,7 +52,7 @@ pub fn sleep_until_stopped(d: Duration, stop: &AtomicBool) {
 
 fn serve_connection(
     tcp: TcpStream,
-    tls: Arc<ServerConfig>,
+    tls: Option<Arc<ServerConfig>>,
     mail_probability: f64,
     seed: u64,
     stop: Arc<AtomicBool>,
@@ -60,17 +60,35 @@ fn serve_connection(
 ) {
     // Bounded: a connection whose client vanished ends here.
     let _ = tcp.set_read_timeout(Some(Duration::from_secs(300)));
-    let Ok(conn) = ServerConnection::new(tls) else {
-        return;
-    };
-    let mut s = StreamOwned::new(conn, tcp);
+    match tls {
+        Some(tls) => {
+            let Ok(conn) = ServerConnection::new(tls) else {
+                return;
+            };
+            let s = StreamOwned::new(conn, tcp);
+            serve_pings(s, mail_probability, seed, stop, stats)
+        }
+        // The plaintext port: as behind a TLS-terminating load balancer.
+        None => serve_pings(tcp, mail_probability, seed, stop, stats),
+    }
+}
+
+fn serve_pings<S: std::io::Read + std::io::Write>(
+    mut s: S,
+    mail_probability: f64,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    stats: Arc<ServerStats>,
+) {
     let mut rng = Rng::new(seed);
     while !stop.load(Ordering::Relaxed) {
         let msg = match http::read_message(&mut s) {
             Ok(Some(m)) => m,
             _ => return,
         };
-        if !msg.start_line.contains("Cmd=Ping") {
+        // The plain query names the command; the base64 form is opaque to
+        // the lab, whose devices only ever Ping.
+        if !msg.start_line.contains("Cmd=Ping") && wbxml::heartbeat_of(&msg.body).is_none() {
             return;
         }
         stats.pings.fetch_add(1, Ordering::Relaxed);
@@ -94,7 +112,7 @@ fn serve_connection(
 /// Serve on `addr` until `stop`. Call from a thread inside the server's namespace.
 pub fn serve(
     addr: SocketAddr,
-    tls: Arc<ServerConfig>,
+    tls: Option<Arc<ServerConfig>>,
     mail_probability: f64,
     stop: Arc<AtomicBool>,
     stats: Arc<ServerStats>,
