@@ -12,7 +12,9 @@ use std::{
     time::Duration,
 };
 
-use monitor_common::{parse::parse_ip, parse_ethernet, Config, Dir, Packet, ParseError, MAX_PORTS};
+use monitor_common::{
+    parse::parse_ip, parse_ethernet, Config, Dir, Packet, ParseError, MAX_PORTS, TCP_ACK, TCP_SYN,
+};
 use pcap_file::{
     pcap::PcapReader,
     pcapng::{Block, PcapNgReader},
@@ -64,6 +66,11 @@ pub struct AnalyzeOptions {
 /// What was read, and what could not be used, so nothing is silently lost.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct CaptureStats {
+    /// The server ports analysed.
+    pub server_ports: Vec<u16>,
+    /// When no port was named: every port SYNs went to, with their counts
+    /// (most first; the first eight are analysed).
+    pub inferred_ports: Option<Vec<(u16, u64)>>,
     pub packets: u64,
     pub tracked: u64,
     /// Not TCP to or from a server port (or outside the time window).
@@ -201,37 +208,22 @@ fn format_err(path: &Path, e: impl std::fmt::Display) -> AnalyzeError {
     }
 }
 
-/// Analyze a pcap or pcapng file.
-pub fn analyze(path: &Path, opts: &AnalyzeOptions) -> Result<Analysis, AnalyzeError> {
-    if opts.ports.is_empty() || opts.ports.len() > MAX_PORTS || opts.ports.contains(&0) {
-        return Err(AnalyzeError::Options(format!(
-            "1 to {MAX_PORTS} non-zero ports, got {:?}",
-            opts.ports
-        )));
-    }
-    let detector =
-        Detector::new(opts.detector.clone()).map_err(|e| AnalyzeError::Options(e.to_string()))?;
-    let mut kcfg = Config::DEFAULT;
-    kcfg.ports = [0; MAX_PORTS];
-    kcfg.ports[..opts.ports.len()].copy_from_slice(&opts.ports);
-    kcfg.port_count = opts.ports.len() as u32;
-    for (i, p) in opts.ports.iter().enumerate() {
-        if opts.plaintext_ports.contains(p) {
-            kcfg.plaintext_mask |= 1 << i;
-        }
-    }
-    kcfg.gap_threshold_ns = opts.gap_threshold.as_nanos() as u64;
-    let mut e = Engine {
-        opts,
-        replay: Replay::new(kcfg),
-        detector,
-        requests: crate::ping::Reader::new(),
-        stats: CaptureStats::default(),
-        verdicts: Vec::new(),
-        last_ns: 0,
-        last_tick_ns: 0,
-        start_ns: None,
-    };
+/// One record of a capture file.
+enum Record<'a> {
+    Packet {
+        link: DataLink,
+        ts: Duration,
+        orig_len: u32,
+        data: &'a [u8],
+    },
+    /// A pcapng simple packet block: no timestamp.
+    Untimed,
+    /// A timestamp whose fraction is out of range.
+    BadTimestamp,
+}
+
+/// Hand every record of a pcap or pcapng file to `f`.
+fn read_capture(path: &Path, f: &mut dyn FnMut(Record)) -> Result<(), AnalyzeError> {
     let open = |p: &Path| {
         File::open(p)
             .map(BufReader::new)
@@ -257,14 +249,14 @@ pub fn analyze(path: &Path, opts: &AnalyzeOptions) -> Result<Analysis, AnalyzeEr
                         .get(p.interface_id as usize)
                         .copied()
                         .unwrap_or(DataLink::Unknown(u32::MAX));
-                    e.packet(link, p.timestamp, p.original_len, &p.data);
+                    f(Record::Packet {
+                        link,
+                        ts: p.timestamp,
+                        orig_len: p.original_len,
+                        data: &p.data,
+                    });
                 }
-                Block::SimplePacket(p) => {
-                    // No timestamp: a simple packet cannot be placed in time.
-                    let _ = p;
-                    e.stats.packets += 1;
-                    e.stats.not_ours += 1;
-                }
+                Block::SimplePacket(_) => f(Record::Untimed),
                 _ => {}
             }
         }
@@ -283,14 +275,105 @@ pub fn analyze(path: &Path, opts: &AnalyzeOptions) -> Result<Analysis, AnalyzeEr
                 u64::from(p.ts_frac) * 1000
             };
             if frac_ns >= 1_000_000_000 {
-                e.stats.packets += 1;
-                e.stats.malformed += 1;
+                f(Record::BadTimestamp);
                 continue;
             }
-            let ts = Duration::new(u64::from(p.ts_sec), frac_ns as u32);
-            e.packet(link, ts, p.orig_len, &p.data);
+            f(Record::Packet {
+                link,
+                ts: Duration::new(u64::from(p.ts_sec), frac_ns as u32),
+                orig_len: p.orig_len,
+                data: &p.data,
+            });
         }
     }
+    Ok(())
+}
+
+/// The server ports of a capture: where its connection-opening SYNs went
+/// (clients' ports only ever receive SYN-ACKs). Most used first, at most
+/// [`MAX_PORTS`]; with no SYN at all, none.
+pub fn infer_server_ports(path: &Path) -> Result<Vec<(u16, u64)>, AnalyzeError> {
+    let mut syns: BTreeMap<u16, u64> = BTreeMap::new();
+    read_capture(path, &mut |r| {
+        if let Record::Packet { link, data, .. } = r {
+            if let Some(Ok(p)) = parse_link(link, data) {
+                if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                    *syns.entry(p.dst_port).or_default() += 1;
+                }
+            }
+        }
+    })?;
+    let mut v: Vec<(u16, u64)> = syns.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    Ok(v)
+}
+
+/// Analyze a pcap or pcapng file.
+pub fn analyze(path: &Path, opts: &AnalyzeOptions) -> Result<Analysis, AnalyzeError> {
+    let mut opts = opts.clone();
+    let mut inferred = None;
+    if opts.ports.is_empty() {
+        let found = infer_server_ports(path)?;
+        if found.is_empty() {
+            return Err(AnalyzeError::Options(format!(
+                "{}: no connection-opening SYN to tell the server side by: name the server port(s) with --port",
+                path.display()
+            )));
+        }
+        opts.ports = found.iter().take(MAX_PORTS).map(|p| p.0).collect();
+        inferred = Some(found);
+    }
+    let opts = &opts;
+    if opts.ports.len() > MAX_PORTS || opts.ports.contains(&0) {
+        return Err(AnalyzeError::Options(format!(
+            "1 to {MAX_PORTS} non-zero ports, got {:?}",
+            opts.ports
+        )));
+    }
+    let detector =
+        Detector::new(opts.detector.clone()).map_err(|e| AnalyzeError::Options(e.to_string()))?;
+    let mut kcfg = Config::DEFAULT;
+    kcfg.ports = [0; MAX_PORTS];
+    kcfg.ports[..opts.ports.len()].copy_from_slice(&opts.ports);
+    kcfg.port_count = opts.ports.len() as u32;
+    for (i, p) in opts.ports.iter().enumerate() {
+        if opts.plaintext_ports.contains(p) {
+            kcfg.plaintext_mask |= 1 << i;
+        }
+    }
+    kcfg.gap_threshold_ns = opts.gap_threshold.as_nanos() as u64;
+    let mut e = Engine {
+        opts,
+        replay: Replay::new(kcfg),
+        detector,
+        requests: crate::ping::Reader::new(),
+        stats: CaptureStats {
+            server_ports: opts.ports.clone(),
+            inferred_ports: inferred,
+            ..CaptureStats::default()
+        },
+        verdicts: Vec::new(),
+        last_ns: 0,
+        last_tick_ns: 0,
+        start_ns: None,
+    };
+    read_capture(path, &mut |r| match r {
+        Record::Packet {
+            link,
+            ts,
+            orig_len,
+            data,
+        } => e.packet(link, ts, orig_len, data),
+        Record::Untimed => {
+            // No timestamp: a simple packet cannot be placed in time.
+            e.stats.packets += 1;
+            e.stats.not_ours += 1;
+        }
+        Record::BadTimestamp => {
+            e.stats.packets += 1;
+            e.stats.malformed += 1;
+        }
+    })?;
     if e.stats.packets > 0 && e.stats.unsupported_link.values().sum::<u64>() == e.stats.packets {
         let found = e
             .stats
@@ -327,6 +410,16 @@ impl CaptureStats {
             "capture: {} packets over {span}; {} tracked, {} not ours",
             self.packets, self.tracked, self.not_ours
         );
+        if let Some(found) = &self.inferred_ports {
+            let list: Vec<String> = found
+                .iter()
+                .map(|(p, n)| format!("{p} ({n} SYNs)"))
+                .collect();
+            s.push_str(&format!(
+                "; server ports inferred from SYNs: {}",
+                list.join(", ")
+            ));
+        }
         if self.cut_by_snaplen > 0 {
             s.push_str(&format!(
                 ", {} cut by snaplen (headers whole, used)",

@@ -97,7 +97,8 @@ pub struct FlowsArgs {
 pub struct AnalyzeArgs {
     /// The capture file (pcap or pcapng; Ethernet, raw IP, Linux SLL/SLL2, loopback).
     pub file: PathBuf,
-    /// Server port; repeat for several (at most 8). Default 443.
+    /// Server port; repeat for several (at most 8). Default: the ports the
+    /// capture's connection-opening SYNs went to.
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
     /// Server port carrying plaintext HTTP (behind a TLS-terminating load
@@ -138,10 +139,11 @@ impl AnalyzeArgs {
         let mut detector = c.detector.clone();
         detector.min_silence = gap;
         detector.validate()?;
-        let mut ports = if self.ports.is_empty() {
-            c.agent.ports.clone()
-        } else {
-            self.ports.clone()
+        // No port named anywhere: the analysis infers them from SYNs.
+        let mut ports = match (&self.config, self.ports.is_empty()) {
+            (_, false) => self.ports.clone(),
+            (Some(_), true) => c.agent.ports.clone(),
+            (None, true) => Vec::new(),
         };
         let mut plaintext_ports = c.agent.plaintext_ports.clone();
         for &p in &self.plaintext_ports {

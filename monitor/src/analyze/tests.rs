@@ -355,3 +355,40 @@ fn a_plaintext_ping_gives_the_exact_heartbeat_that_inference_cannot() {
     assert_eq!((w.heartbeat_seconds, w.heartbeat_source), (None, None));
     assert_eq!(inferred.report.killing_paths[0].pings_read, 0);
 }
+
+#[test]
+fn without_a_port_the_server_side_is_inferred_from_syns() {
+    let path = tmp("infer.pcap");
+    let mut frames = reset_at_expiry(0.0);
+    frames.extend(plaintext_ping_killed_at_20s());
+    frames.sort_by(|a, b| a.0.total_cmp(&b.0));
+    write_pcap(&path, DataLink::ETHERNET, 65535, &frames, 0, &[]);
+    let a = analyze(
+        &path,
+        &AnalyzeOptions {
+            ports: vec![],
+            ..opts()
+        },
+    )
+    .unwrap();
+    assert_eq!(a.capture.inferred_ports, Some(vec![(443, 1), (8080, 1)]));
+    assert_eq!(a.capture.server_ports, vec![443, 8080]);
+    assert_eq!(a.verdicts.len(), 2, "{:?}", a.verdicts);
+    assert!(a
+        .capture
+        .summary()
+        .contains("inferred from SYNs: 443 (1 SYNs)"));
+    // Mid-stream only (no SYN): a clear error, not a guess.
+    let late: Vec<_> = reset_at_expiry(0.0).into_iter().skip(1).collect();
+    write_pcap(&path, DataLink::ETHERNET, 65535, &late, 0, &[]);
+    let e = analyze(
+        &path,
+        &AnalyzeOptions {
+            ports: vec![],
+            ..opts()
+        },
+    )
+    .unwrap_err();
+    let _ = std::fs::remove_file(&path);
+    assert!(e.to_string().contains("--port"), "{e}");
+}
