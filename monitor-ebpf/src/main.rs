@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_NOEXIST, TC_ACT_OK},
-    helpers::{bpf_ktime_get_boot_ns, bpf_xdp_load_bytes},
+    helpers::{bpf_ktime_get_boot_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::{classifier, map, xdp},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
@@ -81,8 +81,8 @@ fn emit(kind: EventKind, key: &FlowKey, flow: &Flow, pkt: &Packet, dir: Dir, now
     }
 }
 
-/// Copies payload bytes out of a packet (only XDP needs to: samples are of
-/// client segments, which arrive on ingress).
+/// Copies payload bytes out of a packet (for samples of client segments,
+/// which arrive on ingress: XDP, or TC ingress).
 trait Payload: aya_ebpf::EbpfContext {
     /// Copy `len` (1..=SAMPLE_BYTES) bytes at `off` to `dst`; false if the
     /// packet does not hold them.
@@ -99,8 +99,9 @@ impl Payload for XdpContext {
 
 impl Payload for TcContext {
     #[inline(always)]
-    fn copy(&self, _off: u32, _dst: *mut u8, _len: u32) -> bool {
-        false
+    fn copy(&self, off: u32, dst: *mut u8, len: u32) -> bool {
+        // Reads the non-linear part of the skb too.
+        unsafe { bpf_skb_load_bytes(self.skb.skb as *const _, off, dst as *mut _, len) == 0 }
     }
 }
 
@@ -143,23 +144,25 @@ fn parse(start: usize, end: usize, out: &mut Packet) -> Result<(), ParseError> {
 
 /// Shared by both hooks.
 #[inline(always)]
-fn track<C: Payload>(ctx: &C, bytes: &Bytes, dir: Dir) {
-    count(Counter::PacketsSeen);
+/// Returns false when the headers run past `bytes` and `more` says the
+/// packet holds more (an skb's non-linear part): pull, then call again.
+fn track<C: Payload>(ctx: &C, bytes: &Bytes, dir: Dir, more: bool) -> bool {
     // SAFETY: never written after load.
     let cfg = unsafe { &*core::ptr::addr_of!(CONFIG) };
     match glance(bytes, dir == Dir::In) {
-        Glance::NotTcp => return,
-        Glance::LocalPort(p) if !cfg.tracks(p) => return,
+        Glance::NotTcp => return true,
+        Glance::LocalPort(p) if !cfg.tracks(p) => return true,
         _ => {}
     }
     let mut pkt = Packet::default();
     match parse(bytes.start, bytes.end, &mut pkt) {
         Ok(()) => {}
+        Err(ParseError::Truncated) if more => return false,
         Err(e) => {
             if e.is_failure() {
                 count(Counter::ParseFailures);
             }
-            return;
+            return true;
         }
     }
     let local_port = match dir {
@@ -167,7 +170,7 @@ fn track<C: Payload>(ctx: &C, bytes: &Bytes, dir: Dir) {
         Dir::Out => pkt.src_port,
     };
     let Some(port_index) = cfg.port_index(local_port) else {
-        return;
+        return true;
     };
     count(Counter::PacketsTracked);
     let now = unsafe { bpf_ktime_get_boot_ns() };
@@ -183,9 +186,10 @@ fn track<C: Payload>(ctx: &C, bytes: &Bytes, dir: Dir) {
         // XDP and TC may update one flow on two CPUs at once; a lost update
         // skews a counter by a packet, which a monitor can accept.
         known(ctx, unsafe { &mut *flow }, &key, &pkt, &step);
-        return;
+        return true;
     }
     open(ctx, &key, &pkt, dir, now);
+    true
 }
 
 /// What a packet of a known flow needs besides the flow, key and packet
@@ -235,13 +239,19 @@ fn open<C: Payload>(ctx: &C, key: &FlowKey, pkt: &Packet, dir: Dir, now: u64) {
     }
 }
 
-#[xdp]
+/// `frags`: multi-buffer aware. Headers are always in the first buffer
+/// (`data..data_end`, what the parser reads); request samples use
+/// `bpf_xdp_load_bytes`, which reads across buffers. Without it a device must
+/// linearise large frames for us (veth then gives up GRO: a 6x loss).
+#[xdp(frags)]
 pub fn monitor_xdp(ctx: XdpContext) -> u32 {
+    count(Counter::PacketsSeen);
     let bytes = Bytes {
         start: ctx.data(),
         end: ctx.data_end(),
     };
-    track(&ctx, &bytes, Dir::In);
+    // Headers are always in the first buffer: nothing more to pull.
+    track(&ctx, &bytes, Dir::In, false);
     xdp_action::XDP_PASS
 }
 
@@ -249,23 +259,43 @@ pub fn monitor_xdp(ctx: XdpContext) -> u32 {
 /// with extension headers + TCP, capped.
 const TC_PULL_BYTES: u32 = 256;
 
+/// Egress: server to client.
 #[classifier]
 pub fn monitor_tc(ctx: TcContext) -> i32 {
-    // Locally built packets keep headers linear; pull only when they are not.
-    let linear = (ctx.data_end() - ctx.data()) as u32;
-    let want = if ctx.len() < TC_PULL_BYTES {
-        ctx.len()
-    } else {
-        TC_PULL_BYTES
-    };
-    if linear < want {
-        let _ = ctx.pull_data(want);
-    }
+    tc_track(ctx, Dir::Out)
+}
+
+/// Ingress through TC instead of XDP (`ingress = "tc"`): for interfaces where
+/// XDP costs more than it saves (veth and other virtual devices, where an XDP
+/// program makes the device give up GRO).
+#[classifier]
+pub fn monitor_tc_ingress(ctx: TcContext) -> i32 {
+    tc_track(ctx, Dir::In)
+}
+
+#[inline(always)]
+fn tc_track(ctx: TcContext, dir: Dir) -> i32 {
+    count(Counter::PacketsSeen);
+    // An skb's headers are usually linear already (locally built, or after
+    // GRO): parse in place, and pull (a copy) only if they run past it.
     let bytes = Bytes {
         start: ctx.data(),
         end: ctx.data_end(),
     };
-    track(&ctx, &bytes, Dir::Out);
+    let more = ctx.data_end() - ctx.data() < ctx.len() as usize;
+    if !track(&ctx, &bytes, dir, more) {
+        let want = if ctx.len() < TC_PULL_BYTES {
+            ctx.len()
+        } else {
+            TC_PULL_BYTES
+        };
+        let _ = ctx.pull_data(want);
+        let bytes = Bytes {
+            start: ctx.data(),
+            end: ctx.data_end(),
+        };
+        track(&ctx, &bytes, dir, false);
+    }
     TC_ACT_OK
 }
 

@@ -356,10 +356,9 @@ pub async fn run(config: FileConfig) -> anyhow::Result<()> {
     let mut monitor = Monitor::start(&config.agent).context("starting the monitor")?;
     for a in monitor.attachments() {
         log::info!(
-            "attached to {}: XDP ingress ({}), TC egress ({}); ports {:?}",
+            "attached to {}: {}; ports {:?}",
             a.iface,
-            a.xdp_mode,
-            a.tc_mode,
+            crate::loader::Attachment::hooks(a.xdp_mode, a.tc_mode),
             config.agent.ports
         );
     }

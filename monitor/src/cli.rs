@@ -199,6 +199,9 @@ pub struct RunArgs {
     /// Kernel flow table entries (~200 bytes each). Default 262144. [agent] flow_table_size
     #[arg(long, value_name = "N")]
     pub flow_table_size: Option<u32>,
+    /// Ingress hook: xdp, or tc for veth and other virtual devices. Default xdp. [agent] ingress
+    #[arg(long, value_enum)]
+    pub ingress: Option<crate::config::IngressHook>,
     /// XDP attach mode. Default auto. [agent] xdp_mode
     #[arg(long, value_enum)]
     pub xdp_mode: Option<XdpModeSetting>,
@@ -252,6 +255,9 @@ impl RunArgs {
         }
         if let Some(v) = self.flow_table_size {
             c.agent.flow_table_size = v;
+        }
+        if let Some(v) = self.ingress {
+            c.agent.ingress = v;
         }
         if let Some(v) = self.xdp_mode {
             c.agent.xdp_mode = v;

@@ -16,6 +16,19 @@ pub const MAX_FLOW_TABLE_SIZE: u32 = 1 << 24;
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:19443";
 pub const DEFAULT_SOCKET: &str = "/run/activesync-monitor/monitor.sock";
 
+/// Which hook sees client-to-server packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IngressHook {
+    /// XDP: cheapest on physical NICs (runs before the kernel builds an skb).
+    #[default]
+    Xdp,
+    /// TC ingress: for veth and other virtual devices, where an XDP program
+    /// makes the device give up GRO (measured: 0.15 of the throughput, see
+    /// BENCHMARKS.md).
+    Tc,
+}
+
 /// How to attach XDP. Our own enum so the configuration does not leak aya types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -46,6 +59,8 @@ pub struct AgentConfig {
     /// Flow table entries.
     pub flow_table_size: u32,
     pub xdp_mode: XdpModeSetting,
+    /// The ingress hook: XDP (with `xdp_mode`) or TC.
+    pub ingress: IngressHook,
 }
 
 impl Default for AgentConfig {
@@ -57,6 +72,7 @@ impl Default for AgentConfig {
             gap_threshold: Duration::from_secs(5),
             flow_table_size: DEFAULT_FLOW_TABLE_SIZE,
             xdp_mode: XdpModeSetting::Auto,
+            ingress: IngressHook::Xdp,
         }
     }
 }

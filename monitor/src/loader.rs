@@ -13,10 +13,11 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 
-use crate::config::{AgentConfig, XdpModeSetting};
+use crate::config::{AgentConfig, IngressHook, XdpModeSetting};
 
 pub const XDP_PROGRAM: &str = "monitor_xdp";
 pub const TC_PROGRAM: &str = "monitor_tc";
+pub const TC_INGRESS_PROGRAM: &str = "monitor_tc_ingress";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -64,10 +65,21 @@ pub enum LoadError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attachment {
     pub iface: String,
-    /// "native" or "skb".
+    /// "native" or "skb"; "off" with TC ingress.
     pub xdp_mode: &'static str,
     /// "tcx" (kernel >= 6.6) or "clsact".
     pub tc_mode: &'static str,
+}
+
+impl Attachment {
+    /// "XDP ingress (native), TC egress (tcx)" or "TC ingress and egress (tcx)".
+    pub fn hooks(xdp_mode: &str, tc_mode: &str) -> String {
+        if xdp_mode == "off" {
+            format!("TC ingress and egress ({tc_mode})")
+        } else {
+            format!("XDP ingress ({xdp_mode}), TC egress ({tc_mode})")
+        }
+    }
 }
 
 /// Verifier figures for one loaded program.
@@ -92,6 +104,13 @@ fn iface_exists(name: &str) -> bool {
         Ok(c) => (unsafe { libc::if_nametoindex(c.as_ptr()) }) != 0,
         Err(_) => false,
     }
+}
+
+/// veth, bridges, tunnels: devices under /sys/devices/virtual.
+fn is_virtual(iface: &str) -> bool {
+    std::fs::canonicalize(format!("/sys/class/net/{iface}"))
+        .map(|p| p.to_string_lossy().contains("/devices/virtual/"))
+        .unwrap_or(false)
 }
 
 fn verifier_error(program: &'static str, source: ProgramError) -> LoadError {
@@ -119,8 +138,10 @@ pub fn load(cfg: &AgentConfig) -> Result<Ebpf, LoadError> {
         })?;
     let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
     xdp.load().map_err(|e| verifier_error(XDP_PROGRAM, e))?;
-    let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?;
-    tc.load().map_err(|e| verifier_error(TC_PROGRAM, e))?;
+    for name in [TC_PROGRAM, TC_INGRESS_PROGRAM] {
+        let tc: &mut SchedClassifier = program(&mut ebpf, name)?;
+        tc.load().map_err(|e| verifier_error(name, e))?;
+    }
     Ok(ebpf)
 }
 
@@ -134,7 +155,7 @@ where
 }
 
 pub fn program_stats(ebpf: &Ebpf) -> Vec<ProgramStats> {
-    [XDP_PROGRAM, TC_PROGRAM]
+    [XDP_PROGRAM, TC_PROGRAM, TC_INGRESS_PROGRAM]
         .into_iter()
         .map(|name| {
             let info = ebpf.program(name).and_then(|p| p.info().ok());
@@ -166,8 +187,27 @@ pub fn attach(cfg: &AgentConfig) -> Result<Attached, LoadError> {
         clsact_added: Vec::new(),
     };
     for iface in &cfg.interfaces {
-        let xdp_mode = attach_xdp(&mut attached.ebpf, iface, cfg.xdp_mode)?;
-        let tc_mode = attach_tc(&mut attached, iface)?;
+        let tc_mode = attach_tc(&mut attached, iface, TC_PROGRAM, TcAttachType::Egress)?;
+        let xdp_mode = match cfg.ingress {
+            IngressHook::Xdp => {
+                if is_virtual(iface) {
+                    log::warn!(
+                        "{iface} is a virtual device: with an XDP program it gives up GRO \
+                         (measured on veth: 0.15 of the throughput); `ingress = \"tc\"` keeps ~0.98 (BENCHMARKS.md)"
+                    );
+                }
+                attach_xdp(&mut attached.ebpf, iface, cfg.xdp_mode)?
+            }
+            IngressHook::Tc => {
+                attach_tc(
+                    &mut attached,
+                    iface,
+                    TC_INGRESS_PROGRAM,
+                    TcAttachType::Ingress,
+                )?;
+                "off"
+            }
+        };
         attached.attachments.push(Attachment {
             iface: iface.clone(),
             xdp_mode,
@@ -211,12 +251,17 @@ fn attach_xdp(
     }
 }
 
-fn attach_tc(attached: &mut Attached, iface: &str) -> Result<&'static str, LoadError> {
+fn attach_tc(
+    attached: &mut Attached,
+    iface: &str,
+    name: &'static str,
+    hook: TcAttachType,
+) -> Result<&'static str, LoadError> {
     // TCX links (6.6+) need no qdisc and vanish with the process.
     let tcx = KernelVersion::current()
         .map(|v| v >= KernelVersion::new(6, 6, 0))
         .unwrap_or(false);
-    if !tcx {
+    if !tcx && !attached.clsact_added.iter().any(|i| i == iface) {
         match tc::qdisc_add_clsact(iface) {
             Ok(()) => attached.clsact_added.push(iface.to_string()),
             // Already there (someone else's): use it, leave it.
@@ -230,10 +275,10 @@ fn attach_tc(attached: &mut Attached, iface: &str) -> Result<&'static str, LoadE
         }
     }
     let mode = if tcx { "tcx" } else { "clsact" };
-    let prog: &mut SchedClassifier = program(&mut attached.ebpf, TC_PROGRAM)?;
-    prog.attach(iface, TcAttachType::Egress)
+    let prog: &mut SchedClassifier = program(&mut attached.ebpf, name)?;
+    prog.attach(iface, hook)
         .map_err(|source| LoadError::Attach {
-            program: TC_PROGRAM,
+            program: name,
             iface: iface.to_string(),
             mode,
             source: Box::new(source),

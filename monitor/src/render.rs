@@ -14,8 +14,9 @@ pub fn status(s: &Status) -> String {
     for a in &s.attachments {
         let _ = writeln!(
             o,
-            "  {}: XDP ingress ({}), TC egress ({})",
-            a.interface, a.xdp_mode, a.tc_mode
+            "  {}: {}",
+            a.interface,
+            crate::loader::Attachment::hooks(&a.xdp_mode, &a.tc_mode)
         );
     }
     for p in &s.programs {

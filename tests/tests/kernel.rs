@@ -15,6 +15,7 @@ use aya::{
     Ebpf,
 };
 use monitor::{
+    config::IngressHook,
     counters::KernelCounters,
     loader::{self, LoadError},
     monitor::StartError,
@@ -226,7 +227,12 @@ fn flow_table_of_one_mebi_entries_loads() {
 
 /// Start the monitor on the pair's server interface.
 fn start_monitor(pair: &Pair) -> Monitor {
-    let cfg = test_config(&pair.server_if);
+    start_monitor_with(pair, IngressHook::Xdp)
+}
+
+fn start_monitor_with(pair: &Pair, ingress: IngressHook) -> Monitor {
+    let mut cfg = test_config(&pair.server_if);
+    cfg.ingress = ingress;
     pair.server
         .run(move || Monitor::start(&cfg).expect("monitor start"))
 }
@@ -275,9 +281,14 @@ fn set_linger_zero(s: &TcpStream) {
     assert_eq!(r, 0);
 }
 
-fn gap_then_fin(server: &str) {
+fn gap_then_fin(server: &str, ingress: IngressHook) {
     let pair = Pair::new();
-    let mut m = start_monitor(&pair);
+    let mut m = start_monitor_with(&pair, ingress);
+    let hooks = &m.attachments()[0];
+    match ingress {
+        IngressHook::Xdp => assert_ne!(hooks.xdp_mode, "off"),
+        IngressHook::Tc => assert_eq!(hooks.xdp_mode, "off"),
+    }
     let addr = ip(server);
     let srv = serve_once(&pair, addr, 443);
     let local = pair.client.run(move || {
@@ -316,12 +327,18 @@ fn gap_then_fin(server: &str) {
 
 #[test]
 fn tcp_gap_of_3s_then_client_fin_is_reported_ipv4() {
-    gap_then_fin(SERVER_V4);
+    gap_then_fin(SERVER_V4, IngressHook::Xdp);
+}
+
+#[test]
+fn tc_ingress_reports_the_same_gap_and_fin_as_xdp() {
+    gap_then_fin(SERVER_V4, IngressHook::Tc);
+    gap_then_fin(SERVER_V6, IngressHook::Tc);
 }
 
 #[test]
 fn tcp_gap_of_3s_then_client_fin_is_reported_ipv6() {
-    gap_then_fin(SERVER_V6);
+    gap_then_fin(SERVER_V6, IngressHook::Xdp);
 }
 
 fn client_rst(server: &str) {
@@ -627,6 +644,15 @@ fn ping_head(query: &str, body_len: usize) -> String {
 
 #[test]
 fn plaintext_pings_reach_user_space_and_give_their_heartbeats() {
+    plaintext_pings(IngressHook::Xdp);
+}
+
+#[test]
+fn plaintext_pings_are_read_through_tc_ingress_too() {
+    plaintext_pings(IngressHook::Tc);
+}
+
+fn plaintext_pings(ingress: IngressHook) {
     use monitor::{
         event::Record,
         ping::{request::encode_base64_query, Heartbeat, Outcome, Reader},
@@ -635,6 +661,7 @@ fn plaintext_pings_reach_user_space_and_give_their_heartbeats() {
     let mut cfg = test_config(&pair.server_if);
     cfg.ports = vec![443, 8080];
     cfg.plaintext_ports = vec![8080];
+    cfg.ingress = ingress;
     let mut m = pair
         .server
         .run(move || Monitor::start(&cfg).expect("monitor start"));

@@ -89,6 +89,8 @@ fn main() -> Result<()> {
             xtask::setup::setup()?;
             let out = xtask::demo::workspace_root().join("BENCHMARKS.md");
             let out = out.to_string_lossy();
+            // The agent binary the throughput, scale and event benchmarks run.
+            cargo(&["build", "--release", "--bins"])?;
             cargo(&[
                 "run",
                 "--release",

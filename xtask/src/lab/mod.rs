@@ -546,6 +546,11 @@ impl Agent {
         Ok(a)
     }
 
+    /// The agent's process id (`ip netns exec` execs into it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Run a CLI command against this agent and return its stdout.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
         let out = Command::new(&self.bin)

@@ -1,6 +1,12 @@
-//! Per-packet cost of the kernel programs, measured with BPF_PROG_TEST_RUN
-//! against empty reference programs in the same run (ratios, not absolute
-//! times: the machine is noisy).
+//! Benchmarks. Here: the per-packet cost of the kernel programs, measured
+//! with BPF_PROG_TEST_RUN against empty reference programs in the same run
+//! (ratios, not absolute times: the machine is noisy). Throughput, scale and
+//! the event path have modules of their own.
+
+pub mod events;
+pub mod frames;
+pub mod scale;
+pub mod throughput;
 
 use std::{net::IpAddr, time::Duration};
 
