@@ -168,6 +168,20 @@ pub fn fill_event(
     ev._pad = 0;
 }
 
+/// Has this half-open connection become a flow worth following? Both sides
+/// spoke, the server without a reset, and the client acknowledged: after a
+/// SYN, only the client's handshake ACK does it (a spoofed SYN never gets
+/// one); a connection first seen mid-stream needs the server to answer
+/// without a reset (a spoofed ACK gets a reset).
+#[inline(always)]
+pub fn established(flow: &Flow) -> bool {
+    flow.pkts_in > 0
+        && flow.pkts_out > 0
+        && flow.flags_out & TCP_RST == 0
+        && flow.flags_in & TCP_ACK != 0
+        && (flow.state & state::MIDSTREAM != 0 || flow.flags_out & TCP_SYN != 0)
+}
+
 /// Should the first bytes of `pkt`'s payload go to user space? Client payload
 /// on a plaintext port (`plaintext`: [`Config::plaintext`] of the local
 /// port), in the first few segments of a request. Ask before [`update`]
@@ -219,17 +233,65 @@ pub fn on_packet(
     ev
 }
 
-/// A packet for a flow not in the table: the new flow and its `Opened` event,
-/// or `None` when the packet should not create a flow (see [`opens_flow`]).
-pub fn open_flow(key: &FlowKey, pkt: &Packet, dir: Dir, now: u64) -> Option<(Flow, Event)> {
-    if !opens_flow(pkt) {
-        return None;
+/// The two tables a host-side replay keeps, as the kernel keeps two maps:
+/// established flows, and half-open connections (bounded apart, so a SYN
+/// flood cannot push established flows out).
+pub trait FlowTables {
+    fn flow(&mut self, key: &FlowKey) -> Option<&mut Flow>;
+    fn half_open(&mut self, key: &FlowKey) -> Option<&mut Flow>;
+    fn insert_flow(&mut self, key: &FlowKey, flow: Flow);
+    fn insert_half_open(&mut self, key: &FlowKey, flow: Flow);
+    fn remove_half_open(&mut self, key: &FlowKey);
+}
+
+/// What a packet does outside the flow table. `Some(before)`: the
+/// connection is established by this packet; `before` (the connection as
+/// it was) goes into the flow table with an `Opened` event, then the packet
+/// is applied to it as to any known flow. The kernel and [`step`] both
+/// follow this.
+#[inline(always)]
+pub fn half_open_packet(h: &mut Flow, pkt: &Packet, dir: Dir, now: u64) -> Option<Flow> {
+    let before = *h;
+    update(h, pkt, dir, now, None);
+    if established(h) {
+        Some(before)
+    } else {
+        None
     }
-    let mut flow = new_flow(pkt, dir, now);
-    let mut ev = Event::zeroed();
-    fill_event(&mut ev, EventKind::Opened, key, &flow, pkt, dir, now);
-    update(&mut flow, pkt, dir, now, None);
-    Some((flow, ev))
+}
+
+/// One packet through both tables, on a host: at most two events (the
+/// `Opened` of an establishing packet, then that packet's own).
+pub fn step<T: FlowTables>(
+    t: &mut T,
+    key: &FlowKey,
+    pkt: &Packet,
+    dir: Dir,
+    now: u64,
+    gap_threshold_ns: u64,
+) -> [Option<Event>; 2] {
+    if let Some(f) = t.flow(key) {
+        return [on_packet(f, key, pkt, dir, now, gap_threshold_ns), None];
+    }
+    if let Some(h) = t.half_open(key) {
+        let Some(before) = half_open_packet(h, pkt, dir, now) else {
+            return [None, None];
+        };
+        t.remove_half_open(key);
+        let mut opened = Event::zeroed();
+        fill_event(&mut opened, EventKind::Opened, key, &before, pkt, dir, now);
+        t.insert_flow(key, before);
+        let own = t
+            .flow(key)
+            .and_then(|f| on_packet(f, key, pkt, dir, now, gap_threshold_ns));
+        return [Some(opened), own];
+    }
+    if opens_flow(pkt) {
+        let mut flow = new_flow(pkt, dir, now);
+        update(&mut flow, pkt, dir, now, None);
+        t.insert_half_open(key, flow);
+    }
+    [None, None]
 }
 
 /// Fold the packet into the flow's counters and baselines.

@@ -13,6 +13,6 @@ pub mod flow;
 pub mod parse;
 pub mod types;
 
-pub use flow::{on_packet, open_flow};
+pub use flow::{on_packet, step, FlowTables};
 pub use parse::{glance, parse_ethernet, Frame, Glance, Packet, ParseError};
 pub use types::*;

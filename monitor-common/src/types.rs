@@ -7,6 +7,9 @@ use core::mem::size_of;
 pub const MAX_PORTS: usize = 8;
 /// Default number of flows the kernel table holds (overridable at load time).
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 262_144;
+/// Default size of the half-open table: connections whose handshake has not
+/// completed (a SYN flood fills this one, never the flow table).
+pub const DEFAULT_HALF_OPEN_TABLE_SIZE: u32 = 65_536;
 /// Ring buffer size for events, in bytes (a power of two and a page multiple).
 pub const EVENT_RING_BYTES: u32 = 1 << 22;
 /// Payload bytes of a plaintext client segment copied to user space: enough
@@ -131,6 +134,9 @@ pub mod state {
     pub const MIDSTREAM: u8 = 0x08;
     /// A client packet has been seen (the TTL baseline is valid).
     pub const CLIENT_SEEN: u8 = 0x10;
+    /// An event of this flow was lost (ring buffer full): what user space
+    /// knows of it is incomplete.
+    pub const EVENT_LOST: u8 = 0x20;
 }
 
 /// Per-flow state kept in the kernel's LRU table. Times are boot-time ns.
@@ -175,7 +181,8 @@ const _: () = assert!(size_of::<Flow>() == 88);
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
-    /// A flow entered the table.
+    /// A flow was established (handshake completed, or both sides seen) and
+    /// entered the flow table.
     Opened = 1,
     /// A packet ended a silence of at least the gap threshold.
     GapEnded = 2,
@@ -315,11 +322,11 @@ pub enum Counter {
     PacketsTracked = 1,
     /// IP/TCP packets too short or malformed to parse (passed untouched).
     ParseFailures = 2,
-    /// Flow table inserts the kernel refused.
+    /// Flow table inserts the kernel refused (either table).
     FlowInsertFailed = 3,
     /// Events lost because the ring buffer was full.
     EventsDropped = 4,
-    /// Flows entered into the table.
+    /// Flows established and entered into the flow table.
     FlowsCreated = 5,
     /// Events written to the ring buffer.
     EventsSent = 6,
@@ -327,11 +334,13 @@ pub enum Counter {
     SamplesSent = 7,
     /// Plaintext request segments not copied (ring buffer full, copy failed).
     SamplesDropped = 8,
+    /// Connections entered into the half-open table (first packet seen).
+    HalfOpenCreated = 9,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 9;
-    pub const ALL: [Counter; 9] = [
+    pub const COUNT: u32 = 10;
+    pub const ALL: [Counter; 10] = [
         Counter::PacketsSeen,
         Counter::PacketsTracked,
         Counter::ParseFailures,
@@ -341,6 +350,7 @@ impl Counter {
         Counter::EventsSent,
         Counter::SamplesSent,
         Counter::SamplesDropped,
+        Counter::HalfOpenCreated,
     ];
 
     pub fn name(self) -> &'static str {
@@ -354,6 +364,7 @@ impl Counter {
             Counter::EventsSent => "events_sent",
             Counter::SamplesSent => "samples_sent",
             Counter::SamplesDropped => "samples_dropped",
+            Counter::HalfOpenCreated => "half_open_created",
         }
     }
 }

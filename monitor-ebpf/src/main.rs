@@ -13,9 +13,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
-    flow::{classify, fill_event, flow_key, new_flow, opens_flow, update, wants_sample},
-    glance, parse_ethernet, Config, Counter, Dir, Event, EventKind, Flow, FlowKey, Frame, Glance,
-    Packet, ParseError, Sample, DEFAULT_FLOW_TABLE_SIZE, EVENT_RING_BYTES, SAMPLE_BYTES,
+    flow::{
+        classify, fill_event, flow_key, half_open_packet, new_flow, opens_flow, update,
+        wants_sample,
+    },
+    glance, parse_ethernet, state, Config, Counter, Dir, Event, EventKind, Flow, FlowKey, Frame,
+    Glance, Packet, ParseError, Sample, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_HALF_OPEN_TABLE_SIZE,
+    EVENT_RING_BYTES, SAMPLE_BYTES,
 };
 
 /// Written by the agent at load time (ports, gap threshold). `mut` so the
@@ -27,6 +31,12 @@ static mut CONFIG: Config = Config::DEFAULT;
 /// The flow table; the agent sets its size at load time.
 #[map]
 static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+/// Connections whose handshake has not completed, apart from the flow table
+/// so that a SYN flood evicts only its own kind.
+#[map]
+static HALF_OPEN: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(DEFAULT_HALF_OPEN_TABLE_SIZE, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
@@ -60,9 +70,10 @@ fn count(c: Counter) {
     }
 }
 
-/// Write the event for `pkt` straight into a ring buffer slot (no stack copy).
+/// Write the event for `pkt` straight into a ring buffer slot (no stack
+/// copy). False when the ring buffer was full (counted).
 #[inline(always)]
-fn emit(kind: EventKind, key: &FlowKey, flow: &Flow, pkt: &Packet, dir: Dir, now: u64) {
+fn emit(kind: EventKind, key: &FlowKey, flow: &Flow, pkt: &Packet, dir: Dir, now: u64) -> bool {
     match EVENTS.reserve::<Event>(0) {
         Some(mut slot) => {
             fill_event(
@@ -76,8 +87,12 @@ fn emit(kind: EventKind, key: &FlowKey, flow: &Flow, pkt: &Packet, dir: Dir, now
             );
             slot.submit(0);
             count(Counter::EventsSent);
+            true
         }
-        None => count(Counter::EventsDropped),
+        None => {
+            count(Counter::EventsDropped);
+            false
+        }
     }
 }
 
@@ -188,7 +203,19 @@ fn track<C: Payload>(ctx: &C, bytes: &Bytes, dir: Dir, more: bool) -> bool {
         known(ctx, unsafe { &mut *flow }, &key, &pkt, &step);
         return true;
     }
-    open(ctx, &key, &pkt, dir, now);
+    if unknown(ctx, &key, &pkt, dir, now) {
+        if let Some(flow) = FLOWS.get_ptr_mut(&key) {
+            // The establishing packet, applied to the new flow (not sampled:
+            // offline replay decides samples before the move, the same way).
+            let step = Step {
+                now,
+                gap_threshold_ns: cfg.gap_threshold_ns,
+                dir,
+                plaintext: false,
+            };
+            known(ctx, unsafe { &mut *flow }, &key, &pkt, &step);
+        }
+    }
     true
 }
 
@@ -210,33 +237,59 @@ fn known<C: Payload>(ctx: &C, flow: &mut Flow, key: &FlowKey, pkt: &Packet, step
         emit_sample(ctx, key, pkt, now);
     }
     let kind = classify(flow, pkt, dir, now, step.gap_threshold_ns);
-    if let Some(kind) = kind {
-        emit(kind, key, flow, pkt, dir, now);
-    }
+    let lost = match kind {
+        Some(kind) => !emit(kind, key, flow, pkt, dir, now),
+        None => false,
+    };
     update(flow, pkt, dir, now, kind);
+    if lost {
+        // Later events carry the mark: user space calls the flow incomplete.
+        flow.state |= state::EVENT_LOST;
+    }
 }
 
-/// A packet of a flow not in the table: maybe a new flow. Its own function
-/// too, for the same reason.
+/// A packet of a flow not in the flow table. A connection starts in the
+/// half-open table; the packet that establishes it (see
+/// `monitor_common::flow::established`) moves it to the flow table with an
+/// `Opened` event, and true is returned: the caller then applies the packet
+/// to the flow as to any other. Its own function too (stack).
 #[inline(never)]
-fn open<C: Payload>(ctx: &C, key: &FlowKey, pkt: &Packet, dir: Dir, now: u64) {
+fn unknown<C: Payload>(ctx: &C, key: &FlowKey, pkt: &Packet, dir: Dir, now: u64) -> bool {
+    if let Some(h) = HALF_OPEN.get_ptr_mut(key) {
+        let Some(before) = half_open_packet(unsafe { &mut *h }, pkt, dir, now) else {
+            return false;
+        };
+        let _ = HALF_OPEN.remove(key);
+        return match FLOWS.insert(key, &before, BPF_NOEXIST as u64) {
+            Ok(()) => {
+                count(Counter::FlowsCreated);
+                if !emit(EventKind::Opened, key, &before, pkt, dir, now) {
+                    if let Some(f) = FLOWS.get_ptr_mut(key) {
+                        unsafe { (*f).state |= state::EVENT_LOST };
+                    }
+                }
+                true
+            }
+            Err(err) => {
+                count(Counter::FlowInsertFailed);
+                warn!(ctx, "flow table insert failed: {}", err);
+                false
+            }
+        };
+    }
     if !opens_flow(pkt) {
-        return;
+        return false;
     }
     let mut flow = new_flow(pkt, dir, now);
     update(&mut flow, pkt, dir, now, None);
-    match FLOWS.insert(key, &flow, BPF_NOEXIST as u64) {
-        Ok(()) => {
-            count(Counter::FlowsCreated);
-            // The event shows the flow before its first packet, like every event.
-            let before = new_flow(pkt, dir, now);
-            emit(EventKind::Opened, key, &before, pkt, dir, now);
-        }
+    match HALF_OPEN.insert(key, &flow, BPF_NOEXIST as u64) {
+        Ok(()) => count(Counter::HalfOpenCreated),
         Err(err) => {
             count(Counter::FlowInsertFailed);
-            warn!(ctx, "flow table insert failed: {}", err);
+            warn!(ctx, "half-open table insert failed: {}", err);
         }
     }
+    false
 }
 
 /// `frags`: multi-buffer aware. Headers are always in the first buffer

@@ -2,7 +2,6 @@
 //! and the query socket, until SIGINT/SIGTERM; then detach.
 
 use std::{
-    collections::HashSet,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
@@ -10,7 +9,7 @@ use std::{
 };
 
 use anyhow::Context;
-use monitor_common::{state, Counter, FlowKey};
+use monitor_common::{state, Counter};
 use tokio::{
     io::{unix::AsyncFd, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest},
     net::{UnixListener, UnixStream},
@@ -25,8 +24,8 @@ use crate::{
     detector::{Detector, Output},
     event::{client_of, server_of, Record},
     exporter,
-    metrics::Metrics,
-    monitor::Monitor,
+    metrics::{Metrics, TableStats},
+    monitor::{Monitor, Scan},
     ping,
     query::{self, Request, Response},
 };
@@ -44,6 +43,7 @@ pub struct Shared {
     pub requests: ping::Reader,
     pub metrics: Metrics,
     pub table_entries: u64,
+    pub half_open_entries: u64,
     pub decode_errors: u64,
     pub started: Instant,
     pub config: FileConfig,
@@ -65,6 +65,11 @@ impl Shared {
             match &o {
                 Output::Verdict(v) => {
                     log::debug!("verdict: {v}");
+                    // Rendering costs more than the detector's own work: only
+                    // for someone following.
+                    if followers.receiver_count() == 0 {
+                        continue;
+                    }
                     let payload = EventPayload {
                         text: v.to_string(),
                         verdict: serde_json::to_value(v).unwrap_or_default(),
@@ -111,19 +116,14 @@ impl Shared {
         }
     }
 
-    /// Walk the kernel table: count it, and retire flows that left it.
-    fn sweep(&mut self, followers: &broadcast::Sender<String>) {
-        let keys: HashSet<FlowKey> = match self.monitor.flows() {
-            Ok(m) => m.keys().filter_map(Result::ok).collect(),
-            Err(e) => {
-                log::warn!("sweeping the flow table: {e}");
-                return;
-            }
-        };
-        self.table_entries = keys.len() as u64;
+    /// Apply a scan of the kernel tables: count them, and retire flows that
+    /// left the flow table.
+    fn apply_scan(&mut self, scan: &Scan, followers: &broadcast::Sender<String>) {
+        self.table_entries = scan.flow_keys.len() as u64;
+        self.half_open_entries = scan.half_open_entries;
         let out = self
             .detector
-            .retire_missing(clock::boot_ns(), |k| keys.contains(k));
+            .retire_missing(clock::boot_ns(), |k| scan.flow_keys.contains(k));
         self.absorb(out, followers);
     }
 
@@ -159,6 +159,11 @@ impl Shared {
             flow_table_capacity: capacity,
             flow_table_fill_ratio: self.table_entries as f64 / capacity.max(1) as f64,
             flow_table_memory_bytes: self.monitor.flow_table_memory_bytes(),
+            flow_table_evictions: self.tables(&counters).evictions,
+            half_open_entries: self.half_open_entries,
+            half_open_capacity: u64::from(self.monitor.half_open_table_size()),
+            half_open_memory_bytes: self.monitor.half_open_memory_bytes(),
+            half_open_evictions: self.tables(&counters).half_open_evictions,
             kernel_counters: Counter::ALL
                 .iter()
                 .map(|c| (c.name().to_string(), counters.get(*c)))
@@ -214,13 +219,29 @@ impl Shared {
         Ok(rows)
     }
 
+    /// Both tables as of the last sweep. Entries leave the flow table only
+    /// by eviction, and the half-open table by eviction or by being
+    /// established, so the counters give the evictions.
+    fn tables(&self, k: &crate::counters::KernelCounters) -> TableStats {
+        let created = k.get(Counter::FlowsCreated);
+        TableStats {
+            entries: self.table_entries,
+            capacity: u64::from(self.monitor.flow_table_size()),
+            memory_bytes: self.monitor.flow_table_memory_bytes().unwrap_or(0),
+            evictions: created.saturating_sub(self.table_entries),
+            half_open_entries: self.half_open_entries,
+            half_open_capacity: u64::from(self.monitor.half_open_table_size()),
+            half_open_memory_bytes: self.monitor.half_open_memory_bytes().unwrap_or(0),
+            half_open_evictions: k
+                .get(Counter::HalfOpenCreated)
+                .saturating_sub(created)
+                .saturating_sub(self.half_open_entries),
+        }
+    }
+
     pub fn metrics_text(&mut self) -> Result<String, prometheus::Error> {
         let kernel = self.monitor.counters().ok();
-        let table = Some((
-            self.table_entries,
-            u64::from(self.monitor.flow_table_size()),
-            self.monitor.flow_table_memory_bytes().unwrap_or(0),
-        ));
+        let table = kernel.as_ref().map(|k| self.tables(k));
         let decode = self.decode_errors;
         let now = clock::boot_ns();
         let Shared {
@@ -400,12 +421,21 @@ pub async fn run(config: FileConfig) -> anyhow::Result<()> {
     } else {
         None
     };
+    let scanner = match monitor.table_scanner() {
+        Ok(s) => Some(Arc::new(s)),
+        Err(e) => {
+            log::warn!("no table scanner (flow table counts and vanished flows off): {e}");
+            None
+        }
+    };
+    let scanning = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let state: State = Arc::new(Mutex::new(Shared {
         monitor,
         detector,
         requests: ping::Reader::new(),
         metrics,
         table_entries: 0,
+        half_open_entries: 0,
         decode_errors: 0,
         started: Instant::now(),
         config: config.clone(),
@@ -459,7 +489,24 @@ pub async fn run(config: FileConfig) -> anyhow::Result<()> {
                 s.requests.expire(now);
                 s.absorb(out, &followers);
             }
-            _ = sweep.tick() => lock(&state).sweep(&followers),
+            _ = sweep.tick() => {
+                // Scan on a blocking thread; the loop keeps draining events.
+                use std::sync::atomic::Ordering;
+                let idle = !scanning.swap(true, Ordering::AcqRel);
+                if let (Some(sc), true) = (scanner.clone(), idle) {
+                    let (state, followers, scanning) =
+                        (state.clone(), followers.clone(), scanning.clone());
+                    tokio::spawn(async move {
+                        match tokio::task::spawn_blocking(move || sc.scan()).await {
+                            Ok(scan) => lock(&state).apply_scan(&scan, &followers),
+                            Err(e) => log::warn!("scanning the kernel tables: {e}"),
+                        }
+                        scanning.store(false, Ordering::Release);
+                    });
+                } else if !idle {
+                    log::debug!("the previous table scan is still running");
+                }
+            }
         }
     }
     query_task.abort();

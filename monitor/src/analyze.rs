@@ -194,7 +194,7 @@ impl Engine<'_> {
         if let Some(s) = sample {
             self.requests.feed(&s, &mut self.detector);
         }
-        if let Some(ev) = ev {
+        for ev in ev {
             let out = self.detector.ingest(&ev);
             self.absorb(out);
         }

@@ -33,6 +33,14 @@ pub struct Status {
     pub flow_table_fill_ratio: f64,
     /// Kernel memory of the flow table (bytes), as the kernel accounts it.
     pub flow_table_memory_bytes: Option<u64>,
+    /// Flows pushed out of the full table (created minus present), at the last sweep.
+    pub flow_table_evictions: u64,
+    /// Connections whose handshake has not completed (a SYN flood lands here).
+    pub half_open_entries: u64,
+    pub half_open_capacity: u64,
+    pub half_open_memory_bytes: Option<u64>,
+    /// Half-open entries pushed out, never established, at the last sweep.
+    pub half_open_evictions: u64,
     pub kernel_counters: BTreeMap<String, u64>,
     pub events_dropped: u64,
     pub event_decode_errors: u64,

@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use monitor_common::{Config, DEFAULT_FLOW_TABLE_SIZE, MAX_PORTS};
+use monitor_common::{Config, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_HALF_OPEN_TABLE_SIZE, MAX_PORTS};
 use serde::{Deserialize, Serialize};
 
 use crate::detector::{config::secs, DetectorConfig, DetectorConfigError};
@@ -56,8 +56,11 @@ pub struct AgentConfig {
     /// Silence after which the next packet is reported as ending an idle gap.
     #[serde(with = "secs", rename = "gap_threshold_seconds")]
     pub gap_threshold: Duration,
-    /// Flow table entries.
+    /// Flow table entries (established connections).
     pub flow_table_size: u32,
+    /// Half-open table entries (connections whose handshake is not complete:
+    /// what a SYN flood fills, apart from the flow table).
+    pub half_open_table_size: u32,
     pub xdp_mode: XdpModeSetting,
     /// The ingress hook: XDP (with `xdp_mode`) or TC.
     pub ingress: IngressHook,
@@ -71,6 +74,7 @@ impl Default for AgentConfig {
             plaintext_ports: Vec::new(),
             gap_threshold: Duration::from_secs(5),
             flow_table_size: DEFAULT_FLOW_TABLE_SIZE,
+            half_open_table_size: DEFAULT_HALF_OPEN_TABLE_SIZE,
             xdp_mode: XdpModeSetting::Auto,
             ingress: IngressHook::Xdp,
         }
@@ -148,6 +152,8 @@ pub enum ConfigError {
     GapThreshold { got: Duration },
     #[error("agent.flow_table_size: must be between 1 and {max}, got {got}")]
     FlowTableSize { got: u32, max: u32 },
+    #[error("agent.half_open_table_size: must be between 1 and {max}, got {got}")]
+    HalfOpenTableSize { got: u32, max: u32 },
     #[error("metrics.top_paths: must be between 1 and 1000, got {0}")]
     TopPaths(usize),
     #[error("detector.{0}")]
@@ -204,6 +210,12 @@ impl AgentConfig {
         if self.flow_table_size == 0 || self.flow_table_size > MAX_FLOW_TABLE_SIZE {
             return Err(ConfigError::FlowTableSize {
                 got: self.flow_table_size,
+                max: MAX_FLOW_TABLE_SIZE,
+            });
+        }
+        if self.half_open_table_size == 0 || self.half_open_table_size > MAX_FLOW_TABLE_SIZE {
+            return Err(ConfigError::HalfOpenTableSize {
+                got: self.half_open_table_size,
                 max: MAX_FLOW_TABLE_SIZE,
             });
         }

@@ -132,6 +132,7 @@ pub fn load(cfg: &AgentConfig) -> Result<Ebpf, LoadError> {
     let mut ebpf = EbpfLoader::new()
         .override_global("CONFIG", &kcfg, true)
         .map_max_entries("FLOWS", cfg.flow_table_size)
+        .map_max_entries("HALF_OPEN", cfg.half_open_table_size)
         .load(crate::EBPF_OBJECT)
         .map_err(|source| LoadError::Object {
             source: Box::new(source),

@@ -79,6 +79,7 @@ pub struct Metrics {
     flows_open: IntGauge,
     flows_ended: IntCounterVec,
     premature: IntCounterVec,
+    incomplete: IntCounter,
     path_premature: IntCounterVec,
     client_premature: Option<IntCounterVec>,
     churn: IntCounterVec,
@@ -97,9 +98,29 @@ pub struct Metrics {
     table_capacity: IntGauge,
     table_fill: Gauge,
     table_memory: IntGauge,
+    table_evictions: IntCounter,
+    half_open_entries: IntGauge,
+    half_open_capacity: IntGauge,
+    half_open_memory: IntGauge,
+    half_open_evictions: IntCounter,
+    /// Last eviction totals seen (the counters move by the difference).
+    evictions_last: (u64, u64),
     decode_errors: IntGauge,
     paths_evicted: IntGauge,
     flows_untracked: IntGauge,
+}
+
+/// Both kernel tables, as of the agent's last sweep.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableStats {
+    pub entries: u64,
+    pub capacity: u64,
+    pub memory_bytes: u64,
+    pub evictions: u64,
+    pub half_open_entries: u64,
+    pub half_open_capacity: u64,
+    pub half_open_memory_bytes: u64,
+    pub half_open_evictions: u64,
 }
 
 fn family(ip: IpAddr) -> &'static str {
@@ -165,7 +186,7 @@ impl Metrics {
             ),
             Counter::FlowsCreated => (
                 "kernel_flows_created_total",
-                "Flows entered into the kernel table.",
+                "Flows established (handshake completed) and entered into the kernel flow table.",
             ),
             Counter::EventsSent => (
                 "kernel_events_total",
@@ -178,6 +199,10 @@ impl Metrics {
             Counter::SamplesDropped => (
                 "kernel_request_samples_dropped_total",
                 "Plaintext request samples lost (ring buffer full or copy failed).",
+            ),
+            Counter::HalfOpenCreated => (
+                "kernel_half_open_created_total",
+                "Connections entered into the half-open table (handshake not yet complete).",
             ),
         };
         let mut kernel = Vec::new();
@@ -199,6 +224,7 @@ impl Metrics {
         Ok(Metrics {
             flows_open: reg!(r, IntGauge::new(name("flows_open"), "Flows followed now (opened and not yet ended).")?),
             flows_ended: reg!(r, IntCounterVec::new(Opts::new(name("flows_ended_total"), "Flows ended, by how they ended."), &["ending", "family"])?),
+            incomplete: reg!(r, IntCounter::new(name("flows_incomplete_total"), "Flows that ended with events lost in the kernel (ring buffer full); kept out of estimates.")?),
             premature: reg!(r, IntCounterVec::new(Opts::new(name("premature_kills_total"), "Flows killed by a middlebox before the heartbeat in force."), &["ending"])?),
             path_premature: reg!(r, IntCounterVec::new(Opts::new(name("path_premature_kills_total"), "Premature kills per path (client prefix and port; top paths, the rest \"other\")."), &["path"])?),
             client_premature,
@@ -218,12 +244,18 @@ impl Metrics {
             table_capacity: reg!(r, IntGauge::new(name("flow_table_capacity"), "Size of the kernel flow table.")?),
             table_fill: reg!(r, Gauge::new(name("flow_table_fill_ratio"), "Kernel flow table entries over its size, at the last sweep.")?),
             table_memory: reg!(r, IntGauge::new(name("flow_table_memory_bytes"), "Kernel memory of the flow table, as the kernel accounts it.")?),
+            table_evictions: reg!(r, IntCounter::new(name("flow_table_evictions_total"), "Flows pushed out of the full flow table since the agent started (created minus present, at the last sweep).")?),
+            half_open_entries: reg!(r, IntGauge::new(name("half_open_table_entries"), "Connections whose handshake has not completed, at the last sweep (a SYN flood lands here, not in the flow table).")?),
+            half_open_capacity: reg!(r, IntGauge::new(name("half_open_table_capacity"), "Size of the kernel half-open table.")?),
+            half_open_memory: reg!(r, IntGauge::new(name("half_open_table_memory_bytes"), "Kernel memory of the half-open table, as the kernel accounts it.")?),
+            half_open_evictions: reg!(r, IntCounter::new(name("half_open_table_evictions_total"), "Half-open connections pushed out without being established, since the agent started (at the last sweep).")?),
             decode_errors: reg!(r, IntGauge::new(name("event_decode_errors"), "Ring buffer records that did not decode.")?),
             paths_evicted: reg!(r, IntGauge::new(name("detector_paths_evicted"), "Paths the detector forgot to stay within its bound.")?),
             flows_untracked: reg!(r, IntGauge::new(name("detector_flows_untracked"), "Flows the detector could not follow (its flow bound was reached).")?),
             paths: Labeller::new(top_paths),
             clients: client_addresses.then(|| Labeller::new(top_paths)),
             kernel_last: KernelCounters::default(),
+            evictions_last: (0, 0),
             registry: r,
         })
     }
@@ -240,6 +272,9 @@ impl Metrics {
         self.flows_ended
             .with_label_values(&[v.ending.label(), family(v.client.ip())])
             .inc();
+        if v.incomplete {
+            self.incomplete.inc();
+        }
         if v.ending.is_kill() {
             self.kill_silence
                 .with_label_values(&[v.ending.label()])
@@ -302,7 +337,7 @@ impl Metrics {
         &mut self,
         det: &Detector,
         kernel: Option<&KernelCounters>,
-        table: Option<(u64, u64, u64)>,
+        table: Option<TableStats>,
         decode_errors: u64,
         now_ns: u64,
     ) -> Result<String, prometheus::Error> {
@@ -345,15 +380,23 @@ impl Metrics {
             }
             self.kernel_last = *k;
         }
-        if let Some((entries, capacity, memory)) = table {
-            self.table_memory.set(memory as i64);
-            self.table_entries.set(entries as i64);
-            self.table_capacity.set(capacity as i64);
-            self.table_fill.set(if capacity == 0 {
-                0.0
-            } else {
-                entries as f64 / capacity as f64
-            });
+        if let Some(t) = table {
+            self.table_memory.set(t.memory_bytes as i64);
+            self.table_entries.set(t.entries as i64);
+            self.table_capacity.set(t.capacity as i64);
+            self.table_fill
+                .set(t.entries as f64 / t.capacity.max(1) as f64);
+            self.table_evictions
+                .inc_by(t.evictions.saturating_sub(self.evictions_last.0));
+            self.half_open_entries.set(t.half_open_entries as i64);
+            self.half_open_capacity.set(t.half_open_capacity as i64);
+            self.half_open_memory.set(t.half_open_memory_bytes as i64);
+            self.half_open_evictions
+                .inc_by(t.half_open_evictions.saturating_sub(self.evictions_last.1));
+            self.evictions_last = (
+                t.evictions.max(self.evictions_last.0),
+                t.half_open_evictions.max(self.evictions_last.1),
+            );
         }
         self.decode_errors.set(decode_errors as i64);
         self.paths_evicted.set(det.stats.paths_evicted as i64);
@@ -369,6 +412,7 @@ impl Metrics {
         let paths = top_paths + 1;
         1 // build info
             + 1 // flows_open
+            + 1 // flows_incomplete
             + Ending::COUNT * 2 // flows_ended by ending x family
             + Ending::KILLS.len() // premature by ending
             + paths * 4 // path premature, churn, estimate, recommended
@@ -378,7 +422,7 @@ impl Metrics {
             + buckets // ping heartbeat histogram
             + 4 // window
             + Counter::COUNT as usize
-            + 4 // table
+            + 9 // both tables
             + 3 // decode errors, paths evicted, flows untracked
             + if client_addresses { paths } else { 0 }
     }

@@ -61,6 +61,29 @@ impl AsRawFd for EventReader {
     }
 }
 
+/// Own handles on the two tables, for scanning them on another thread while
+/// the event loop keeps draining the ring buffer (a scan of a million
+/// entries takes about a second of syscalls).
+pub struct TableScanner {
+    flows: BpfHashMap<MapData, FlowKey, Flow>,
+    half_open: BpfHashMap<MapData, FlowKey, Flow>,
+}
+
+/// What one scan found.
+pub struct Scan {
+    pub flow_keys: std::collections::HashSet<FlowKey>,
+    pub half_open_entries: u64,
+}
+
+impl TableScanner {
+    pub fn scan(&self) -> Scan {
+        Scan {
+            flow_keys: self.flows.keys().filter_map(Result::ok).collect(),
+            half_open_entries: self.half_open.keys().filter_map(Result::ok).count() as u64,
+        }
+    }
+}
+
 pub struct Monitor {
     attached: Attached,
     events: Option<EventReader>,
@@ -153,11 +176,24 @@ impl Monitor {
         self.config.flow_table_size
     }
 
+    pub fn half_open_table_size(&self) -> u32 {
+        self.config.half_open_table_size
+    }
+
     /// Kernel memory of the flow table, as the kernel accounts it (the
     /// `memlock` line of the map's fdinfo).
     pub fn flow_table_memory_bytes(&self) -> Option<u64> {
+        self.map_memory_bytes("FLOWS")
+    }
+
+    /// Kernel memory of the half-open table.
+    pub fn half_open_memory_bytes(&self) -> Option<u64> {
+        self.map_memory_bytes("HALF_OPEN")
+    }
+
+    fn map_memory_bytes(&self, name: &str) -> Option<u64> {
         use std::os::fd::{AsFd, AsRawFd};
-        let fd = match self.attached.ebpf.map("FLOWS")? {
+        let fd = match self.attached.ebpf.map(name)? {
             aya::maps::Map::LruHashMap(data) => data.fd().as_fd().as_raw_fd(),
             _ => return None,
         };
@@ -169,15 +205,50 @@ impl Monitor {
 
     /// The live flow table (read-only view).
     pub fn flows(&self) -> Result<BpfHashMap<&MapData, FlowKey, Flow>, LoadError> {
+        self.table("FLOWS")
+    }
+
+    /// Handles on both tables that can move to another thread.
+    pub fn table_scanner(&self) -> Result<TableScanner, LoadError> {
+        let own = |name: &'static str| -> Result<BpfHashMap<MapData, FlowKey, Flow>, LoadError> {
+            use std::os::fd::AsFd;
+            let fd = match self.attached.ebpf.map(name) {
+                Some(aya::maps::Map::LruHashMap(data)) => data
+                    .fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| LoadError::MapType {
+                        map: name,
+                        source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                            call: "dup",
+                            io_error: e,
+                        }),
+                    })?,
+                _ => return Err(LoadError::MissingMap { map: name }),
+            };
+            let data =
+                MapData::from_fd(fd).map_err(|source| LoadError::MapType { map: name, source })?;
+            BpfHashMap::try_from(aya::maps::Map::LruHashMap(data))
+                .map_err(|source| LoadError::MapType { map: name, source })
+        };
+        Ok(TableScanner {
+            flows: own("FLOWS")?,
+            half_open: own("HALF_OPEN")?,
+        })
+    }
+
+    /// The live half-open table (read-only view).
+    pub fn half_open(&self) -> Result<BpfHashMap<&MapData, FlowKey, Flow>, LoadError> {
+        self.table("HALF_OPEN")
+    }
+
+    fn table(&self, name: &'static str) -> Result<BpfHashMap<&MapData, FlowKey, Flow>, LoadError> {
         let map = self
             .attached
             .ebpf
-            .map("FLOWS")
-            .ok_or(LoadError::MissingMap { map: "FLOWS" })?;
-        BpfHashMap::try_from(map).map_err(|source| LoadError::MapType {
-            map: "FLOWS",
-            source,
-        })
+            .map(name)
+            .ok_or(LoadError::MissingMap { map: name })?;
+        BpfHashMap::try_from(map).map_err(|source| LoadError::MapType { map: name, source })
     }
 }
 

@@ -1,26 +1,62 @@
 //! The kernel's per-packet logic, run in user space on timestamped packets:
-//! the same state machine (`monitor-common`), a plain `HashMap` for the flow
-//! table. Offline analysis and the detector's tests drive it.
+//! the same state machine and table choreography (`monitor-common`), plain
+//! maps for the flow and half-open tables. Offline analysis and the
+//! detector's tests drive it.
 
 use std::collections::HashMap;
 
 use monitor_common::{
-    flow::{flow_key, open_flow, wants_sample},
-    on_packet, Config, Dir, Flow, FlowKey, Packet, SAMPLE_BYTES,
+    flow::{flow_key, wants_sample},
+    step, Config, Dir, Flow, FlowKey, FlowTables, Packet, DEFAULT_HALF_OPEN_TABLE_SIZE,
+    SAMPLE_BYTES,
 };
 
 use crate::event::{FlowEvent, PayloadSample};
 
+/// The two tables, as plain maps. The half-open one is bounded like the
+/// kernel's (a flood in a capture must not exhaust memory); when full, an
+/// arbitrary entry makes room, as the kernel's LRU would evict one.
+#[derive(Default)]
+struct Tables {
+    flows: HashMap<FlowKey, Flow>,
+    half_open: HashMap<FlowKey, Flow>,
+    half_open_evicted: u64,
+}
+
+impl FlowTables for Tables {
+    fn flow(&mut self, key: &FlowKey) -> Option<&mut Flow> {
+        self.flows.get_mut(key)
+    }
+    fn half_open(&mut self, key: &FlowKey) -> Option<&mut Flow> {
+        self.half_open.get_mut(key)
+    }
+    fn insert_flow(&mut self, key: &FlowKey, flow: Flow) {
+        self.flows.insert(*key, flow);
+    }
+    fn insert_half_open(&mut self, key: &FlowKey, flow: Flow) {
+        if self.half_open.len() >= DEFAULT_HALF_OPEN_TABLE_SIZE as usize {
+            if let Some(k) = self.half_open.keys().next().copied() {
+                self.half_open.remove(&k);
+                self.half_open_evicted += 1;
+            }
+        }
+        self.half_open.insert(*key, flow);
+    }
+    fn remove_half_open(&mut self, key: &FlowKey) {
+        self.half_open.remove(key);
+    }
+}
+
 pub struct Replay {
     cfg: Config,
-    flows: HashMap<FlowKey, Flow>,
+    tables: Tables,
 }
 
 impl Replay {
     pub fn new(cfg: Config) -> Self {
         Replay {
             cfg,
-            flows: HashMap::new(),
+            tables: Tables::default(),
         }
     }
 
@@ -35,8 +71,9 @@ impl Replay {
         }
     }
 
-    /// Apply one packet seen at `ts_ns` going `dir`; the event it causes, if any.
-    pub fn packet(&mut self, pkt: &Packet, dir: Dir, ts_ns: u64) -> Option<FlowEvent> {
+    /// Apply one packet seen at `ts_ns` going `dir`; the events it causes
+    /// (an establishing packet gives `Opened`, then possibly its own).
+    pub fn packet(&mut self, pkt: &Packet, dir: Dir, ts_ns: u64) -> Vec<FlowEvent> {
         self.packet_with_payload(pkt, dir, ts_ns, &[]).0
     }
 
@@ -49,9 +86,11 @@ impl Replay {
         dir: Dir,
         ts_ns: u64,
         frame: &[u8],
-    ) -> (Option<FlowEvent>, Option<PayloadSample>) {
+    ) -> (Vec<FlowEvent>, Option<PayloadSample>) {
         let key = flow_key(pkt, dir);
+        // Only flows already in the flow table are sampled (as in the kernel).
         let sample = self
+            .tables
             .flows
             .get(&key)
             .filter(|f| wants_sample(self.cfg.plaintext(pkt.dst_port), f, pkt, dir))
@@ -66,23 +105,33 @@ impl Replay {
                     data: frame[start..end].to_vec(),
                 }
             });
-        (self.event(key, pkt, dir, ts_ns), sample)
-    }
-
-    fn event(&mut self, key: FlowKey, pkt: &Packet, dir: Dir, ts_ns: u64) -> Option<FlowEvent> {
-        let raw = match self.flows.get_mut(&key) {
-            Some(flow) => on_packet(flow, &key, pkt, dir, ts_ns, self.cfg.gap_threshold_ns)?,
-            None => {
-                let (flow, ev) = open_flow(&key, pkt, dir, ts_ns)?;
-                self.flows.insert(key, flow);
-                ev
-            }
-        };
+        let events = step(
+            &mut self.tables,
+            &key,
+            pkt,
+            dir,
+            ts_ns,
+            self.cfg.gap_threshold_ns,
+        )
+        .into_iter()
+        .flatten()
         // The state machine only emits valid kinds and directions.
-        FlowEvent::from_event(raw).ok()
+        .filter_map(|raw| FlowEvent::from_event(raw).ok())
+        .collect();
+        (events, sample)
     }
 
     pub fn flows(&self) -> &HashMap<FlowKey, Flow> {
-        &self.flows
+        &self.tables.flows
+    }
+
+    /// Connections whose handshake has not completed.
+    pub fn half_open(&self) -> usize {
+        self.tables.half_open.len()
+    }
+
+    /// Half-open entries dropped to stay within the bound.
+    pub fn half_open_evicted(&self) -> u64 {
+        self.tables.half_open_evicted
     }
 }

@@ -116,7 +116,10 @@ fn cli_answers_match_the_traffic_field_by_field() {
     assert!(["native", "skb"].contains(&status["attachments"][0]["xdp_mode"].as_str().unwrap()));
     assert_eq!(status["kernel_counters"]["flows_created"], 2);
     assert_eq!(status["events_dropped"], 0);
-    assert_eq!(status["programs"].as_array().unwrap().len(), 2);
+    // XDP, TC egress, and TC ingress (loaded, attached only with ingress = "tc").
+    assert_eq!(status["programs"].as_array().unwrap().len(), 3);
+    assert_eq!(status["kernel_counters"]["half_open_created"], 2);
+    assert_eq!(status["half_open_capacity"], 65536);
 
     let flows = json(&agent, &["flows", "--json"]);
     let row = flows

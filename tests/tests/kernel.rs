@@ -23,7 +23,7 @@ use monitor::{
 };
 use monitor_common::{
     craft::{header_boundaries, Tcp},
-    Counter, Dir, EventKind, Flow, FlowKey, TCP_ACK, TCP_PSH,
+    Counter, Dir, EventKind, Flow, FlowKey, TCP_ACK, TCP_PSH, TCP_SYN,
 };
 use monitor_tests::*;
 
@@ -185,18 +185,39 @@ fn tc_passes_every_crafted_frame_and_counts_it_right() {
     crafted_frames_pass_and_move_the_right_counter(Dir::Out, TC_ACT_OK);
 }
 
+/// SYN (XDP), SYN-ACK (TC), ACK (XDP) through test-run, from `client:port`.
+fn handshake(ebpf: &mut Ebpf, client: IpAddr, port: u16) {
+    let mut syn = Tcp::syn(client, ip(SERVER_V4));
+    syn.sport = port;
+    let mut synack = Tcp::syn(ip(SERVER_V4), client).flags(TCP_SYN | TCP_ACK);
+    synack.sport = 443;
+    synack.dport = port;
+    let ack = syn.clone().flags(TCP_ACK);
+    assert_eq!(run(ebpf, Dir::In, &syn.frame()), XDP_PASS);
+    assert_eq!(run(ebpf, Dir::Out, &synack.frame()), TC_ACT_OK);
+    assert_eq!(run(ebpf, Dir::In, &ack.frame()), XDP_PASS);
+}
+
+fn table(ebpf: &Ebpf, name: &str) -> Vec<(FlowKey, Flow)> {
+    let m: BpfHashMap<_, FlowKey, Flow> = BpfHashMap::try_from(ebpf.map(name).unwrap()).unwrap();
+    m.iter().collect::<Result<_, _>>().unwrap()
+}
+
 #[test]
-fn syn_through_xdp_creates_a_flow_and_an_opened_event() {
+fn a_handshake_moves_a_connection_from_half_open_to_a_flow_with_an_opened_event() {
     let mut ebpf = load_unattached();
     let frame = Tcp::syn(ip(CLIENT_V4), ip(SERVER_V4)).frame();
     assert_eq!(run(&mut ebpf, Dir::In, &frame), XDP_PASS);
-    let flows: BpfHashMap<_, FlowKey, Flow> =
-        BpfHashMap::try_from(ebpf.map("FLOWS").unwrap()).unwrap();
-    let entries: Vec<_> = flows.iter().collect::<Result<_, _>>().unwrap();
-    assert_eq!(entries.len(), 1);
-    assert_eq!(entries[0].0.server_port, 443);
-    assert_eq!(entries[0].0.client_port, 40000);
-    assert_eq!(entries[0].1.pkts_in, 1);
+    assert_eq!(table(&ebpf, "FLOWS").len(), 0, "a SYN alone is half-open");
+    assert_eq!(table(&ebpf, "HALF_OPEN").len(), 1);
+    handshake(&mut ebpf, ip(CLIENT_V4), 40000);
+    let flows = table(&ebpf, "FLOWS");
+    assert_eq!(flows.len(), 1);
+    assert_eq!(table(&ebpf, "HALF_OPEN").len(), 0, "moved, not copied");
+    assert_eq!(flows[0].0.server_port, 443);
+    assert_eq!(flows[0].0.client_port, 40000);
+    // Two SYNs (the first and the helper's retransmission), then the ACK.
+    assert_eq!((flows[0].1.pkts_in, flows[0].1.pkts_out), (3, 1));
     let mut ring = RingBuf::try_from(ebpf.take_map("EVENTS").unwrap()).unwrap();
     let item = ring.next().expect("an event");
     let ev = FlowEvent::decode(&item).unwrap();
@@ -205,7 +226,47 @@ fn syn_through_xdp_creates_a_flow_and_an_opened_event() {
         ev.client(),
         "192.0.2.2:40000".parse::<SocketAddr>().unwrap()
     );
-    assert_eq!(counters(&ebpf).get(Counter::FlowsCreated), 1);
+    let c = counters(&ebpf);
+    assert_eq!(c.get(Counter::FlowsCreated), 1);
+    assert_eq!(c.get(Counter::HalfOpenCreated), 1);
+}
+
+#[test]
+fn a_syn_flood_fills_the_half_open_table_and_never_evicts_established_flows() {
+    require_root();
+    let cfg = AgentConfig {
+        flow_table_size: 256,
+        half_open_table_size: 1024,
+        ..test_config("unused")
+    };
+    let mut ebpf = loader::load(&cfg).unwrap();
+    for port in 1000..1100u16 {
+        handshake(&mut ebpf, ip(CLIENT_V4), port);
+    }
+    // 100,000 spoofed sources, each a SYN that is never acknowledged.
+    let n = 100_000u32;
+    for i in 0..n {
+        let src = std::net::Ipv4Addr::new(198, 18 + (i >> 16) as u8, (i >> 8) as u8, i as u8);
+        let t = Tcp::syn(src.into(), ip(SERVER_V4));
+        assert_eq!(run(&mut ebpf, Dir::In, &t.frame()), XDP_PASS);
+    }
+    let flows = table(&ebpf, "FLOWS");
+    assert_eq!(flows.len(), 100, "every established flow is still tracked");
+    let half = table(&ebpf, "HALF_OPEN").len();
+    assert!(half <= 1024 + 4, "the flood stays in its bound: {half}");
+    let c = counters(&ebpf);
+    assert_eq!(c.get(Counter::HalfOpenCreated), 100 + u64::from(n));
+    assert_eq!(c.get(Counter::FlowsCreated), 100);
+    assert_eq!(
+        c.get(Counter::EventsSent),
+        100,
+        "no event for a half-open SYN"
+    );
+    println!(
+        "SYN flood of {n}: {} flows kept, {half} half-open entries, {} events",
+        flows.len(),
+        c.get(Counter::EventsSent)
+    );
 }
 
 #[test]
@@ -482,7 +543,8 @@ fn per_packet_cost_has_not_doubled() {
         ("(a) non-TCP packet", 3.5),
         ("(b) TCP to an untracked port", 8.0),
         ("(c) packet of an established tracked flow", 28.0),
-        ("(d) SYN creating a flow", 22.0),
+        ("(d) SYN creating a half-open entry", 22.0),
+        ("(f) ACK establishing a flow (Opened event)", 60.0),
         ("(e) packet ending an idle gap (event)", 50.0),
     ];
     let cases = monitor_tests::bench::per_packet(100_000, 3, 300);
@@ -499,22 +561,14 @@ fn per_packet_cost_has_not_doubled() {
     }
 }
 
-fn syn_from_port(port: u16) -> Vec<u8> {
-    let mut t = Tcp::syn(ip(CLIENT_V4), ip(SERVER_V4));
-    t.sport = port;
-    t.frame()
-}
-
 #[test]
-fn a_full_ring_buffer_drops_events_counted_and_every_packet_still_passes() {
+fn a_full_ring_buffer_drops_events_counted_marks_their_flows_and_every_packet_still_passes() {
     // Nobody reads the ring buffer: 40,000 new flows overflow its 4 MiB.
     let mut ebpf = load_unattached();
     for i in 0..40_000u32 {
         let port = 1024 + (i % 60_000) as u16;
-        let mut t = Tcp::syn(ip(CLIENT_V4), ip(SERVER_V4));
-        t.sport = port;
-        t.src = std::net::IpAddr::V4(std::net::Ipv4Addr::new(100, 64, (i / 60_000) as u8, 1));
-        assert_eq!(run(&mut ebpf, Dir::In, &t.frame()), XDP_PASS);
+        let src = std::net::Ipv4Addr::new(100, 64, (i / 60_000) as u8, 1);
+        handshake(&mut ebpf, src.into(), port);
     }
     let c = counters(&ebpf);
     let (sent, dropped) = (c.get(Counter::EventsSent), c.get(Counter::EventsDropped));
@@ -528,7 +582,14 @@ fn a_full_ring_buffer_drops_events_counted_and_every_packet_still_passes() {
         "every event is sent or counted as dropped"
     );
     assert_eq!(c.get(Counter::FlowsCreated), 40_000);
-    println!("ring buffer full: {sent} events sent, {dropped} dropped and counted");
+    // Every flow whose Opened event was lost carries the mark user space
+    // turns into "incomplete".
+    let marked = table(&ebpf, "FLOWS")
+        .iter()
+        .filter(|(_, f)| f.state & monitor_common::state::EVENT_LOST != 0)
+        .count() as u64;
+    assert_eq!(marked, dropped);
+    println!("ring buffer full: {sent} events sent, {dropped} dropped, counted and marked");
 }
 
 #[test]
@@ -540,7 +601,7 @@ fn a_full_flow_table_evicts_and_every_packet_still_passes() {
     };
     let mut ebpf = loader::load(&cfg).unwrap();
     for port in 2000..3000u16 {
-        assert_eq!(run(&mut ebpf, Dir::In, &syn_from_port(port)), XDP_PASS);
+        handshake(&mut ebpf, ip(CLIENT_V4), port);
     }
     let c = counters(&ebpf);
     assert_eq!(c.get(Counter::FlowsCreated), 1000);
@@ -549,16 +610,13 @@ fn a_full_flow_table_evicts_and_every_packet_still_passes() {
         0,
         "LRU evicts instead of failing"
     );
-    let flows: BpfHashMap<_, FlowKey, Flow> =
-        BpfHashMap::try_from(ebpf.map("FLOWS").unwrap()).unwrap();
-    let held = flows.keys().count();
+    let held = table(&ebpf, "FLOWS").len();
     assert!(
         held <= 64 + 2 * 2,
         "table bounded (LRU keeps per-CPU slack): {held}"
     );
 }
 
-/// A cheap order-sensitive checksum, identical on both ends.
 fn fold(mut acc: u64, data: &[u8]) -> u64 {
     for chunk in data.chunks(8) {
         let mut w = [0u8; 8];

@@ -15,6 +15,7 @@ const THRESHOLD: u64 = 5 * S;
 /// A scripted connection: client 192.0.2.2:40000, server 192.0.2.1:443.
 struct Conn {
     flow: Option<Flow>,
+    half: Option<Flow>,
     key: FlowKey,
     client_seq: u32,
     server_seq: u32,
@@ -25,12 +26,32 @@ fn addrs() -> (IpAddr, IpAddr) {
     ("192.0.2.2".parse().unwrap(), "192.0.2.1".parse().unwrap())
 }
 
+/// One connection's two table slots.
+impl FlowTables for Conn {
+    fn flow(&mut self, key: &FlowKey) -> Option<&mut Flow> {
+        (*key == self.key).then_some(()).and(self.flow.as_mut())
+    }
+    fn half_open(&mut self, key: &FlowKey) -> Option<&mut Flow> {
+        (*key == self.key).then_some(()).and(self.half.as_mut())
+    }
+    fn insert_flow(&mut self, _key: &FlowKey, flow: Flow) {
+        self.flow = Some(flow);
+    }
+    fn insert_half_open(&mut self, _key: &FlowKey, flow: Flow) {
+        self.half = Some(flow);
+    }
+    fn remove_half_open(&mut self, _key: &FlowKey) {
+        self.half = None;
+    }
+}
+
 impl Conn {
     fn new() -> Conn {
         let (c, s) = addrs();
         let pkt = parse_ethernet(Tcp::syn(c, s).frame().as_slice()).unwrap();
         Conn {
             flow: None,
+            half: None,
             key: flow_key(&pkt, Dir::In),
             client_seq: 1000,
             server_seq: 5000,
@@ -71,21 +92,13 @@ impl Conn {
         self.feed(at, dir, &pkt)
     }
 
+    /// The packet's own event (or, for the establishing packet without
+    /// one, the `Opened` event).
     fn feed(&mut self, at: u64, dir: Dir, pkt: &Packet) -> Option<Event> {
-        let ev = match self.flow.as_mut() {
-            Some(f) => on_packet(f, &self.key, pkt, dir, at, THRESHOLD),
-            None => match open_flow(&self.key, pkt, dir, at) {
-                Some((f, ev)) => {
-                    self.flow = Some(f);
-                    Some(ev)
-                }
-                None => None,
-            },
-        };
-        if let Some(ev) = ev {
-            self.events.push(ev);
-        }
-        ev
+        let key = self.key;
+        let [opened, own] = step(self, &key, pkt, dir, at, THRESHOLD);
+        self.events.extend(opened.iter().chain(own.iter()).copied());
+        own.or(opened)
     }
 
     /// SYN, SYN-ACK, ACK at t=0, 1 ms, 2 ms.
@@ -105,21 +118,62 @@ fn kind(ev: Option<Event>) -> Option<EventKind> {
 }
 
 #[test]
-fn syn_opens_a_flow_with_an_opened_event_and_no_midstream_flag() {
+fn syn_is_half_open_until_the_handshake_ack_opens_the_flow() {
     let mut c = Conn::new();
-    let ev = c.send(10, Dir::In, TCP_SYN, 0, 64).unwrap();
+    assert!(c.send(10, Dir::In, TCP_SYN, 0, 64).is_none());
+    assert!(
+        c.flow.is_none() && c.half.is_some(),
+        "half-open after the SYN"
+    );
+    assert!(c.send(20, Dir::Out, TCP_SYN | TCP_ACK, 0, 64).is_none());
+    assert!(c.flow.is_none(), "still half-open after the SYN-ACK");
+    let ev = c.send(30, Dir::In, TCP_ACK, 0, 64).unwrap();
     assert_eq!(EventKind::from_u8(ev.kind), Some(EventKind::Opened));
     assert_eq!(ev.dir, Dir::In as u8);
+    assert_eq!(ev.first_seen_ns, 10, "the flow dates from its SYN");
+    assert!(c.half.is_none(), "moved, not copied");
     assert_eq!(c.flow().state & state::MIDSTREAM, 0);
     assert_eq!(c.flow().first_seen_ns, 10);
-    assert_eq!(c.flow().pkts_in, 1);
+    assert_eq!((c.flow().pkts_in, c.flow().pkts_out), (2, 1));
 }
 
 #[test]
-fn a_flow_first_seen_mid_stream_is_marked_midstream() {
+fn a_spoofed_syn_never_opens_a_flow() {
+    let mut c = Conn::new();
+    c.send(10, Dir::In, TCP_SYN, 0, 64);
+    // The server answers; the spoofed source never does. Retransmitted SYNs too.
+    c.send(20, Dir::Out, TCP_SYN | TCP_ACK, 0, 64);
+    c.send(1_000_000_000, Dir::In, TCP_SYN, 0, 64);
+    assert!(c.flow.is_none() && c.events.is_empty());
+}
+
+#[test]
+fn a_spoofed_ack_answered_by_a_reset_never_opens_a_flow() {
+    let mut c = Conn::new();
+    c.send(10, Dir::In, TCP_ACK, 0, 64);
+    c.send(20, Dir::Out, TCP_RST, 0, 64);
+    c.send(30, Dir::In, TCP_ACK, 0, 64);
+    assert!(c.flow.is_none() && c.events.is_empty());
+}
+
+#[test]
+fn a_flow_first_seen_mid_stream_opens_when_both_sides_speak() {
     let mut c = Conn::new();
     c.send(10, Dir::Out, TCP_ACK | TCP_PSH, 100, 64);
+    assert!(c.flow.is_none());
+    let ev = c.send(20, Dir::In, TCP_ACK, 0, 64).unwrap();
+    assert_eq!(EventKind::from_u8(ev.kind), Some(EventKind::Opened));
     assert_ne!(c.flow().state & state::MIDSTREAM, 0);
+}
+
+#[test]
+fn an_establishing_fin_gives_opened_then_closed() {
+    let mut c = Conn::new();
+    c.send(10, Dir::In, TCP_SYN, 0, 64);
+    c.send(20, Dir::Out, TCP_SYN | TCP_ACK, 0, 64);
+    c.send(30, Dir::In, TCP_ACK | TCP_FIN, 0, 64);
+    let kinds: Vec<_> = c.events.iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, [EventKind::Opened as u8, EventKind::Closed as u8]);
 }
 
 #[test]

@@ -144,6 +144,9 @@ pub struct Verdict {
     pub heartbeat_seconds: Option<f64>,
     /// Where that heartbeat came from.
     pub heartbeat_source: Option<HeartbeatSource>,
+    /// Events of this flow were lost (ring buffer full): the verdict rests on
+    /// part of the story and is kept out of estimates.
+    pub incomplete: bool,
     /// Boot-time ns of the ending.
     pub at_ns: u64,
     pub flow_age_seconds: f64,
@@ -166,6 +169,9 @@ impl fmt::Display for Verdict {
                 }
             }
             f.write_str(")")?;
+        }
+        if self.incomplete {
+            f.write_str(" [incomplete: events were lost]")?;
         }
         if let (Some(t), Some(lo), Some(hi)) = (
             self.evidence.rst_ttl,

@@ -14,7 +14,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use monitor_common::{Dir, EventKind, FlowKey};
+use monitor_common::{state, Dir, EventKind, FlowKey};
 
 pub use config::{DetectorConfig, DetectorConfigError};
 pub use ending::{Ending, Evidence, HeartbeatSource, Verdict};
@@ -73,6 +73,9 @@ struct FlowTrack {
     suspect: Option<Suspect>,
     /// A verdict was already given (black hole by timeout); ignore the rest.
     finalized: bool,
+    /// The kernel lost an event of this flow (ring buffer full): what we
+    /// know is incomplete, so its ending is not used for estimates.
+    incomplete: bool,
 }
 
 /// Heartbeat samples per client that its estimate is the maximum of: one
@@ -112,6 +115,8 @@ pub struct DetectorStats {
     pub pings_stated: u64,
     pub paths_evicted: u64,
     pub flows_not_tracked: u64,
+    /// Flows that ended with events missing (ring buffer full).
+    pub incomplete: u64,
 }
 
 pub struct Detector {
@@ -222,6 +227,11 @@ impl Detector {
         let now = ev.raw.ts_ns;
         let client = ev.client();
         self.clients.entry(client.ip()).or_default().last_seen_ns = now;
+        if ev.raw.flow_state & state::EVENT_LOST != 0 {
+            if let Some(f) = self.flows.get_mut(&key) {
+                f.incomplete = true;
+            }
+        }
         match ev.kind {
             EventKind::Opened => self.opened(ev, &mut out),
             EventKind::GapEnded => {
@@ -385,6 +395,7 @@ impl Detector {
                 pending_gap: None,
                 suspect: None,
                 finalized: false,
+                incomplete: ev.raw.flow_state & state::EVENT_LOST != 0,
             },
         );
         true
@@ -592,6 +603,7 @@ impl Detector {
             premature,
             heartbeat_seconds: self.heartbeat_in_force(f).map(|h| h.0),
             heartbeat_source: self.heartbeat_in_force(f).map(|h| h.1),
+            incomplete: f.incomplete,
             at_ns: now,
             flow_age_seconds: now.saturating_sub(f.opened_ns) as f64 / NS,
             evidence,
@@ -602,7 +614,14 @@ impl Detector {
     fn finish(&mut self, path: PathKey, v: Verdict, now: u64, out: &mut Vec<Output>) {
         self.stats.endings[v.ending as usize] += 1;
         let min_silence = self.cfg.min_silence.as_secs_f64();
-        let counts_for_estimate = v.ending.is_kill() && v.evidence.silence_seconds >= min_silence;
+        // A flow with lost events may have had a silence we never saw end:
+        // counted, shown, never part of an estimate.
+        let counts_for_estimate =
+            v.ending.is_kill() && v.evidence.silence_seconds >= min_silence && !v.incomplete;
+        if v.incomplete {
+            self.stats.incomplete += 1;
+            self.path_mut(path, now).incomplete += 1;
+        }
         {
             let p = self.path_mut(path, now);
             p.flows_ended += 1;

@@ -154,6 +154,8 @@ pub struct PathStats {
     pub by_ending: [u64; Ending::COUNT],
     pub premature: u64,
     pub churn: u64,
+    /// Flows that ended with events lost (not used for the estimate).
+    pub incomplete: u64,
     /// Longest silence that survived (seconds).
     pub longest_survived_s: f64,
     pub kills: VecDeque<Kill>,

@@ -15,6 +15,8 @@ pub struct PathReport {
     pub kills: u64,
     pub premature_kills: u64,
     pub reconnect_churn: u64,
+    /// Flows that ended with events lost (kept out of the estimate).
+    pub incomplete_flows: u64,
     /// The kill class seen most on this path.
     pub how: Option<Ending>,
     pub estimate: Option<Estimate>,
@@ -117,6 +119,7 @@ impl Detector {
                 kills,
                 premature_kills: p.premature,
                 reconnect_churn: p.churn,
+                incomplete_flows: p.incomplete,
                 how,
                 confidence: estimate.as_ref().map(|e| e.confidence()),
                 estimate,
@@ -241,6 +244,13 @@ impl Report {
                     s,
                     "  heartbeat in force: {h:.0} s, read from {} Ping requests (exact; inferred from hold times: {inferred})",
                     p.pings_read
+                );
+            }
+            if p.incomplete_flows > 0 {
+                let _ = writeln!(
+                    s,
+                    "  {} flows ended with events lost (ring buffer full): not used for the estimate",
+                    p.incomplete_flows
                 );
             }
             if p.reconnect_churn > 0 {

@@ -41,6 +41,8 @@ struct Lab {
     det: Detector,
     out: Vec<Output>,
     next_port: u16,
+    /// Mark every event as the kernel does after losing one of the flow's.
+    lose_events: bool,
 }
 
 impl Lab {
@@ -52,6 +54,7 @@ impl Lab {
             det: Detector::new(cfg).unwrap(),
             out: Vec::new(),
             next_port: 40000,
+            lose_events: false,
         }
     }
 
@@ -90,7 +93,10 @@ impl Lab {
             *own = own.wrapping_add(payload as u32 + u32::from(flags & (TCP_SYN | TCP_FIN) != 0));
         }
         let pkt = parse_ethernet(t.frame().as_slice()).unwrap();
-        if let Some(ev) = self.replay.packet(&pkt, dir, at) {
+        for mut ev in self.replay.packet(&pkt, dir, at) {
+            if self.lose_events {
+                ev.raw.flow_state |= monitor_common::state::EVENT_LOST;
+            }
             let o = self.det.ingest(&ev);
             self.out.extend(o);
         }
@@ -663,4 +669,27 @@ fn one_early_answer_does_not_pass_for_a_shorter_heartbeat_but_a_back_off_does() 
     }
     let p = lab.det.paths().find(|(k, _)| **k == path).unwrap().1;
     assert_eq!(p.median_heartbeat().map(f64::round), Some(25.0));
+}
+
+#[test]
+fn a_flow_with_lost_events_is_incomplete_and_kept_out_of_the_estimate() {
+    let mut lab = Lab::new(cfg());
+    // Two flows killed by an injected reset at 20 s; the second lost events.
+    for lost in [false, true] {
+        lab.lose_events = lost;
+        let client = if lost { "198.51.100.8" } else { "198.51.100.7" };
+        let mut c = lab.connect(client, 0);
+        lab.ping(&mut c, S);
+        lab.send(&mut c, 21 * S, Dir::In, TCP_RST, 0, 64, None);
+        let v = lab.last();
+        assert_eq!(v.ending, Ending::InjectedReset);
+        assert_eq!(v.incomplete, lost);
+        assert_eq!(v.to_string().contains("incomplete"), lost, "{v}");
+    }
+    assert_eq!(lab.det.stats.incomplete, 1);
+    let p = &lab.det.report().killing_paths[0];
+    assert_eq!((p.kills, p.incomplete_flows), (2, 1));
+    // One kill feeds the estimate: a point estimate from one kill, not two.
+    let (_, path) = lab.det.paths().next().unwrap();
+    assert_eq!(path.kills.len(), 1);
 }

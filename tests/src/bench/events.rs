@@ -1,6 +1,7 @@
 //! The event path: how many events per second the agent takes from the ring
-//! buffer with none dropped, under a churn of short flows (each flow: a SYN
-//! and a FIN, two events), offered at rising rates.
+//! buffer with none dropped, under a churn of short flows (each flow: a
+//! handshake, then a FIN: two events, Opened and Closed), offered at rising
+//! rates.
 
 use std::{
     net::IpAddr,
@@ -8,14 +9,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use monitor_common::{TCP_ACK, TCP_FIN, TCP_SYN};
+use monitor_common::{TCP_ACK, TCP_FIN};
 use serde_json::Value;
 use xtask::{
     lab::{Agent, AgentOptions},
     netns::{Pair, SERVER_V4},
 };
 
-use super::frames::{flow_frame, RawSender};
+use super::frames::{establish, flow_frame, sender_in};
 
 #[derive(Clone, Debug)]
 pub struct Step {
@@ -67,34 +68,39 @@ pub fn run(agent_bin: &Path, rates: &[u32], seconds: f64) -> Vec<Step> {
     )
     .expect("agent starts");
     let server: IpAddr = SERVER_V4.parse().expect("address");
+    let client = sender_in(&pair.client, &pair.client_if);
+    let server_side = sender_in(&pair.server, &pair.server_if);
     let mut out = Vec::new();
     let mut next_flow = 0u32;
     for &rate in rates {
         let flows = ((f64::from(rate) / 2.0) * seconds) as u32;
         let (s0, d0) = counters(&agent);
         let cpu0 = cpu_seconds(agent.pid());
-        let client_if = pair.client_if.clone();
         let first = next_flow;
         next_flow = next_flow.wrapping_add(flows);
-        let elapsed = pair.client.run(move || {
-            let tx = RawSender::open(&client_if).expect("raw socket");
-            let t = Instant::now();
-            let per_ms = (f64::from(rate) / 2.0 / 1000.0).max(1.0);
-            let mut sent = 0u32;
-            while sent < flows {
-                // Pace per millisecond: a burst of flows, then wait for the clock.
-                let due = ((t.elapsed().as_secs_f64() * 1000.0 + 1.0) * per_ms) as u32;
-                while sent < flows.min(due) {
-                    let i = first.wrapping_add(sent);
-                    tx.send(&flow_frame(i, server, 443, TCP_SYN)).expect("send");
-                    tx.send(&flow_frame(i, server, 443, TCP_FIN | TCP_ACK))
-                        .expect("send");
-                    sent += 1;
-                }
-                std::thread::sleep(Duration::from_micros(200));
+        let t = Instant::now();
+        let per_ms = (f64::from(rate) / 2.0 / 1000.0).max(1.0);
+        let mut sent = 0u32;
+        while sent < flows {
+            // Pace per millisecond: a burst of flows, then wait for the clock.
+            let due = ((t.elapsed().as_secs_f64() * 1000.0 + 1.0) * per_ms) as u32;
+            let n = flows.min(due).saturating_sub(sent);
+            // Each flow: handshake (Opened), then the client's FIN (Closed).
+            establish(&client, &server_side, server, first.wrapping_add(sent), n);
+            for i in sent..sent + n {
+                client
+                    .send(&flow_frame(
+                        first.wrapping_add(i),
+                        server,
+                        443,
+                        TCP_FIN | TCP_ACK,
+                    ))
+                    .expect("send");
             }
-            t.elapsed().as_secs_f64()
-        });
+            sent += n;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let elapsed = t.elapsed().as_secs_f64();
         // Let the agent drain what is in the ring.
         std::thread::sleep(Duration::from_secs(1));
         let (s1, d1) = counters(&agent);

@@ -66,20 +66,74 @@ impl Drop for RawSender {
     }
 }
 
-/// Flow `i` of many: a distinct client address and port in 198.18.0.0/15
-/// (the benchmarking range), to `server`:`port`. Its destination MAC is not
-/// the server's, so the server's stack drops it after XDP has tracked it:
-/// no RST answers, no half-open sockets, the flow stays open in the table.
-pub fn flow_frame(i: u32, server: IpAddr, port: u16, flags: u8) -> Vec<u8> {
+/// A raw sender on `iface` of namespace `ns`. The socket stays in that
+/// namespace whichever thread then uses it.
+pub fn sender_in(ns: &xtask::netns::Netns, iface: &str) -> RawSender {
+    let iface = iface.to_string();
+    ns.run(move || RawSender::open(&iface).expect("raw socket"))
+}
+
+fn client_of(i: u32) -> (IpAddr, u16) {
     let host = i / 8;
     let client: IpAddr =
         std::net::Ipv4Addr::new(198, 18 + (host >> 16) as u8, (host >> 8) as u8, host as u8).into();
+    (client, 20000 + (i % 8) as u16)
+}
+
+/// Nobody's MAC (locally administered): the receiving stack drops the frame
+/// after the hooks have seen it (no RST answers, no half-open sockets).
+const NOBODY: [u8; 6] = [0x02, 0, 0, 0, 0xbe, 0xef];
+
+/// Flow `i` of many: a distinct client address and port in 198.18.0.0/15
+/// (the benchmarking range), to `server`:`port`.
+pub fn flow_frame(i: u32, server: IpAddr, port: u16, flags: u8) -> Vec<u8> {
+    let (client, cport) = client_of(i);
     let mut t = Tcp::syn(client, server);
-    t.sport = 20000 + (i % 8) as u16;
+    t.sport = cport;
     t.dport = port;
     t.flags = flags;
     let mut f = t.frame();
-    // Destination MAC: locally administered, nobody's.
-    f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0xbe, 0xef]);
+    f[..6].copy_from_slice(&NOBODY);
     f
+}
+
+/// The server's answer to flow `i`'s SYN, sent from the server's side (it
+/// passes the TC egress hook).
+pub fn synack_frame(i: u32, server: IpAddr, port: u16) -> Vec<u8> {
+    let (client, cport) = client_of(i);
+    let mut t = Tcp::syn(server, client);
+    t.sport = port;
+    t.dport = cport;
+    t.flags = monitor_common::TCP_SYN | monitor_common::TCP_ACK;
+    let mut f = t.frame();
+    f[..6].copy_from_slice(&NOBODY);
+    f
+}
+
+/// Establish flows `first..first + n` (SYN, SYN-ACK, ACK), in batches so
+/// each SYN-ACK finds its half-open entry (the half-open table is smaller
+/// than a million).
+pub fn establish(client: &RawSender, server_side: &RawSender, server: IpAddr, first: u32, n: u32) {
+    use monitor_common::{TCP_ACK, TCP_SYN};
+    let batch = 512;
+    let mut i = first;
+    while i < first + n {
+        let end = (i + batch).min(first + n);
+        for j in i..end {
+            client
+                .send(&flow_frame(j, server, 443, TCP_SYN))
+                .expect("send");
+        }
+        for j in i..end {
+            server_side
+                .send(&synack_frame(j, server, 443))
+                .expect("send");
+        }
+        for j in i..end {
+            client
+                .send(&flow_frame(j, server, 443, TCP_ACK))
+                .expect("send");
+        }
+        i = end;
+    }
 }

@@ -146,10 +146,20 @@ pub fn per_packet(repeat: u32, rounds: usize, singles: usize) -> Vec<Case> {
         let mut other = Tcp::syn(c, s);
         other.dport = 8080;
         let other = oriented(other, dir).frame();
-        // An established flow: create it once, then time its ACKs.
+        // An established flow: hand-shake it once, then time its ACKs.
         let mut syn = Tcp::syn(c, s);
         syn.sport = 50000;
-        run(&mut ebpf, ours, &oriented(syn.clone(), dir).frame(), 1);
+        let mut synack = Tcp::syn(s, c).flags(TCP_SYN | TCP_ACK);
+        synack.sport = 443;
+        synack.dport = 50000;
+        run(&mut ebpf, loader::XDP_PROGRAM, &syn.frame(), 1);
+        run(&mut ebpf, loader::TC_PROGRAM, &synack.frame(), 1);
+        run(
+            &mut ebpf,
+            loader::XDP_PROGRAM,
+            &syn.clone().flags(TCP_ACK).frame(),
+            1,
+        );
         let ack = oriented(syn.clone().flags(TCP_ACK), dir).frame();
         for (name, frame, target) in [
             ("(a) non-TCP packet", &udp, Some(1.3)),
@@ -177,13 +187,39 @@ pub fn per_packet(repeat: u32, rounds: usize, singles: usize) -> Vec<Case> {
         let (o, e) = single_runs(&mut ebpf, ours, empty, &syns, Duration::ZERO);
         out.push(Case {
             hook,
-            name: "(d) SYN creating a flow",
+            name: "(d) SYN creating a half-open entry",
             ours_ns: o,
             empty_ns: e,
             method: "single",
             target: None,
         });
         drain(&mut ebpf);
+        if dir == Dir::In {
+            // The handshake's ACK: moves the connection to the flow table
+            // with an Opened event. The SYN-ACKs come first, untimed.
+            let ours_tc = loader::TC_PROGRAM;
+            let acks: Vec<Vec<u8>> = (0..singles)
+                .map(|i| {
+                    let mut syn = Tcp::syn(c, s).flags(TCP_SYN);
+                    syn.sport = base_port + i as u16;
+                    let mut synack = Tcp::syn(s, c).flags(TCP_SYN | TCP_ACK);
+                    synack.sport = 443;
+                    synack.dport = syn.sport;
+                    run(&mut ebpf, ours_tc, &synack.frame(), 1);
+                    syn.flags(TCP_ACK).frame()
+                })
+                .collect();
+            let (o, e) = single_runs(&mut ebpf, ours, empty, &acks, Duration::ZERO);
+            out.push(Case {
+                hook,
+                name: "(f) ACK establishing a flow (Opened event)",
+                ours_ns: o,
+                empty_ns: e,
+                method: "single",
+                target: None,
+            });
+            drain(&mut ebpf);
+        }
         // Each ACK comes 2 ms after the last packet of its flow: over the 1 ms threshold.
         let acks: Vec<Vec<u8>> = (0..singles.min(500)).map(|_| ack.clone()).collect();
         let (o, e) = single_runs(&mut ebpf, ours, empty, &acks, Duration::from_millis(2));

@@ -7,14 +7,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use monitor_common::TCP_SYN;
 use serde_json::Value;
 use xtask::{
     lab::{Agent, AgentOptions},
     netns::{wait_for, Pair, SERVER_V4},
 };
 
-use super::frames::{flow_frame, RawSender};
+use super::frames::{establish, sender_in};
 
 #[derive(Clone, Debug, Default)]
 pub struct Scale {
@@ -87,15 +86,11 @@ pub fn run(agent_bin: &Path, flows: u32) -> Scale {
         ..Scale::default()
     };
     let server: IpAddr = SERVER_V4.parse().expect("address");
-    let client_if = pair.client_if.clone();
-    s.send_seconds = pair.client.run(move || {
-        let tx = RawSender::open(&client_if).expect("raw socket");
-        let t = Instant::now();
-        for i in 0..flows {
-            tx.send(&flow_frame(i, server, 443, TCP_SYN)).expect("send");
-        }
-        t.elapsed().as_secs_f64()
-    });
+    let client = sender_in(&pair.client, &pair.client_if);
+    let server_side = sender_in(&pair.server, &pair.server_if);
+    let t = Instant::now();
+    establish(&client, &server_side, server, 0, flows);
+    s.send_seconds = t.elapsed().as_secs_f64();
     // The agent counts the table at its 15 s sweep.
     let st = wait_for(Duration::from_secs(60), || {
         let st = status(&agent);
@@ -142,7 +137,7 @@ impl Scale {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         format!(
             "| measure | value |\n|---|---|\n\
-             | distinct SYNs sent (raw frames, {:.1} s) | {} |\n\
+             | distinct connections established (SYN, SYN-ACK, ACK as raw frames, {:.1} s) | {} |\n\
              | flow table entries / capacity | {} / {} |\n\
              | kernel memory of the table (fdinfo memlock) | {:.1} MiB, {:.0} bytes per flow |\n\
              | agent resident memory before / after | {:.1} MiB / {:.1} MiB |\n\

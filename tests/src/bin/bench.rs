@@ -112,10 +112,11 @@ fn scale(md: &mut String) {
     let flows = 1 << 20;
     let s = scale::run(&agent_bin(), flows);
     let _ = writeln!(md, "## 3. Scale: 1,048,576 concurrent flows\n");
-    let _ = writeln!(md, "The agent runs with `flow_table_size = 1048576`; {flows} distinct SYNs (198.18.0.0/15 sources, \
-        8 ports each) are sent as raw frames into its interface, addressed to a MAC nobody has, so the server's \
-        stack drops them after XDP tracked them (no RST answers, the flows stay open). Then, with the table full: \
-        memory, one scrape, one report. Series must not grow with flows.\n");
+    let _ = writeln!(md, "The agent runs with `flow_table_size = 1048576`; {flows} distinct connections (198.18.0.0/15 \
+        sources, 8 ports each) are established as raw frames: the client's SYN and ACK into its interface \
+        (XDP), the server's SYN-ACK out of it (TC), all addressed to a MAC nobody has, so neither stack answers \
+        (no RSTs, the flows stay open). Then, with the table full: memory, one scrape, one report. Series must \
+        not grow with flows.\n");
     md.push_str(&s.markdown());
     let _ = writeln!(md, "\nThe burst is far faster than any real SYN arrival: the ring buffer (4 MiB) fills and \
         Opened events are dropped and counted, while every flow still enters the kernel table; the detector \
@@ -129,7 +130,7 @@ fn events(md: &mut String) {
         md,
         "## 4. Event path: events per second with none dropped\n"
     );
-    let _ = writeln!(md, "Short flows (a SYN, then a FIN: two events each) sent as raw frames at rising rates, \
+    let _ = writeln!(md, "Short flows (a handshake, then a FIN: Opened and Closed, two events each) sent as raw frames at rising rates, \
         3 s each, into the agent's interface; kernel counters before and after each step (1 s to drain).\n");
     md.push_str(&events::markdown(&steps));
     match events::sustained(&steps) {
