@@ -275,3 +275,121 @@ fn metrics_series_stay_bounded_while_10000_client_addresses_connect() {
     println!("{CLIENTS} clients on 40 paths: {series} series (bound {bound})");
     agent.stop().expect("clean stop");
 }
+
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[test]
+fn a_syn_flood_of_a_million_sources_leaves_established_flows_measured_and_memory_flat() {
+    use monitor_tests::bench::frames::{flow_frame, sender_in};
+    let pair = Pair::new();
+    let agent = start_agent(&pair);
+    // Ten long-lived connections, established before the flood.
+    let (tx, rx) = mpsc::channel();
+    let server = pair.server.spawn(move || {
+        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 443)).expect("bind 443");
+        tx.send(()).unwrap();
+        let mut held = Vec::new();
+        for _ in 0..10 {
+            let (s, _) = l.accept().expect("accept");
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            held.push(s);
+        }
+        // Read until each client closes.
+        held.into_iter()
+            .map(|mut s| {
+                let mut b = Vec::new();
+                let _ = s.read_to_end(&mut b);
+                b.len()
+            })
+            .sum::<usize>()
+    });
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let clients = pair.client.run(|| {
+        (0..10)
+            .map(|_| TcpStream::connect((ip(SERVER_V4), 443)).expect("connect"))
+            .collect::<Vec<_>>()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_before = rss_bytes(agent.pid());
+    // 1,048,576 spoofed sources, each one SYN never acknowledged.
+    let flood = 1u32 << 20;
+    let tx = sender_in(&pair.client, &pair.client_if);
+    let server_ip: IpAddr = SERVER_V4.parse().unwrap();
+    for i in 0..flood {
+        tx.send(&flow_frame(i, server_ip, 443, monitor_common::TCP_SYN))
+            .expect("send");
+    }
+    // After a silence, every long-lived flow speaks and closes: the agent
+    // must still measure each one.
+    std::thread::sleep(Duration::from_secs(2));
+    let locals: Vec<SocketAddr> = pair.client.run(move || {
+        clients
+            .into_iter()
+            .map(|mut c| {
+                c.write_all(b"still here").unwrap();
+                c.local_addr().unwrap()
+            })
+            .collect()
+    });
+    assert_eq!(server.join().unwrap(), 100);
+    // A sweep (every 15 s) counts the tables.
+    let status = xtask::netns::wait_for(Duration::from_secs(40), || {
+        let s = json(&agent, &["status", "--json"]);
+        (s["half_open_entries"].as_u64().unwrap_or(0) > 0).then_some(s)
+    })
+    .expect("a sweep counted the half-open table");
+    let events: Vec<Value> = agent
+        .cli(&["events", "--json"])
+        .expect("monitor events")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an event line"))
+        .collect();
+    let report = json(&agent, &["report", "--json"]);
+    let rss_after = rss_bytes(agent.pid());
+    let _ = agent.stop();
+    let verdicts: Vec<&Value> = events
+        .iter()
+        .filter(|v| {
+            locals
+                .iter()
+                .any(|l| v["client"].as_str() == Some(&l.to_string()))
+        })
+        .collect();
+    assert_eq!(verdicts.len(), 10, "every long-lived flow still measured: {events:#?}");
+    for v in &verdicts {
+        assert_eq!(v["ending"], "client_fin", "{v:#}");
+        // Followed from its handshake, before the flood, to its end.
+        assert!(v["flow_age_seconds"].as_f64().unwrap() >= 2.0, "{v:#}");
+    }
+    // The 2 s silence after the flood was measured on their path.
+    let quiet = &report["quiet_paths"][0];
+    assert!(
+        quiet["longest_survived_seconds"].as_f64().unwrap() >= 1.9,
+        "{report:#}"
+    );
+    let c = &status["kernel_counters"];
+    assert_eq!(c["flows_created"], 10, "the flood established nothing");
+    assert_eq!(c["half_open_created"].as_u64().unwrap(), u64::from(flood) + 10);
+    let half = status["half_open_entries"].as_u64().unwrap();
+    assert!(half <= 65_536 + 1024, "the flood stays in its table: {half}");
+    let evicted = status["half_open_evictions"].as_u64().unwrap();
+    assert!(evicted >= u64::from(flood) - 65_536 - 1024, "{status:#}");
+    assert_eq!(status["events_dropped"], 0);
+    let grew = rss_after.saturating_sub(rss_before);
+    assert!(grew < 8 << 20, "agent memory grew {grew} bytes under the flood");
+    println!(
+        "SYN flood of {flood} spoofed sources: 10 of 10 established flows measured after it; \
+         half-open table {half} entries, {evicted} evicted; agent RSS {:.1} -> {:.1} MiB; 0 events dropped",
+        rss_before as f64 / 1048576.0,
+        rss_after as f64 / 1048576.0
+    );
+}
