@@ -451,6 +451,10 @@ pub async fn run(config: FileConfig) -> anyhow::Result<()> {
         tokio::spawn(exporter::serve(l, state.clone()))
     });
     log::info!("query socket {}", socket_path.display());
+    // Attached and bound: nothing below needs a capability.
+    let qdisc = lock(&state).monitor.needs_net_admin_to_detach();
+    let kept = crate::privilege::drop_capabilities(qdisc).context("after attaching")?;
+    log::info!("capabilities dropped; kept: {kept:?}");
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

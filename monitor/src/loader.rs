@@ -90,6 +90,13 @@ pub struct ProgramStats {
     pub translated_bytes: Option<u32>,
 }
 
+impl Attached {
+    /// Did we add a clsact qdisc (kernels before TCX), to be removed at exit?
+    pub fn added_qdisc(&self) -> bool {
+        !self.clsact_added.is_empty()
+    }
+}
+
 /// Loaded programs plus what must be undone on drop.
 pub struct Attached {
     pub ebpf: Ebpf,

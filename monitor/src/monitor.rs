@@ -134,6 +134,11 @@ impl Monitor {
         })
     }
 
+    /// Must keep CAP_NET_ADMIN to undo its attachment at exit.
+    pub fn needs_net_admin_to_detach(&self) -> bool {
+        self.attached.added_qdisc()
+    }
+
     pub fn attachments(&self) -> &[loader::Attachment] {
         &self.attached.attachments
     }

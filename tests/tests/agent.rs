@@ -364,7 +364,11 @@ fn a_syn_flood_of_a_million_sources_leaves_established_flows_measured_and_memory
                 .any(|l| v["client"].as_str() == Some(&l.to_string()))
         })
         .collect();
-    assert_eq!(verdicts.len(), 10, "every long-lived flow still measured: {events:#?}");
+    assert_eq!(
+        verdicts.len(),
+        10,
+        "every long-lived flow still measured: {events:#?}"
+    );
     for v in &verdicts {
         assert_eq!(v["ending"], "client_fin", "{v:#}");
         // Followed from its handshake, before the flood, to its end.
@@ -378,14 +382,23 @@ fn a_syn_flood_of_a_million_sources_leaves_established_flows_measured_and_memory
     );
     let c = &status["kernel_counters"];
     assert_eq!(c["flows_created"], 10, "the flood established nothing");
-    assert_eq!(c["half_open_created"].as_u64().unwrap(), u64::from(flood) + 10);
+    assert_eq!(
+        c["half_open_created"].as_u64().unwrap(),
+        u64::from(flood) + 10
+    );
     let half = status["half_open_entries"].as_u64().unwrap();
-    assert!(half <= 65_536 + 1024, "the flood stays in its table: {half}");
+    assert!(
+        half <= 65_536 + 1024,
+        "the flood stays in its table: {half}"
+    );
     let evicted = status["half_open_evictions"].as_u64().unwrap();
     assert!(evicted >= u64::from(flood) - 65_536 - 1024, "{status:#}");
     assert_eq!(status["events_dropped"], 0);
     let grew = rss_after.saturating_sub(rss_before);
-    assert!(grew < 8 << 20, "agent memory grew {grew} bytes under the flood");
+    assert!(
+        grew < 8 << 20,
+        "agent memory grew {grew} bytes under the flood"
+    );
     println!(
         "SYN flood of {flood} spoofed sources: 10 of 10 established flows measured after it; \
          half-open table {half} entries, {evicted} evicted; agent RSS {:.1} -> {:.1} MiB; 0 events dropped",

@@ -88,8 +88,30 @@ fn unit_capabilities() -> Vec<String> {
         .collect()
 }
 
-/// Start the agent as `nobody` with only `caps`; Ok(()) once it serves status.
-fn start_with(pair: &Pair, caps: &[String]) -> Result<(), String> {
+/// CapPrm, CapEff, CapInh and CapAmb of every thread of `pid`.
+fn thread_caps(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let st = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        for l in st.lines() {
+            if ["CapPrm:", "CapEff:", "CapInh:", "CapAmb:"]
+                .iter()
+                .any(|k| l.starts_with(k))
+            {
+                out.push(l.split_whitespace().collect::<Vec<_>>().join(" "));
+            }
+        }
+    }
+    out
+}
+
+/// Start the agent as `nobody` with only `caps`; once it serves status, the
+/// capability sets of its threads.
+fn start_with(pair: &Pair, caps: &[String]) -> Result<Vec<String>, String> {
     let dir = std::env::temp_dir().join(format!("caps-{}-{}", pair.server.name, caps.len()));
     std::fs::create_dir_all(&dir).unwrap();
     let _ = Command::new("chown")
@@ -140,7 +162,11 @@ fn start_with(pair: &Pair, caps: &[String]) -> Result<(), String> {
                 .arg("--socket")
                 .arg(&socket)
                 .args(["status", "--json"]));
-            result = if ok { Ok(()) } else { Err(out) };
+            result = if ok {
+                Ok(thread_caps(child.id()))
+            } else {
+                Err(out)
+            };
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -158,7 +184,15 @@ fn the_agent_runs_unprivileged_with_exactly_the_units_capabilities() {
     let caps = unit_capabilities();
     assert_eq!(caps, ["bpf", "net_admin", "perfmon"]);
     let pair = Pair::new();
-    start_with(&pair, &caps).unwrap_or_else(|e| panic!("with {caps:?}: {e}"));
+    let running = start_with(&pair, &caps).unwrap_or_else(|e| panic!("with {caps:?}: {e}"));
+    // Once attached, the agent holds no capability at all, in any thread.
+    assert!(!running.is_empty());
+    for l in &running {
+        assert!(
+            l.ends_with(" 0000000000000000"),
+            "after attach: {running:?}"
+        );
+    }
     // Each one is needed: without it, loading fails with a clear error.
     for missing in &caps {
         let fewer: Vec<String> = caps.iter().filter(|c| c != &missing).cloned().collect();
