@@ -22,9 +22,15 @@ enum Cmd {
         #[arg(long)]
         build_only: bool,
     },
-    /// Set up, then run every check and test: fmt, clippy, host unit tests
-    /// and the kernel tests (as root, in network namespaces).
+    /// Set up, then run every check and test: fmt, clippy, host unit tests,
+    /// the kernel tests (as root, in network namespaces), and the fuzz
+    /// target for a bounded time.
     Test,
+    /// Fuzz the shared parser and state machine (cargo fuzz) for a while.
+    Fuzz {
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+    },
     /// Set up, build the agent, run the lab with every kind of middlebox for a
     /// couple of minutes, print the agent's report and metrics, tear down.
     Demo {
@@ -38,8 +44,8 @@ enum Cmd {
         #[arg(long)]
         png: Option<std::path::PathBuf>,
     },
-    /// Set up, then measure the kernel programs' per-packet cost against empty
-    /// programs (BPF_PROG_TEST_RUN) and write BENCHMARKS.md.
+    /// Set up, then measure per-packet cost (BPF_PROG_TEST_RUN), throughput
+    /// against tcpdump, a million flows and the event rate; write BENCHMARKS.md.
     Bench,
     /// Lab housekeeping.
     Lab {
@@ -75,7 +81,12 @@ fn main() -> Result<()> {
             // Default members: the user-space crates (the eBPF crate builds from monitor/build.rs).
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
             cargo(&["build", "--bins"])?;
-            cargo(&["test"])
+            cargo(&["test"])?;
+            xtask::setup::fuzz(60)
+        }
+        Cmd::Fuzz { seconds } => {
+            xtask::setup::setup()?;
+            xtask::setup::fuzz(seconds)
         }
         Cmd::Demo {
             scenario,

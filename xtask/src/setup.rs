@@ -224,12 +224,49 @@ pub fn ensure_python_packages() -> Result<()> {
     Ok(())
 }
 
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz, for the fuzz target (`fuzz/`).
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    let ok = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        println!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
+        run(Command::new("cargo").args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+        ]))?;
+    }
+    Ok(())
+}
+
+/// Fuzz the shared parser and state machine for `seconds` (libFuzzer under
+/// AddressSanitizer, from the committed seeds). A crash fails with its input
+/// saved under `fuzz/artifacts/`.
+pub fn fuzz(seconds: u64) -> Result<()> {
+    let dir = crate::demo::workspace_root().join("fuzz");
+    std::fs::create_dir_all(dir.join("corpus/packets"))?;
+    println!("fuzz: the packets target for {seconds} s");
+    run(Command::new("cargo")
+        .current_dir(&dir)
+        .args(["+nightly", "fuzz", "run", "packets", "corpus/packets", "seeds", "--"])
+        .arg(format!("-max_total_time={seconds}"))
+        .arg("-print_final_stats=1"))
+}
+
 /// Everything, in order. Fast when already done.
 pub fn setup() -> Result<()> {
     check_root()?;
     check_kernel()?;
     ensure_rust_src()?;
     ensure_bpf_linker()?;
+    ensure_cargo_fuzz()?;
     ensure_packages()?;
     ensure_python_packages()?;
     Ok(())

@@ -1,0 +1,83 @@
+//! Hostile input through the code the kernel runs on every packet, shared
+//! with offline analysis: the glance, the full parse, the two-table state
+//! machine. Input: a sequence of frames, each
+//! `[len: u16 le][dir: u8][dt_ms: u8][frame bytes]`.
+//!
+//! Checked beyond "no panic": the glance never contradicts the full parse
+//! (it may only settle packets the parse would also call not ours), and
+//! every event the state machine emits decodes, and no connection is in
+//! both tables.
+#![no_main]
+
+use std::collections::HashMap;
+
+use libfuzzer_sys::fuzz_target;
+use monitor_common::{
+    flow::{flow_key, wants_sample},
+    glance, parse_ethernet, step, Dir, EventKind, Flow, FlowKey, FlowTables, Glance,
+};
+
+#[derive(Default)]
+struct Tables {
+    flows: HashMap<FlowKey, Flow>,
+    half: HashMap<FlowKey, Flow>,
+}
+
+impl FlowTables for Tables {
+    fn flow(&mut self, k: &FlowKey) -> Option<&mut Flow> {
+        self.flows.get_mut(k)
+    }
+    fn half_open(&mut self, k: &FlowKey) -> Option<&mut Flow> {
+        self.half.get_mut(k)
+    }
+    fn insert_flow(&mut self, k: &FlowKey, f: Flow) {
+        self.flows.insert(*k, f);
+    }
+    fn insert_half_open(&mut self, k: &FlowKey, f: Flow) {
+        self.half.insert(*k, f);
+    }
+    fn remove_half_open(&mut self, k: &FlowKey) {
+        self.half.remove(k);
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut tables = Tables::default();
+    let mut now = 1u64;
+    let mut rest = data;
+    while rest.len() >= 4 {
+        let len = (u16::from_le_bytes([rest[0], rest[1]]) as usize).min(rest.len() - 4);
+        let dir = if rest[2] & 1 == 0 { Dir::In } else { Dir::Out };
+        now += u64::from(rest[3]) * 1_000_000;
+        let frame = &rest[4..4 + len];
+        rest = &rest[4 + len..];
+
+        let g = glance(frame, dir == Dir::In);
+        let parsed = parse_ethernet(frame);
+        match (&g, &parsed) {
+            (Glance::NotTcp, Ok(p)) => panic!("glance said not TCP, the parse found {p:?}"),
+            (Glance::LocalPort(port), Ok(p)) => {
+                let local = if dir == Dir::In { p.dst_port } else { p.src_port };
+                assert_eq!(*port, local, "glance and parse disagree on the port");
+            }
+            _ => {}
+        }
+        let Ok(pkt) = parsed else { continue };
+        let key = flow_key(&pkt, dir);
+        if let Some(f) = tables.flows.get(&key) {
+            let _ = wants_sample(true, f, &pkt, dir);
+        }
+        for ev in step(&mut tables, &key, &pkt, dir, now, 5_000_000_000)
+            .into_iter()
+            .flatten()
+        {
+            assert!(EventKind::from_u8(ev.kind).is_some(), "event kind {}", ev.kind);
+            assert!(Dir::from_u8(ev.dir).is_some(), "event direction {}", ev.dir);
+            assert_eq!(ev.key, key);
+        }
+        assert!(
+            tables.flows.keys().all(|k| !tables.half.contains_key(k)),
+            "a flow in both tables"
+        );
+    }
+});
