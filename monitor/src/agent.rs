@@ -374,6 +374,11 @@ async fn answer(
 
 pub async fn run(config: FileConfig) -> anyhow::Result<()> {
     config.validate().context("invalid configuration")?;
+    // Read before anything is attached: a bad file changes nothing.
+    let web = match &config.metrics.web_config_file {
+        Some(p) => crate::web_config::WebConfig::load(p)?,
+        None => crate::web_config::WebConfig::default(),
+    };
     let mut monitor = Monitor::start(&config.agent).context("starting the monitor")?;
     for a in monitor.attachments() {
         log::info!(
@@ -447,8 +452,17 @@ pub async fn run(config: FileConfig) -> anyhow::Result<()> {
         followers.clone(),
     ));
     let metrics_task = metrics_listener.map(|l| {
-        log::info!("serving /metrics on {}", config.metrics.listen);
-        tokio::spawn(exporter::serve(l, state.clone()))
+        log::info!(
+            "serving /metrics on {}{}{}",
+            config.metrics.listen,
+            if web.tls.is_some() { " (TLS)" } else { "" },
+            if web.requires_auth() {
+                " (basic auth)"
+            } else {
+                ""
+            }
+        );
+        tokio::spawn(exporter::serve(l, state.clone(), web.clone()))
     });
     log::info!("query socket {}", socket_path.display());
     // Attached and bound: nothing below needs a capability.

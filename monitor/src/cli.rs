@@ -214,6 +214,10 @@ pub struct RunArgs {
     /// Address for /metrics. Default 0.0.0.0:19443. [metrics] listen
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Prometheus-style web configuration (web.yml: tls_server_config,
+    /// basic_auth_users) for /metrics. [metrics] web_config_file
+    #[arg(long, value_name = "FILE")]
+    pub web_config_file: Option<PathBuf>,
     /// Do not serve /metrics. [metrics] enabled = false
     #[arg(long)]
     pub no_metrics: bool,
@@ -270,6 +274,9 @@ impl RunArgs {
         }
         if let Some(v) = self.metrics_listen {
             c.metrics.listen = v;
+        }
+        if let Some(v) = &self.web_config_file {
+            c.metrics.web_config_file = Some(v.clone());
         }
         if self.no_metrics {
             c.metrics.enabled = false;

@@ -92,6 +92,9 @@ pub struct MetricsConfig {
     pub top_paths: usize,
     /// Expose client addresses (top killed clients) as labels. Off by default.
     pub client_addresses: bool,
+    /// A Prometheus-style web configuration (exporter-toolkit's web.yml):
+    /// TLS and basic auth for /metrics.
+    pub web_config_file: Option<PathBuf>,
 }
 
 impl Default for MetricsConfig {
@@ -101,6 +104,7 @@ impl Default for MetricsConfig {
             enabled: true,
             top_paths: 20,
             client_addresses: false,
+            web_config_file: None,
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod privilege;
 pub mod query;
 pub mod render;
 pub mod replay;
+pub mod web_config;
 
 pub use config::{AgentConfig, ConfigError, FileConfig, XdpModeSetting};
 pub use event::FlowEvent;

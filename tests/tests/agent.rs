@@ -31,6 +31,7 @@ fn start_agent(pair: &Pair) -> Agent {
             agent,
             detector,
             workdir: std::env::temp_dir().join(format!("agent-test-{}", pair.server.name)),
+            metrics: toml::Table::new(),
         },
     )
     .expect("agent starts")
@@ -404,5 +405,82 @@ fn a_syn_flood_of_a_million_sources_leaves_established_flows_measured_and_memory
          half-open table {half} entries, {evicted} evicted; agent RSS {:.1} -> {:.1} MiB; 0 events dropped",
         rss_before as f64 / 1048576.0,
         rss_after as f64 / 1048576.0
+    );
+}
+
+/// `curl` inside the agent's namespace; (HTTP status, body).
+fn curl(ns: &str, args: &[&str]) -> (String, String) {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "curl",
+            "-sS",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .args(args)
+        .output()
+        .expect("curl (Debian package curl)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.to_string(), body.to_string())
+}
+
+#[test]
+fn metrics_over_tls_with_basic_auth_from_a_prometheus_web_config() {
+    let pair = Pair::new();
+    let dir = std::env::temp_dir().join(format!("webcfg-{}", pair.server.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    std::fs::write(dir.join("tls.crt"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), cert.signing_key.serialize_pem()).unwrap();
+    let hash = bcrypt::hash("scrape-me", 6).unwrap();
+    let web = dir.join("web.yml");
+    std::fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: tls.crt\n  key_file: tls.key\nbasic_auth_users:\n  prometheus: '{hash}'\n"
+        ),
+    )
+    .unwrap();
+    let mut metrics = toml::Table::new();
+    metrics.insert("web_config_file".into(), web.display().to_string().into());
+    let agent = Agent::start_in(
+        &agent_bin(),
+        &pair.server,
+        AgentOptions {
+            iface: pair.server_if.clone(),
+            agent: toml::Table::new(),
+            detector: toml::Table::new(),
+            workdir: dir.join("agent"),
+            metrics,
+        },
+    )
+    .expect("agent starts");
+    let url = format!("https://{}/metrics", agent.metrics);
+    let ca = dir.join("tls.crt").display().to_string();
+    let ns = agent.ns.clone();
+    let ok = curl(&ns, &["--cacert", &ca, "-u", "prometheus:scrape-me", &url]);
+    let wrong = curl(&ns, &["--cacert", &ca, "-u", "prometheus:guess", &url]);
+    let anonymous = curl(&ns, &["--cacert", &ca, &url]);
+    let plain = curl(&ns, &[&format!("http://{}/metrics", agent.metrics)]);
+    let _ = agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(ok.0, "200", "{ok:?}");
+    assert!(ok.1.contains("activesync_monitor_build_info"), "{ok:?}");
+    assert_eq!(wrong.0, "401");
+    assert_eq!(anonymous.0, "401");
+    assert!(
+        !anonymous.1.contains("activesync_monitor"),
+        "nothing leaks without auth"
+    );
+    assert_ne!(
+        plain.0, "200",
+        "no plain HTTP when TLS is configured: {plain:?}"
     );
 }

@@ -20,6 +20,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "procps",      // sysctl
     "prometheus",  // promtool check metrics; the server for the alerting lab
     "gnuplot-nox", // the demo's --png plot
+    "curl",        // the /metrics TLS and basic-auth test
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -255,7 +256,15 @@ pub fn fuzz(seconds: u64) -> Result<()> {
     println!("fuzz: the packets target for {seconds} s");
     run(Command::new("cargo")
         .current_dir(&dir)
-        .args(["+nightly", "fuzz", "run", "packets", "corpus/packets", "seeds", "--"])
+        .args([
+            "+nightly",
+            "fuzz",
+            "run",
+            "packets",
+            "corpus/packets",
+            "seeds",
+            "--",
+        ])
         .arg(format!("-max_total_time={seconds}"))
         .arg("-print_final_stats=1"))
 }

@@ -64,6 +64,7 @@ pub fn run(agent_bin: &Path, rates: &[u32], seconds: f64) -> Vec<Step> {
             agent: toml::Table::new(),
             detector: toml::Table::new(),
             workdir: workdir.clone(),
+            metrics: toml::Table::new(),
         },
     )
     .expect("agent starts");

@@ -75,6 +75,7 @@ pub fn run(agent_bin: &Path, flows: u32) -> Scale {
             agent: agent_keys,
             detector: toml::Table::new(),
             workdir: workdir.clone(),
+            metrics: toml::Table::new(),
         },
     )
     .expect("agent starts");

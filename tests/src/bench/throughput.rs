@@ -192,6 +192,7 @@ pub fn run(agent_bin: &Path, rounds: usize, seconds: u32) -> Vec<Round> {
                             agent: keys,
                             detector: toml::Table::new(),
                             workdir: workdir.clone(),
+                            metrics: toml::Table::new(),
                         },
                     )
                     .expect("agent starts");

@@ -459,6 +459,8 @@ pub struct AgentOptions {
     pub agent: toml::Table,
     pub detector: toml::Table,
     pub workdir: PathBuf,
+    /// Extra `[metrics]` keys (e.g. web_config_file).
+    pub metrics: toml::Table,
 }
 
 impl Agent {
@@ -471,6 +473,7 @@ impl Agent {
                 agent: toml::Table::new(),
                 detector: s.detector.clone(),
                 workdir: topo.workdir.clone(),
+                metrics: toml::Table::new(),
             },
         )
     }
@@ -501,7 +504,7 @@ impl Agent {
         );
         cfg.insert("agent".into(), agent.into());
         cfg.insert("detector".into(), o.detector.clone().into());
-        let mut m = toml::Table::new();
+        let mut m = o.metrics.clone();
         m.insert("listen".into(), metrics.to_string().into());
         cfg.insert("metrics".into(), m.into());
         let mut q = toml::Table::new();
