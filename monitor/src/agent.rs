@@ -542,6 +542,17 @@ pub async fn run(config: FileConfig) -> anyhow::Result<()> {
     if let Some(mut l) = kernel_log.map(AsyncFd::into_inner) {
         l.flush();
     }
+    match (&config.agent.pin_path, config.agent.detach_on_exit) {
+        (Some(dir), true) => match crate::pins::remove_all(dir) {
+            Ok(r) => log::info!("detach on exit: removed {} pins from {}", r.len(), dir.display()),
+            Err(e) => log::warn!("detach on exit: {e}"),
+        },
+        (Some(dir), false) => log::info!(
+            "programs stay attached and state stays pinned in {} (`monitor uninstall` removes them)",
+            dir.display()
+        ),
+        _ => {}
+    }
     let _ = std::fs::remove_file(&socket_path);
     drop(events);
     drop(state);

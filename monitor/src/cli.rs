@@ -47,6 +47,17 @@ pub enum Command {
     /// SPAN port) with the same state machine and detector as the live agent,
     /// packet timestamps as the clock, and print the same report. No root needed.
     Analyze(AnalyzeArgs),
+    /// Remove everything a pinned agent left in bpffs: its links (which
+    /// detaches its programs) and maps. For an agent run with `pin_path`.
+    Uninstall {
+        /// The agent's pin directory. Default: [agent] pin_path of --config,
+        /// else /sys/fs/bpf/activesync-monitor.
+        #[arg(long, value_name = "DIR")]
+        pin_path: Option<PathBuf>,
+        /// The agent's configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Print shell completions for SHELL to stdout.
     Completions {
         #[arg(value_enum)]
@@ -221,6 +232,14 @@ pub struct RunArgs {
     /// Do not serve /metrics. [metrics] enabled = false
     #[arg(long)]
     pub no_metrics: bool,
+    /// Pin maps and links in this bpffs directory, so a restart (kill -9
+    /// included) keeps the flow table and counters. [agent] pin_path
+    #[arg(long, value_name = "DIR")]
+    pub pin_path: Option<PathBuf>,
+    /// At exit, remove the pins too (detach everything), as without pinning.
+    /// [agent] detach_on_exit
+    #[arg(long)]
+    pub detach_on_exit: bool,
     /// Print the effective configuration (TOML) and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -274,6 +293,12 @@ impl RunArgs {
         }
         if let Some(v) = self.metrics_listen {
             c.metrics.listen = v;
+        }
+        if let Some(v) = &self.pin_path {
+            c.agent.pin_path = Some(v.clone());
+        }
+        if self.detach_on_exit {
+            c.agent.detach_on_exit = true;
         }
         if let Some(v) = &self.web_config_file {
             c.metrics.web_config_file = Some(v.clone());

@@ -64,6 +64,11 @@ pub struct AgentConfig {
     pub xdp_mode: XdpModeSetting,
     /// The ingress hook: XDP (with `xdp_mode`) or TC.
     pub ingress: IngressHook,
+    /// Pin maps and links here (a directory in bpffs) so a restart, even
+    /// kill -9, loses nothing. None: everything goes with the process.
+    pub pin_path: Option<PathBuf>,
+    /// With `pin_path`: remove the pins at exit (detach everything).
+    pub detach_on_exit: bool,
 }
 
 impl Default for AgentConfig {
@@ -77,6 +82,8 @@ impl Default for AgentConfig {
             half_open_table_size: DEFAULT_HALF_OPEN_TABLE_SIZE,
             xdp_mode: XdpModeSetting::Auto,
             ingress: IngressHook::Xdp,
+            pin_path: None,
+            detach_on_exit: false,
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod loader;
 pub mod metrics;
 pub mod monitor;
 pub mod ping;
+pub mod pins;
 pub mod privilege;
 pub mod query;
 pub mod render;

@@ -53,6 +53,15 @@ pub enum LoadError {
         #[source]
         source: Box<ProgramError>,
     },
+    #[error(transparent)]
+    Pins(#[from] crate::pins::PinsError),
+    #[error("pinning the {hook} link on {iface} at {path}: {message}")]
+    Pin {
+        hook: &'static str,
+        iface: String,
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error("adding a clsact qdisc to {iface}: {source}")]
     Clsact {
         iface: String,
@@ -103,6 +112,10 @@ pub struct Attached {
     pub attachments: Vec<Attachment>,
     pub programs: Vec<ProgramStats>,
     clsact_added: Vec<String>,
+    /// Links pinned in bpffs: they outlive the process (see `pins`).
+    pinned: Vec<aya::programs::links::PinnedLink>,
+    /// Hooks whose existing pinned link got our programs (a restart).
+    pub adopted: Vec<String>,
 }
 
 fn iface_exists(name: &str) -> bool {
@@ -136,10 +149,35 @@ fn verifier_error(program: &'static str, source: ProgramError) -> LoadError {
 /// this with BPF_PROG_TEST_RUN).
 pub fn load(cfg: &AgentConfig) -> Result<Ebpf, LoadError> {
     let kcfg = cfg.kernel_config();
-    let mut ebpf = EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    loader
         .override_global("CONFIG", &kcfg, true)
         .map_max_entries("FLOWS", cfg.flow_table_size)
-        .map_max_entries("HALF_OPEN", cfg.half_open_table_size)
+        .map_max_entries("HALF_OPEN", cfg.half_open_table_size);
+    let pin_paths: Vec<(&str, std::path::PathBuf)> = match &cfg.pin_path {
+        Some(dir) => {
+            let bad = crate::pins::incompatible(dir, cfg.flow_table_size, cfg.half_open_table_size);
+            if !bad.is_empty() {
+                log::warn!(
+                    "pinned state in {} does not fit this agent ({}): starting afresh",
+                    dir.display(),
+                    bad.join("; ")
+                );
+                crate::pins::remove_all(dir)?;
+            }
+            crate::pins::ensure_dir(dir)?;
+            crate::pins::PINNED_MAPS
+                .iter()
+                .map(|m| (*m, dir.join(m)))
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    // An existing pin is reused as is (state kept); a missing one is created and pinned.
+    for (name, path) in &pin_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
         .load(crate::EBPF_OBJECT)
         .map_err(|source| LoadError::Object {
             source: Box::new(source),
@@ -193,9 +231,14 @@ pub fn attach(cfg: &AgentConfig) -> Result<Attached, LoadError> {
         attachments: Vec::new(),
         programs,
         clsact_added: Vec::new(),
+        pinned: Vec::new(),
+        adopted: Vec::new(),
     };
+    if let Some(dir) = &cfg.pin_path {
+        drop_unexpected_links(dir, cfg)?;
+    }
     for iface in &cfg.interfaces {
-        let tc_mode = attach_tc(&mut attached, iface, TC_PROGRAM, TcAttachType::Egress)?;
+        let tc_mode = attach_tc(&mut attached, cfg, iface, TC_PROGRAM, TcAttachType::Egress)?;
         let xdp_mode = match cfg.ingress {
             IngressHook::Xdp => {
                 if is_virtual(iface) {
@@ -204,11 +247,12 @@ pub fn attach(cfg: &AgentConfig) -> Result<Attached, LoadError> {
                          (measured on veth: 0.15 of the throughput); `ingress = \"tc\"` keeps ~0.98 (BENCHMARKS.md)"
                     );
                 }
-                attach_xdp(&mut attached.ebpf, iface, cfg.xdp_mode)?
+                attach_xdp(&mut attached, cfg, iface)?
             }
             IngressHook::Tc => {
                 attach_tc(
                     &mut attached,
+                    cfg,
                     iface,
                     TC_INGRESS_PROGRAM,
                     TcAttachType::Ingress,
@@ -225,46 +269,173 @@ pub fn attach(cfg: &AgentConfig) -> Result<Attached, LoadError> {
     Ok(attached)
 }
 
-fn attach_xdp(
-    ebpf: &mut Ebpf,
+/// The pinned links this configuration will use: any other pinned link (an
+/// interface dropped from the configuration, XDP where TC ingress is now
+/// wanted) is removed first, so nothing is attached twice.
+fn drop_unexpected_links(dir: &std::path::Path, cfg: &AgentConfig) -> Result<(), LoadError> {
+    let mut want = Vec::new();
+    for iface in &cfg.interfaces {
+        want.push(crate::pins::link_path(dir, HOOK_TC_EGRESS, iface));
+        want.push(crate::pins::link_path(
+            dir,
+            match cfg.ingress {
+                IngressHook::Xdp => HOOK_XDP,
+                IngressHook::Tc => HOOK_TC_INGRESS,
+            },
+            iface,
+        ));
+    }
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        let is_link = e.file_name().to_string_lossy().starts_with("link-");
+        if is_link && !want.contains(&p) {
+            log::info!(
+                "removing the pinned link {} (not in this configuration)",
+                p.display()
+            );
+            std::fs::remove_file(&p).map_err(|source| crate::pins::PinsError::Remove {
+                path: p.clone(),
+                source,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+const HOOK_XDP: &str = "xdp";
+const HOOK_TC_EGRESS: &str = "tc-egress";
+const HOOK_TC_INGRESS: &str = "tc-ingress";
+
+/// A pinned link of `hook` on `iface` left by an earlier agent, taken out of
+/// its pin (it is re-pinned once our program is in it).
+fn pinned_link(
+    cfg: &AgentConfig,
+    hook: &'static str,
     iface: &str,
-    mode: XdpModeSetting,
+) -> Option<aya::programs::links::FdLink> {
+    let path = crate::pins::link_path(cfg.pin_path.as_deref()?, hook, iface);
+    if !path.exists() {
+        return None;
+    }
+    match aya::programs::links::PinnedLink::from_pin(&path).map(|l| l.unpin()) {
+        Ok(Ok(link)) => Some(link),
+        Ok(Err(e)) => {
+            log::warn!("unpinning {}: {e}", path.display());
+            None
+        }
+        Err(e) => {
+            log::warn!(
+                "opening the pinned link {}: {e}; attaching afresh",
+                path.display()
+            );
+            let _ = std::fs::remove_file(&path);
+            None
+        }
+    }
+}
+
+/// Pin the link just made (or adopted) so it outlives the process.
+fn pin_link(
+    attached: &mut Attached,
+    cfg: &AgentConfig,
+    hook: &'static str,
+    iface: &str,
+    link: Result<aya::programs::links::FdLink, aya::programs::links::LinkError>,
+) -> Result<(), LoadError> {
+    let Some(dir) = cfg.pin_path.as_deref() else {
+        return Ok(());
+    };
+    let path = crate::pins::link_path(dir, hook, iface);
+    let err = |message: String| LoadError::Pin {
+        hook,
+        iface: iface.to_string(),
+        path: path.clone(),
+        message,
+    };
+    let link = link.map_err(|e| {
+        err(format!(
+            "{e} (pinning needs bpf_link attachments: XDP links, TCX on Linux 6.6+)"
+        ))
+    })?;
+    let pinned = link.pin(&path).map_err(|e| err(e.to_string()))?;
+    attached.pinned.push(pinned);
+    Ok(())
+}
+
+fn attach_xdp(
+    attached: &mut Attached,
+    cfg: &AgentConfig,
+    iface: &str,
 ) -> Result<&'static str, LoadError> {
-    let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?;
+    if let Some(old) = pinned_link(cfg, HOOK_XDP, iface) {
+        let xdp: &mut Xdp = program(&mut attached.ebpf, XDP_PROGRAM)?;
+        let adopted = aya::programs::xdp::XdpLink::try_from(old)
+            .map_err(|e| e.to_string())
+            .and_then(|l| xdp.attach_to_link(l).map_err(|e| e.to_string()));
+        match adopted {
+            Ok(id) => {
+                let link = xdp.take_link(id).map_err(|e| LoadError::Attach {
+                    program: XDP_PROGRAM,
+                    iface: iface.to_string(),
+                    mode: "pinned link",
+                    source: Box::new(e),
+                })?;
+                pin_link(attached, cfg, HOOK_XDP, iface, link.try_into())?;
+                attached.adopted.push(format!("{HOOK_XDP} {iface}"));
+                return Ok("pinned link");
+            }
+            Err(e) => {
+                log::warn!("{iface}: could not reuse the pinned XDP link ({e}); attaching afresh")
+            }
+        }
+    }
+    let xdp: &mut Xdp = program(&mut attached.ebpf, XDP_PROGRAM)?;
     let err = |mode: &'static str, source| LoadError::Attach {
         program: XDP_PROGRAM,
         iface: iface.to_string(),
         mode,
         source: Box::new(source),
     };
-    match mode {
-        XdpModeSetting::Native => xdp
-            .attach(iface, XdpMode::Driver)
-            .map(|_| "native")
-            .map_err(|e| err("native", e)),
-        XdpModeSetting::Skb => xdp
-            .attach(iface, XdpMode::Skb)
-            .map(|_| "skb")
-            .map_err(|e| err("skb", e)),
+    let (mode, id) = match cfg.xdp_mode {
+        XdpModeSetting::Native => (
+            "native",
+            xdp.attach(iface, XdpMode::Driver)
+                .map_err(|e| err("native", e))?,
+        ),
+        XdpModeSetting::Skb => (
+            "skb",
+            xdp.attach(iface, XdpMode::Skb).map_err(|e| err("skb", e))?,
+        ),
         // Try native first so we know (and can report) which mode runs.
         XdpModeSetting::Auto => match xdp.attach(iface, XdpMode::Driver) {
-            Ok(_) => Ok("native"),
+            Ok(id) => ("native", id),
             Err(native) => {
                 log::info!("{iface}: native XDP unavailable ({native}); using generic XDP");
-                xdp.attach(iface, XdpMode::Skb)
-                    .map(|_| "skb")
-                    .map_err(|e| err("skb", e))
+                (
+                    "skb",
+                    xdp.attach(iface, XdpMode::Skb).map_err(|e| err("skb", e))?,
+                )
             }
         },
+    };
+    if cfg.pin_path.is_some() {
+        let link = xdp.take_link(id).map_err(|e| err(mode, e))?;
+        pin_link(attached, cfg, HOOK_XDP, iface, link.try_into())?;
     }
+    Ok(mode)
 }
 
 fn attach_tc(
     attached: &mut Attached,
+    cfg: &AgentConfig,
     iface: &str,
     name: &'static str,
     hook: TcAttachType,
 ) -> Result<&'static str, LoadError> {
+    let hook_name = match hook {
+        TcAttachType::Ingress => HOOK_TC_INGRESS,
+        _ => HOOK_TC_EGRESS,
+    };
     // TCX links (6.6+) need no qdisc and vanish with the process.
     let tcx = KernelVersion::current()
         .map(|v| v >= KernelVersion::new(6, 6, 0))
@@ -283,14 +454,35 @@ fn attach_tc(
         }
     }
     let mode = if tcx { "tcx" } else { "clsact" };
+    let err = |source| LoadError::Attach {
+        program: name,
+        iface: iface.to_string(),
+        mode,
+        source: Box::new(source),
+    };
+    if let Some(old) = pinned_link(cfg, hook_name, iface) {
+        let prog: &mut SchedClassifier = program(&mut attached.ebpf, name)?;
+        let adopted = tc::SchedClassifierLink::try_from(old)
+            .map_err(|e| e.to_string())
+            .and_then(|l| prog.attach_to_link(l).map_err(|e| e.to_string()));
+        match adopted {
+            Ok(id) => {
+                let link = prog.take_link(id).map_err(err)?;
+                pin_link(attached, cfg, hook_name, iface, link.try_into())?;
+                attached.adopted.push(format!("{hook_name} {iface}"));
+                return Ok(mode);
+            }
+            Err(e) => log::warn!(
+                "{iface}: could not reuse the pinned {hook_name} link ({e}); attaching afresh"
+            ),
+        }
+    }
     let prog: &mut SchedClassifier = program(&mut attached.ebpf, name)?;
-    prog.attach(iface, hook)
-        .map_err(|source| LoadError::Attach {
-            program: name,
-            iface: iface.to_string(),
-            mode,
-            source: Box::new(source),
-        })?;
+    let id = prog.attach(iface, hook).map_err(err)?;
+    if cfg.pin_path.is_some() {
+        let link = prog.take_link(id).map_err(err)?;
+        pin_link(attached, cfg, hook_name, iface, link.try_into())?;
+    }
     Ok(mode)
 }
 

@@ -108,6 +108,23 @@ fn main() -> anyhow::Result<()> {
             print!("{}", analysis.report.to_text());
             Ok(())
         }
+        Command::Uninstall { pin_path, config } => {
+            let dir = match (pin_path, config) {
+                (Some(p), _) => p,
+                (None, Some(c)) => monitor::config::FileConfig::load(&c)?
+                    .agent
+                    .pin_path
+                    .context("the configuration has no [agent] pin_path: nothing is pinned")?,
+                (None, None) => std::path::PathBuf::from(monitor::pins::DEFAULT_PIN_PATH),
+            };
+            let removed = monitor::pins::remove_all(&dir)?;
+            if removed.is_empty() {
+                println!("nothing pinned in {}", dir.display());
+            } else {
+                println!("removed from {}: {}", dir.display(), removed.join(", "));
+            }
+            Ok(())
+        }
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

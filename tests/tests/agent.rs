@@ -484,3 +484,208 @@ fn metrics_over_tls_with_basic_auth_from_a_prometheus_web_config() {
         "no plain HTTP when TLS is configured: {plain:?}"
     );
 }
+
+/// A bpffs mounted at a directory; unmounted and removed on drop.
+struct BpfFs(std::path::PathBuf);
+
+impl BpfFs {
+    fn mount(dir: &str) -> BpfFs {
+        std::fs::create_dir_all(dir).unwrap();
+        sh(&["mount", "-t", "bpf", "bpf", dir]);
+        BpfFs(dir.into())
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Programs attached to `iface` in namespace `ns`: XDP (from `ip link`) and
+/// TCX egress/ingress (from `tc filter`... TCX links show in `ip link` too).
+fn attached_programs(ns: &str, iface: &str) -> (usize, usize) {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "-d", "link", "show", "dev", iface])
+        .output()
+        .expect("ip link");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let xdp = text.matches("prog/xdp").count();
+    let path = format!("/run/netns/{ns}");
+    let iface = iface.to_string();
+    let tcx = std::thread::spawn(move || {
+        xtask::netns::enter(&path);
+        [
+            aya::programs::tc::TcAttachType::Egress,
+            aya::programs::tc::TcAttachType::Ingress,
+        ]
+        .into_iter()
+        .map(|t| {
+            aya::programs::SchedClassifier::query_tcx(&iface, t)
+                .map(|(_, progs)| progs.len())
+                .unwrap_or(0)
+        })
+        .sum::<usize>()
+    })
+    .join()
+    .unwrap();
+    (xdp, tcx)
+}
+
+#[test]
+fn a_kill_9_restart_keeps_the_flow_table_and_counters_and_measures_a_silence_across_it() {
+    let pair = Pair::new();
+    // `ip netns exec` mounts a fresh /sys, hiding /sys/fs/bpf: a bpffs of
+    // the test's own, outside /sys, unmounted on every exit path.
+    let bpffs = BpfFs::mount(&format!("/run/mt-bpffs-{}", pair.server.name));
+    let pins = bpffs.0.join("activesync-monitor");
+    let opts = |dir: &str| {
+        let mut agent = toml::Table::new();
+        agent.insert("gap_threshold_seconds".into(), 1.into());
+        agent.insert("pin_path".into(), pins.display().to_string().into());
+        AgentOptions {
+            iface: pair.server_if.clone(),
+            agent,
+            detector: toml::Table::new(),
+            workdir: std::env::temp_dir().join(format!("restart-{}-{dir}", pair.server.name)),
+            metrics: toml::Table::new(),
+        }
+    };
+    let first = Agent::start_in(&agent_bin(), &pair.server, opts("a")).expect("agent starts");
+    let (tx, rx) = mpsc::channel();
+    let server = pair.server.spawn(move || {
+        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 443)).expect("bind 443");
+        tx.send(()).unwrap();
+        let (mut s, _) = l.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut b = Vec::new();
+        let _ = s.read_to_end(&mut b);
+        b.len()
+    });
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let client = pair.client.run(|| {
+        let mut c = TcpStream::connect((ip(SERVER_V4), 443)).expect("connect");
+        c.write_all(b"before").unwrap();
+        (c, std::time::Instant::now())
+    });
+    let (client, spoke) = client;
+    std::thread::sleep(Duration::from_millis(300));
+    let before = json(&first, &["status", "--json"]);
+    let seen_before = before["kernel_counters"]["packets_seen"].as_u64().unwrap();
+    assert_eq!(before["kernel_counters"]["flows_created"], 1);
+    // kill -9: no cleanup. The programs stay attached through their pinned links.
+    first.kill9();
+    assert_eq!(
+        attached_programs(&pair.server.name, &pair.server_if),
+        (1, 1)
+    );
+    assert!(pins.join("FLOWS").exists());
+    // The flow stays silent across the restart (3 s), then speaks and closes.
+    std::thread::sleep(Duration::from_secs(1));
+    let second = Agent::start_in(&agent_bin(), &pair.server, opts("b")).expect("agent restarts");
+    // Re-attached into the same links: still one program per hook.
+    assert_eq!(
+        attached_programs(&pair.server.name, &pair.server_if),
+        (1, 1)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (local, silent) = pair.client.run(move || {
+        let mut c = client;
+        c.write_all(b"after").unwrap();
+        (c.local_addr().unwrap(), spoke.elapsed().as_secs_f64())
+        // dropped: FIN
+    });
+    assert_eq!(server.join().unwrap(), 11);
+    let verdict = xtask::netns::wait_for(Duration::from_secs(10), || {
+        let out = second.cli(&["events", "--json"]).ok()?;
+        out.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["client"] == local.to_string())
+    })
+    .expect("the flow's ending, seen by the restarted agent");
+    let after = json(&second, &["status", "--json"]);
+    let report = json(&second, &["report", "--json"]);
+    let stopped = second.stop();
+    assert!(stopped.is_ok(), "{stopped:?}");
+    // Still attached and pinned after a clean stop, until uninstalled.
+    assert_eq!(
+        attached_programs(&pair.server.name, &pair.server_if),
+        (1, 1)
+    );
+    let un = std::process::Command::new(agent_bin())
+        .args(["uninstall", "--pin-path"])
+        .arg(&pins)
+        .output()
+        .unwrap();
+    assert!(
+        un.status.success(),
+        "{}",
+        String::from_utf8_lossy(&un.stderr)
+    );
+    assert!(!pins.exists());
+    assert_eq!(
+        attached_programs(&pair.server.name, &pair.server_if),
+        (0, 0)
+    );
+
+    // Counters kept, not restarted from zero; the flow kept its history.
+    let seen_after = after["kernel_counters"]["packets_seen"].as_u64().unwrap();
+    assert!(seen_after > seen_before, "{seen_before} -> {seen_after}");
+    assert_eq!(
+        after["kernel_counters"]["flows_created"], 1,
+        "the same flow, not a new one"
+    );
+    assert_eq!(verdict["ending"], "client_fin", "{verdict:#}");
+    assert!(
+        verdict["flow_age_seconds"].as_f64().unwrap() >= 3.0,
+        "{verdict:#}"
+    );
+    // The 3 s silence spanning the restart was measured.
+    let survived = report["quiet_paths"][0]["longest_survived_seconds"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (survived - silent).abs() < 0.1,
+        "silence across the restart: measured {survived} s, made {silent} s"
+    );
+    println!(
+        "kill -9 restart: packets_seen {seen_before} -> {seen_after}, 1 flow kept, \
+         a {survived:.2} s silence across the restart measured; one program per hook"
+    );
+}
+
+#[test]
+fn detach_on_exit_removes_every_pin_and_attachment() {
+    let pair = Pair::new();
+    let bpffs = BpfFs::mount(&format!("/run/mt-bpffs-{}", pair.server.name));
+    let pins = bpffs.0.join("activesync-monitor");
+    let mut agent = toml::Table::new();
+    agent.insert("pin_path".into(), pins.display().to_string().into());
+    agent.insert("detach_on_exit".into(), true.into());
+    let a = Agent::start_in(
+        &agent_bin(),
+        &pair.server,
+        AgentOptions {
+            iface: pair.server_if.clone(),
+            agent,
+            detector: toml::Table::new(),
+            workdir: std::env::temp_dir().join(format!("detach-{}", pair.server.name)),
+            metrics: toml::Table::new(),
+        },
+    )
+    .expect("agent starts");
+    assert_eq!(
+        attached_programs(&pair.server.name, &pair.server_if),
+        (1, 1)
+    );
+    assert!(pins
+        .join("link-xdp-".to_string() + &pair.server_if)
+        .exists());
+    a.stop().expect("clean stop");
+    assert!(!pins.exists(), "pins removed");
+    assert_eq!(
+        attached_programs(&pair.server.name, &pair.server_if),
+        (0, 0)
+    );
+}

@@ -549,6 +549,12 @@ impl Agent {
         Ok(a)
     }
 
+    /// kill -9, and reap: the agent gets no chance to clean up.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// The agent's process id (`ip netns exec` execs into it).
     pub fn pid(&self) -> u32 {
         self.child.id()
