@@ -151,6 +151,32 @@ fn crafted_cases(dir: Dir) -> Vec<(String, Vec<u8>, Expect)> {
     let mut bad_ihl = oriented(Tcp::syn(c4, s4), dir).frame();
     bad_ihl[14] = 0x43;
     cases.push(("ipv4 with IHL 3".into(), bad_ihl, Expect::Failure));
+    // TCP data offset 4 (less than the 20-byte header).
+    let mut bad_doff = oriented(Tcp::syn(c4, s4), dir).frame();
+    bad_doff[14 + 20 + 12] = 0x40;
+    cases.push(("tcp data offset 4".into(), bad_doff, Expect::Failure));
+    // A non-first IPv4 fragment carries no TCP header: not ours.
+    let mut frag = oriented(Tcp::syn(c4, s4), dir).frame();
+    frag[14 + 6..14 + 8].copy_from_slice(&[0x00, 0xb9]);
+    cases.push(("ipv4 non-first fragment".into(), frag, Expect::Untracked));
+    // IPv6 fragment header, offset 8: not ours either.
+    let mut f6 = Tcp::syn(c6, s6);
+    f6.ipv6_ext = vec![44];
+    let mut f6 = oriented(f6, dir).frame();
+    f6[14 + 40 + 2..14 + 40 + 4].copy_from_slice(&[0x00, 0x08]);
+    cases.push(("ipv6 non-first fragment".into(), f6, Expect::Untracked));
+    // Stacked VLAN tags (QinQ): not parsed, passed.
+    let mut qinq = oriented(Tcp::syn(c4, s4), dir).frame();
+    qinq.splice(12..12, [0x88, 0xa8, 0x00, 0x0a, 0x81, 0x00, 0x00, 0x14]);
+    cases.push(("802.1ad + 802.1Q stacked".into(), qinq, Expect::Untracked));
+    // Five IPv6 extension headers: one more than the bound walks.
+    let mut long = Tcp::syn(c6, s6);
+    long.ipv6_ext = vec![0, 60, 60, 60, 60];
+    cases.push((
+        "ipv6 with 5 extension headers".into(),
+        oriented(long, dir).frame(),
+        Expect::Untracked,
+    ));
     cases
 }
 

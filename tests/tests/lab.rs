@@ -408,3 +408,22 @@ fn lab_classifies_every_middlebox_side_by_side() {
             .join(", ")
     );
 }
+
+/// The soak, short: 200 devices, constant churn and kills, for 2 minutes,
+/// side by side with the lab test above. `cargo xtask soak` runs it for 10.
+#[test]
+fn soak_keeps_agent_memory_flat_and_loses_no_event() {
+    xtask::netns::require_root();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let s = Scenario::load(&root.join("xtask/scenarios/soak.toml")).expect("soak scenario");
+    let soak = xtask::soak::run(&s, &agent_bin(), 120, Duration::from_secs(10)).expect("soak");
+    println!("{}", soak.markdown());
+    assert!(!soak.log_panicked);
+    let last = soak.samples.last().expect("samples");
+    assert_eq!(last.events_dropped, 0, "no event lost");
+    assert_eq!(soak.decode_errors, 0);
+    assert!(soak.devices >= 200 && soak.connections > 400 && last.flows_ended > 300,
+        "churn happened: {} connections, {} flows ended", soak.connections, last.flows_ended);
+    let grew = soak.rss_growth_after_warmup();
+    assert!(grew < 4 << 20, "agent memory grew {grew} bytes after the warm-up");
+}

@@ -6,3 +6,4 @@ pub mod demo;
 pub mod lab;
 pub mod netns;
 pub mod setup;
+pub mod soak;

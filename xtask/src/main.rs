@@ -26,6 +26,12 @@ enum Cmd {
     /// the kernel tests (as root, in network namespaces), and the fuzz
     /// target for a bounded time.
     Test,
+    /// The soak: 200 devices under constant churn and kills (xtask/scenarios/soak.toml)
+    /// for 10 minutes; the agent's memory and every event accounted for.
+    Soak {
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+    },
     /// Fuzz the shared parser and state machine (cargo fuzz) for a while.
     Fuzz {
         #[arg(long, default_value_t = 600)]
@@ -83,6 +89,21 @@ fn main() -> Result<()> {
             cargo(&["build", "--bins"])?;
             cargo(&["test"])?;
             xtask::setup::fuzz(60)
+        }
+        Cmd::Soak { seconds } => {
+            xtask::setup::setup()?;
+            xtask::demo::catch_interrupts();
+            let bin = xtask::demo::build_agent()?;
+            let s = xtask::lab::Scenario::load(
+                &xtask::demo::workspace_root().join("xtask/scenarios/soak.toml"),
+            )?;
+            let soak = xtask::soak::run(&s, &bin, seconds, std::time::Duration::from_secs(30))?;
+            print!("{}", soak.markdown());
+            let dropped = soak.samples.last().map_or(0, |x| x.events_dropped);
+            if dropped > 0 || soak.decode_errors > 0 || soak.log_panicked {
+                anyhow::bail!("the soak lost events or the agent panicked");
+            }
+            Ok(())
         }
         Cmd::Fuzz { seconds } => {
             xtask::setup::setup()?;

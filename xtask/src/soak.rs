@@ -1,0 +1,117 @@
+//! `cargo xtask soak`: the lab under constant churn for a long time, the
+//! agent's memory sampled, every kernel event accounted for.
+
+use std::{path::Path, time::{Duration, Instant}};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use crate::lab::{LabRun, Scenario};
+
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub at_seconds: f64,
+    pub rss_bytes: u64,
+    pub events_sent: u64,
+    pub events_dropped: u64,
+    pub flows_followed: u64,
+    pub flows_ended: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Soak {
+    pub samples: Vec<Sample>,
+    pub decode_errors: u64,
+    pub devices: usize,
+    pub pings: u64,
+    pub connections: u64,
+    pub log_panicked: bool,
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Run `s` for `seconds`, sampling every `every`.
+pub fn run(s: &Scenario, bin: &Path, seconds: u64, every: Duration) -> Result<Soak> {
+    let mut s = s.clone();
+    s.duration_seconds = seconds;
+    let lab = LabRun::start(&s, bin)?;
+    let pid = lab.agent().pid();
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut decode_errors = 0;
+    while started.elapsed() < Duration::from_secs(seconds) && !crate::demo::interrupted() {
+        std::thread::sleep(every.min(Duration::from_secs(seconds).saturating_sub(started.elapsed())));
+        let st: Value = serde_json::from_str(&lab.agent().cli(&["status", "--json"])?)
+            .context("status JSON")?;
+        let report: Value = lab.report()?;
+        let ended: u64 = report["endings"]
+            .as_object()
+            .map(|m| m.values().filter_map(Value::as_u64).sum())
+            .unwrap_or(0);
+        decode_errors = st["event_decode_errors"].as_u64().unwrap_or(0);
+        samples.push(Sample {
+            at_seconds: started.elapsed().as_secs_f64(),
+            rss_bytes: rss_bytes(pid),
+            events_sent: st["kernel_counters"]["events_sent"].as_u64().unwrap_or(0),
+            events_dropped: st["kernel_counters"]["events_dropped"].as_u64().unwrap_or(0),
+            flows_followed: st["flows_followed"].as_u64().unwrap_or(0),
+            flows_ended: ended,
+        });
+    }
+    let devices = lab.devices();
+    let log = lab.stop()?;
+    Ok(Soak {
+        samples,
+        decode_errors,
+        devices: devices.len(),
+        pings: devices.iter().map(|d| d.pings_ok + d.pings_failed).sum(),
+        connections: devices.iter().map(|d| d.connections).sum(),
+        log_panicked: log.contains("panicked"),
+    })
+}
+
+impl Soak {
+    /// RSS growth from the end of the warm-up (the first third) to the end.
+    pub fn rss_growth_after_warmup(&self) -> i64 {
+        let n = self.samples.len();
+        if n < 3 {
+            return 0;
+        }
+        let warm = &self.samples[n / 3];
+        let last = &self.samples[n - 1];
+        last.rss_bytes as i64 - warm.rss_bytes as i64
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = format!(
+            "{} devices, {} Pings, {} connections; event decode errors {}\n\n\
+             | t (s) | agent RSS (MiB) | events sent | dropped | flows followed | flows ended |\n|---|---|---|---|---|---|\n",
+            self.devices, self.pings, self.connections, self.decode_errors
+        );
+        for x in &self.samples {
+            s.push_str(&format!(
+                "| {:.0} | {:.1} | {} | {} | {} | {} |\n",
+                x.at_seconds,
+                x.rss_bytes as f64 / 1048576.0,
+                x.events_sent,
+                x.events_dropped,
+                x.flows_followed,
+                x.flows_ended
+            ));
+        }
+        s.push_str(&format!(
+            "\nRSS growth after the warm-up (first third): {:+.2} MiB\n",
+            self.rss_growth_after_warmup() as f64 / 1048576.0
+        ));
+        s
+    }
+}
