@@ -422,8 +422,15 @@ fn soak_keeps_agent_memory_flat_and_loses_no_event() {
     let last = soak.samples.last().expect("samples");
     assert_eq!(last.events_dropped, 0, "no event lost");
     assert_eq!(soak.decode_errors, 0);
-    assert!(soak.devices >= 200 && soak.connections > 400 && last.flows_ended > 300,
-        "churn happened: {} connections, {} flows ended", soak.connections, last.flows_ended);
+    assert!(
+        soak.devices >= 200 && soak.connections > 400 && last.flows_ended > 300,
+        "churn happened: {} connections, {} flows ended",
+        soak.connections,
+        last.flows_ended
+    );
     let grew = soak.rss_growth_after_warmup();
-    assert!(grew < 4 << 20, "agent memory grew {grew} bytes after the warm-up");
+    assert!(
+        grew < 4 << 20,
+        "agent memory grew {grew} bytes after the warm-up"
+    );
 }

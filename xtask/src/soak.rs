@@ -1,7 +1,10 @@
 //! `cargo xtask soak`: the lab under constant churn for a long time, the
 //! agent's memory sampled, every kernel event accounted for.
 
-use std::{path::Path, time::{Duration, Instant}};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -49,7 +52,9 @@ pub fn run(s: &Scenario, bin: &Path, seconds: u64, every: Duration) -> Result<So
     let mut samples = Vec::new();
     let mut decode_errors = 0;
     while started.elapsed() < Duration::from_secs(seconds) && !crate::demo::interrupted() {
-        std::thread::sleep(every.min(Duration::from_secs(seconds).saturating_sub(started.elapsed())));
+        std::thread::sleep(
+            every.min(Duration::from_secs(seconds).saturating_sub(started.elapsed())),
+        );
         let st: Value = serde_json::from_str(&lab.agent().cli(&["status", "--json"])?)
             .context("status JSON")?;
         let report: Value = lab.report()?;
@@ -62,7 +67,9 @@ pub fn run(s: &Scenario, bin: &Path, seconds: u64, every: Duration) -> Result<So
             at_seconds: started.elapsed().as_secs_f64(),
             rss_bytes: rss_bytes(pid),
             events_sent: st["kernel_counters"]["events_sent"].as_u64().unwrap_or(0),
-            events_dropped: st["kernel_counters"]["events_dropped"].as_u64().unwrap_or(0),
+            events_dropped: st["kernel_counters"]["events_dropped"]
+                .as_u64()
+                .unwrap_or(0),
             flows_followed: st["flows_followed"].as_u64().unwrap_or(0),
             flows_ended: ended,
         });
