@@ -47,7 +47,7 @@ fn per_packet(md: &mut String) {
 }
 
 fn throughput(md: &mut String) {
-    let (rounds, seconds) = (3, 4);
+    let (rounds, seconds) = (5, 4);
     let r = throughput::run(&agent_bin(), rounds, seconds);
     let _ = writeln!(md, "## 2. Throughput kept (iperf3, veth, port 443)\n");
     let _ = writeln!(md, "iperf3 ({seconds} s per run) from one namespace to another over a veth pair, to port 443: \
