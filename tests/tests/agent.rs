@@ -277,17 +277,6 @@ fn metrics_series_stay_bounded_while_10000_client_addresses_connect() {
     agent.stop().expect("clean stop");
 }
 
-fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
 #[test]
 fn a_syn_flood_of_a_million_sources_leaves_established_flows_measured_and_memory_flat() {
     use monitor_tests::bench::frames::{flow_frame, sender_in};
@@ -320,7 +309,7 @@ fn a_syn_flood_of_a_million_sources_leaves_established_flows_measured_and_memory
             .collect::<Vec<_>>()
     });
     std::thread::sleep(Duration::from_millis(500));
-    let rss_before = rss_bytes(agent.pid());
+    let rss_before = xtask::soak::rss_bytes(agent.pid());
     // 1,048,576 spoofed sources, each one SYN never acknowledged.
     let flood = 1u32 << 20;
     let tx = sender_in(&pair.client, &pair.client_if);
@@ -355,7 +344,7 @@ fn a_syn_flood_of_a_million_sources_leaves_established_flows_measured_and_memory
         .map(|l| serde_json::from_str(l).expect("an event line"))
         .collect();
     let report = json(&agent, &["report", "--json"]);
-    let rss_after = rss_bytes(agent.pid());
+    let rss_after = xtask::soak::rss_bytes(agent.pid());
     let _ = agent.stop();
     let verdicts: Vec<&Value> = events
         .iter()

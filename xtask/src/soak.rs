@@ -31,7 +31,8 @@ pub struct Soak {
     pub log_panicked: bool,
 }
 
-fn rss_bytes(pid: u32) -> u64 {
+/// Resident memory of a process (VmRSS), in bytes; 0 if unreadable.
+pub fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

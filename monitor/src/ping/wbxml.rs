@@ -51,7 +51,7 @@ struct Cursor<'a> {
     i: usize,
 }
 
-impl Cursor<'_> {
+impl<'a> Cursor<'a> {
     fn byte(&mut self) -> Result<u8, WbxmlError> {
         let v = *self.b.get(self.i).ok_or(WbxmlError::Truncated)?;
         self.i += 1;
@@ -84,7 +84,7 @@ impl Cursor<'_> {
     }
 
     /// An inline string, up to its terminating NUL.
-    fn str_i(&mut self) -> Result<&[u8], WbxmlError> {
+    fn str_i(&mut self) -> Result<&'a [u8], WbxmlError> {
         let rest = &self.b[self.i..];
         let n = rest
             .iter()
@@ -98,15 +98,7 @@ impl Cursor<'_> {
 /// Text content of the element just opened: inline string or opaque data.
 fn text<'a>(c: &mut Cursor<'a>) -> Result<&'a [u8], WbxmlError> {
     match c.byte()? {
-        STR_I => {
-            let rest = &c.b[c.i..];
-            let n = rest
-                .iter()
-                .position(|&x| x == 0)
-                .ok_or(WbxmlError::Truncated)?;
-            c.i += n + 1;
-            Ok(&rest[..n])
-        }
+        STR_I => c.str_i(),
         OPAQUE => {
             let n = c.mb_u32()?;
             let start = c.i;

@@ -38,17 +38,6 @@ pub struct Scale {
     pub status_seconds: f64,
 }
 
-fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
 pub fn series(scrape: &str) -> usize {
     scrape
         .lines()
@@ -82,7 +71,7 @@ pub fn run(agent_bin: &Path, flows: u32) -> Scale {
     let first = agent.scrape().expect("scrape");
     let mut s = Scale {
         flows_sent: flows,
-        agent_rss_before_bytes: rss_bytes(agent.pid()),
+        agent_rss_before_bytes: xtask::soak::rss_bytes(agent.pid()),
         series_before: series(&first),
         ..Scale::default()
     };
@@ -108,7 +97,7 @@ pub fn run(agent_bin: &Path, flows: u32) -> Scale {
     s.events_dropped = st["kernel_counters"]["events_dropped"]
         .as_u64()
         .unwrap_or(0);
-    s.agent_rss_after_bytes = rss_bytes(agent.pid());
+    s.agent_rss_after_bytes = xtask::soak::rss_bytes(agent.pid());
     let t = Instant::now();
     let scrape = agent.scrape().expect("scrape");
     s.scrape_seconds = t.elapsed().as_secs_f64();
