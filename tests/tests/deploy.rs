@@ -112,6 +112,10 @@ fn thread_caps(pid: u32) -> Vec<String> {
 /// Start the agent as `nobody` with only `caps`; once it serves status, the
 /// capability sets of its threads.
 fn start_with(pair: &Pair, caps: &[String]) -> Result<Vec<String>, String> {
+    start_with_args(pair, caps, &[])
+}
+
+fn start_with_args(pair: &Pair, caps: &[String], extra: &[&str]) -> Result<Vec<String>, String> {
     let dir = std::env::temp_dir().join(format!("caps-{}-{}", pair.server.name, caps.len()));
     std::fs::create_dir_all(&dir).unwrap();
     let _ = Command::new("chown")
@@ -144,6 +148,7 @@ fn start_with(pair: &Pair, caps: &[String]) -> Result<Vec<String>, String> {
         .arg("--socket")
         .arg(&socket)
         .args(["run", "--iface", &pair.server_if, "--no-metrics"])
+        .args(extra)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -203,4 +208,44 @@ fn the_agent_runs_unprivileged_with_exactly_the_units_capabilities() {
         );
         assert!(!err.contains("panicked"), "without {missing}: {err}");
     }
+}
+
+#[test]
+fn the_unprivileged_agent_pins_its_state_in_a_directory_it_owns() {
+    require_root();
+    let caps = unit_capabilities();
+    let pair = Pair::new();
+    // A bpffs of the test's own (`ip netns exec` hides /sys/fs/bpf), its pin
+    // directory given to `nobody`, as the unit's ExecStartPre does.
+    let mnt = format!("/run/dt-bpffs-{}", pair.server.name);
+    std::fs::create_dir_all(&mnt).unwrap();
+    let (ok, out) = run(Command::new("mount").args(["-t", "bpf", "bpf", &mnt]));
+    assert!(ok, "{out}");
+    let dir = format!("{mnt}/activesync-monitor");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = Command::new("chown").args(["nobody", &dir]).status();
+    let started = start_with_args(&pair, &caps, &["--pin-path", &dir]);
+    let pinned: Vec<String> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let (un, un_out) = run(Command::new(agent_bin()).args(["uninstall", "--pin-path", &dir]));
+    let _ = Command::new("umount").arg(&mnt).status();
+    let _ = std::fs::remove_dir_all(&mnt);
+    started.unwrap_or_else(|e| panic!("as nobody with a pin path: {e}"));
+    for want in ["FLOWS", "HALF_OPEN", "EVENTS", "COUNTERS"] {
+        assert!(
+            pinned.iter().any(|p| p == want),
+            "{want} pinned: {pinned:?}"
+        );
+    }
+    assert_eq!(
+        pinned.iter().filter(|p| p.starts_with("link-")).count(),
+        2,
+        "{pinned:?}"
+    );
+    assert!(un, "{un_out}");
 }
