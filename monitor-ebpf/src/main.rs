@@ -157,10 +157,10 @@ fn parse(start: usize, end: usize, out: &mut Packet) -> Result<(), ParseError> {
     Ok(())
 }
 
-/// Shared by both hooks.
+/// Shared by both hooks. Returns false when the headers run past `bytes`
+/// and `more` says the packet holds more (an skb's non-linear part): pull,
+/// then call again.
 #[inline(always)]
-/// Returns false when the headers run past `bytes` and `more` says the
-/// packet holds more (an skb's non-linear part): pull, then call again.
 fn track<C: Payload>(ctx: &C, bytes: &Bytes, dir: Dir, more: bool) -> bool {
     // SAFETY: never written after load.
     let cfg = unsafe { &*core::ptr::addr_of!(CONFIG) };
