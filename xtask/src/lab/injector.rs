@@ -117,6 +117,7 @@ pub fn run(
     timeout: Duration,
     stop: Arc<AtomicBool>,
     stats: Arc<InjectorStats>,
+    ready: std::sync::mpsc::Sender<()>,
 ) -> io::Result<()> {
     let eth_p_ip = (libc::ETH_P_IP as u16).to_be();
     // SAFETY: plain socket calls; fds are owned right after creation.
@@ -157,6 +158,9 @@ pub fn run(
     let tx = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
     os_err::<()>(i64::from(tx), "opening a raw socket")?;
     let tx = unsafe { OwnedFd::from_raw_fd(tx) };
+    // Devices start only now: a flow whose first request the injector missed
+    // would not be learnt until its next one, a whole heartbeat later.
+    let _ = ready.send(());
 
     // Keyed by (client address, client port, server address).
     let mut flows: HashMap<(Ipv4Addr, u16, Ipv4Addr), FlowSeq> = HashMap::new();

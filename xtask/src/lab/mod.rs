@@ -319,6 +319,16 @@ pub struct Traffic {
     pub injector_stats: Arc<injector::InjectorStats>,
 }
 
+/// Waits for a thread's ready signal; on failure stops the threads already
+/// started, so none outlives the error.
+fn started(ready: &std::sync::mpsc::Receiver<()>, stop: &AtomicBool, what: &str) -> Result<()> {
+    if ready.recv_timeout(Duration::from_secs(5)).is_err() {
+        stop.store(true, Ordering::Relaxed);
+        bail!("{what} did not start within 5 s");
+    }
+    Ok(())
+}
+
 impl Traffic {
     pub fn start(topo: &Topology, s: &Scenario) -> Result<Traffic> {
         let tls = tls::lab_tls()?;
@@ -347,25 +357,29 @@ impl Traffic {
             }));
         }
         for _ in 0..2 {
-            ready_rx
-                .recv_timeout(Duration::from_secs(5))
-                .context("the lab server did not start")?;
+            started(&ready_rx, &stop, "the lab server")?;
         }
         std::thread::sleep(Duration::from_millis(200));
         let mut devices = Vec::new();
         for p in &topo.paths {
             if p.spec.middlebox == Middlebox::Injector {
-                let (stop, stats, t, port) = (
+                let (stopping, stats, t, port) = (
                     stop.clone(),
                     injector_stats.clone(),
                     Duration::from_secs(u64::from(p.spec.timeout_seconds)),
                     p.spec.port(),
                 );
+                let (ready, injector_ready) = std::sync::mpsc::channel();
                 threads.push(p.router.spawn(move || {
-                    if let Err(e) = injector::run("down0", port, t, stop, stats) {
+                    if let Err(e) = injector::run("down0", port, t, stopping, stats, ready) {
                         eprintln!("lab injector: {e}");
                     }
                 }));
+                started(
+                    &injector_ready,
+                    &stop,
+                    &format!("the injector on path {}", p.spec.name),
+                )?;
             }
             let mut host = 10;
             for g in &p.spec.devices {
