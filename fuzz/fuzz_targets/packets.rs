@@ -9,40 +9,14 @@
 //! both tables.
 #![no_main]
 
-use std::collections::HashMap;
-
 use libfuzzer_sys::fuzz_target;
 use monitor_common::{
     flow::{flow_key, wants_sample},
-    glance, parse_ethernet, step, Dir, EventKind, Flow, FlowKey, FlowTables, Glance,
+    glance, parse_ethernet, step, tables::HostTables, Dir, EventKind, Glance,
 };
 
-#[derive(Default)]
-struct Tables {
-    flows: HashMap<FlowKey, Flow>,
-    half: HashMap<FlowKey, Flow>,
-}
-
-impl FlowTables for Tables {
-    fn flow(&mut self, k: &FlowKey) -> Option<&mut Flow> {
-        self.flows.get_mut(k)
-    }
-    fn half_open(&mut self, k: &FlowKey) -> Option<&mut Flow> {
-        self.half.get_mut(k)
-    }
-    fn insert_flow(&mut self, k: &FlowKey, f: Flow) {
-        self.flows.insert(*k, f);
-    }
-    fn insert_half_open(&mut self, k: &FlowKey, f: Flow) {
-        self.half.insert(*k, f);
-    }
-    fn remove_half_open(&mut self, k: &FlowKey) {
-        self.half.remove(k);
-    }
-}
-
 fuzz_target!(|data: &[u8]| {
-    let mut tables = Tables::default();
+    let mut tables = HostTables::default();
     let mut now = 1u64;
     let mut rest = data;
     while rest.len() >= 4 {
@@ -76,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(ev.key, key);
         }
         assert!(
-            tables.flows.keys().all(|k| !tables.half.contains_key(k)),
+            tables.flows.keys().all(|k| !tables.half_open.contains_key(k)),
             "a flow in both tables"
         );
     }

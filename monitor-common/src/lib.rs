@@ -3,7 +3,7 @@
 //! eBPF programs, by offline analysis and by host unit tests.
 #![no_std]
 
-#[cfg(any(test, feature = "craft"))]
+#[cfg(any(test, feature = "craft", feature = "host"))]
 extern crate std;
 
 #[cfg(any(test, feature = "craft"))]
@@ -11,6 +11,8 @@ pub mod craft;
 
 pub mod flow;
 pub mod parse;
+#[cfg(any(test, feature = "host"))]
+pub mod tables;
 pub mod types;
 
 pub use flow::{on_packet, step, FlowTables};

@@ -7,56 +7,23 @@ use std::collections::HashMap;
 
 use monitor_common::{
     flow::{flow_key, wants_sample},
-    step, Config, Dir, Flow, FlowKey, FlowTables, Packet, DEFAULT_HALF_OPEN_TABLE_SIZE,
-    SAMPLE_BYTES,
+    step,
+    tables::HostTables,
+    Config, Dir, Flow, FlowKey, Packet, SAMPLE_BYTES,
 };
 
 use crate::event::{FlowEvent, PayloadSample};
 
-/// The two tables, as plain maps. The half-open one is bounded like the
-/// kernel's (a flood in a capture must not exhaust memory); when full, an
-/// arbitrary entry makes room, as the kernel's LRU would evict one.
-#[derive(Default)]
-struct Tables {
-    flows: HashMap<FlowKey, Flow>,
-    half_open: HashMap<FlowKey, Flow>,
-    half_open_evicted: u64,
-}
-
-impl FlowTables for Tables {
-    fn flow(&mut self, key: &FlowKey) -> Option<&mut Flow> {
-        self.flows.get_mut(key)
-    }
-    fn half_open(&mut self, key: &FlowKey) -> Option<&mut Flow> {
-        self.half_open.get_mut(key)
-    }
-    fn insert_flow(&mut self, key: &FlowKey, flow: Flow) {
-        self.flows.insert(*key, flow);
-    }
-    fn insert_half_open(&mut self, key: &FlowKey, flow: Flow) {
-        if self.half_open.len() >= DEFAULT_HALF_OPEN_TABLE_SIZE as usize {
-            if let Some(k) = self.half_open.keys().next().copied() {
-                self.half_open.remove(&k);
-                self.half_open_evicted += 1;
-            }
-        }
-        self.half_open.insert(*key, flow);
-    }
-    fn remove_half_open(&mut self, key: &FlowKey) {
-        self.half_open.remove(key);
-    }
-}
-
 pub struct Replay {
     cfg: Config,
-    tables: Tables,
+    tables: HostTables,
 }
 
 impl Replay {
     pub fn new(cfg: Config) -> Self {
         Replay {
             cfg,
-            tables: Tables::default(),
+            tables: HostTables::default(),
         }
     }
 

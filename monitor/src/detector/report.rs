@@ -212,10 +212,23 @@ impl Report {
                     low_seconds,
                     high_seconds,
                     samples,
-                }) => {
+                }) if *low_seconds > 0.0 => {
                     let _ = writeln!(
                         s,
                         "  idle timeout: between {low_seconds:.1} s (longest silence that survived) and {high_seconds:.1} s (shortest that was killed), from {samples} kills; confidence {}",
+                        p.confidence.unwrap_or("low")
+                    );
+                }
+                // No silence has survived here yet (or none below the kills):
+                // only the upper bound is known.
+                Some(Estimate::Bracket {
+                    high_seconds,
+                    samples,
+                    ..
+                }) => {
+                    let _ = writeln!(
+                        s,
+                        "  idle timeout: at most {high_seconds:.1} s (shortest silence that was killed; no shorter silence has survived yet), from {samples} kills; confidence {}",
                         p.confidence.unwrap_or("low")
                     );
                 }

@@ -693,3 +693,17 @@ fn a_flow_with_lost_events_is_incomplete_and_kept_out_of_the_estimate() {
     let (_, path) = lab.det.paths().next().unwrap();
     assert_eq!(path.kills.len(), 1);
 }
+
+#[test]
+fn a_bracket_without_a_survived_silence_gives_only_its_upper_bound() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    answer_then_resend(&mut lab, &mut c);
+    let _c2 = lab.connect("198.51.100.7", 50 * S);
+    let text = lab.det.report().to_text();
+    assert!(
+        text.contains("idle timeout: at most 40.0 s (shortest silence that was killed"),
+        "{text}"
+    );
+    assert!(!text.contains("between 0.0 s"), "{text}");
+}
