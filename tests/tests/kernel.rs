@@ -559,30 +559,47 @@ fn flow_table_memory_is_reported_from_the_kernels_accounting() {
     println!("flow table memory at 262,144 entries: {bytes} bytes");
 }
 
-/// Regression check, not a benchmark: bounds are about twice the ratios
-/// measured when this was written (BENCHMARKS.md), so a change that doubles
-/// the per-packet cost fails here.
+/// Regression check, not a benchmark: bounds are about twice the median
+/// ratios measured when this was written (BENCHMARKS.md), so a change that
+/// doubles the per-packet cost fails here. A shared 2-core machine sometimes
+/// slows our program (not the empty one) for a whole run, so a case passes
+/// if any of three runs is within its bound: a real doubling fails all three.
 #[test]
 fn per_packet_cost_has_not_doubled() {
     require_root();
     let bounds = [
         ("(a) non-TCP packet", 3.5),
-        ("(b) TCP to an untracked port", 8.0),
-        ("(c) packet of an established tracked flow", 28.0),
-        ("(d) SYN creating a half-open entry", 22.0),
-        ("(f) ACK establishing a flow (Opened event)", 60.0),
+        ("(b) TCP to an untracked port", 4.5),
+        ("(c) packet of an established tracked flow", 34.0),
+        ("(d) SYN creating a half-open entry", 24.0),
+        ("(f) ACK establishing a flow (Opened event)", 32.0),
         ("(e) packet ending an idle gap (event)", 50.0),
     ];
-    let cases = monitor_tests::bench::per_packet(100_000, 3, 300);
-    println!("{}", monitor_tests::bench::table(&cases));
-    for c in &cases {
-        let bound = bounds.iter().find(|b| b.0 == c.name).map(|b| b.1).unwrap();
+    let bound = |name: &str| bounds.iter().find(|b| b.0 == name).map(|b| b.1).unwrap();
+    let mut best: Vec<(String, f64)> = Vec::new();
+    for attempt in 1..=3 {
+        let cases = monitor_tests::bench::per_packet(100_000, 15, 300);
+        println!("run {attempt}:\n{}", monitor_tests::bench::table(&cases));
+        for c in &cases {
+            let id = format!("{} {}", c.hook, c.name);
+            match best.iter_mut().find(|b| b.0 == id) {
+                Some(b) => b.1 = b.1.min(c.ratio()),
+                None => best.push((id, c.ratio())),
+            }
+        }
+        let over: Vec<&(String, f64)> = best
+            .iter()
+            .filter(|(id, r)| {
+                let name = bounds.iter().find(|b| id.ends_with(b.0)).map(|b| b.0);
+                *r > bound(name.expect("a bound for every case"))
+            })
+            .collect();
+        if over.is_empty() {
+            return;
+        }
         assert!(
-            c.ratio() <= bound,
-            "{} {}: {:.2}x > {bound}x",
-            c.hook,
-            c.name,
-            c.ratio()
+            attempt < 3,
+            "over their bounds in all three runs: {over:?} (bounds {bounds:?})"
         );
     }
 }
