@@ -32,7 +32,11 @@ fn per_packet(md: &mut String) {
     let _ = writeln!(md, "Ours against an empty program of the same kind (XDP returning PASS, a TC classifier returning OK), \
         measured in the same run, interleaved. \"repeat\": kernel mean over {repeat} runs, median of {rounds} rounds. \
         \"single\": one run per distinct frame (each creates a flow, or ends a gap and emits an event), median of {singles} \
-        (500 for gaps); single runs include the test-run overhead, so their ratios are lower bounds of the true cost ratio.\n");
+        (500 for gaps); single runs include the test-run overhead, so their ratios are lower bounds of the true cost ratio. \
+        Targets are judged on the ratio of the medians; \"ratio of the least\" divides our least round (or single run) \
+        by the empty program's least, the cost when nothing interfered. The kernel reports whole nanoseconds per run: \
+        against an empty program of 10-20 ns, one nanosecond moves a ratio by 5-10%, and runs on this shared machine \
+        differ by more than that.\n");
     md.push_str(&bench::table(&cases));
     let _ = writeln!(md, "\n### Where the cost goes\n\n\
         The empty programs' time is mostly the test-run loop itself (~10 ns), so the ratios magnify fixed costs: \
