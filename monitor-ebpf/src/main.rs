@@ -157,11 +157,19 @@ fn parse(start: usize, end: usize, out: &mut Packet) -> Result<(), ParseError> {
     Ok(())
 }
 
+/// How far `track` goes: all the way for the agent's programs; the
+/// benchmark's stage programs stop after a stage, so `cargo xtask bench`
+/// can measure what each stage of the packet path costs.
+const ALL_STAGES: u8 = 0;
+const STOP_AFTER_PARSE: u8 = 1;
+const STOP_AFTER_KEY: u8 = 2;
+const STOP_AFTER_LOOKUP: u8 = 3;
+
 /// Shared by both hooks. Returns false when the headers run past `bytes`
 /// and `more` says the packet holds more (an skb's non-linear part): pull,
 /// then call again.
 #[inline(always)]
-fn track<C: Payload>(ctx: &C, bytes: &Bytes, dir: Dir, more: bool) -> bool {
+fn track<C: Payload, const STOP: u8>(ctx: &C, bytes: &Bytes, dir: Dir, more: bool) -> bool {
     // SAFETY: never written after load.
     let cfg = unsafe { &*core::ptr::addr_of!(CONFIG) };
     match glance(bytes, dir == Dir::In) {
@@ -180,6 +188,10 @@ fn track<C: Payload>(ctx: &C, bytes: &Bytes, dir: Dir, more: bool) -> bool {
             return true;
         }
     }
+    if STOP == STOP_AFTER_PARSE {
+        // SAFETY: a read of our own stack, kept so the parse is not optimised away.
+        return unsafe { core::ptr::read_volatile(&pkt.dst_port) } != 0;
+    }
     let local_port = match dir {
         Dir::In => pkt.dst_port,
         Dir::Out => pkt.src_port,
@@ -190,8 +202,16 @@ fn track<C: Payload>(ctx: &C, bytes: &Bytes, dir: Dir, more: bool) -> bool {
     count(Counter::PacketsTracked);
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let key = flow_key(&pkt, dir);
+    if STOP == STOP_AFTER_KEY {
+        // SAFETY: as above, for the key and the clock.
+        return unsafe { core::ptr::read_volatile(&key.client_port) } as u64 != now;
+    }
 
-    if let Some(flow) = FLOWS.get_ptr_mut(&key) {
+    let found = FLOWS.get_ptr_mut(&key);
+    if STOP == STOP_AFTER_LOOKUP {
+        return found.is_some();
+    }
+    if let Some(flow) = found {
         let step = Step {
             now,
             gap_threshold_ns: cfg.gap_threshold_ns,
@@ -298,13 +318,18 @@ fn unknown<C: Payload>(ctx: &C, key: &FlowKey, pkt: &Packet, dir: Dir, now: u64)
 /// linearise large frames for us (veth then gives up GRO: a 6x loss).
 #[xdp(frags)]
 pub fn monitor_xdp(ctx: XdpContext) -> u32 {
+    xdp_track::<ALL_STAGES>(ctx)
+}
+
+#[inline(always)]
+fn xdp_track<const STOP: u8>(ctx: XdpContext) -> u32 {
     count(Counter::PacketsSeen);
     let bytes = Bytes {
         start: ctx.data(),
         end: ctx.data_end(),
     };
     // Headers are always in the first buffer: nothing more to pull.
-    track(&ctx, &bytes, Dir::In, false);
+    track::<_, STOP>(&ctx, &bytes, Dir::In, false);
     xdp_action::XDP_PASS
 }
 
@@ -336,7 +361,7 @@ fn tc_track(ctx: TcContext, dir: Dir) -> i32 {
         end: ctx.data_end(),
     };
     let more = ctx.data_end() - ctx.data() < ctx.len() as usize;
-    if !track(&ctx, &bytes, dir, more) {
+    if !track::<_, ALL_STAGES>(&ctx, &bytes, dir, more) {
         let want = if ctx.len() < TC_PULL_BYTES {
             ctx.len()
         } else {
@@ -347,7 +372,7 @@ fn tc_track(ctx: TcContext, dir: Dir) -> i32 {
             start: ctx.data(),
             end: ctx.data_end(),
         };
-        track(&ctx, &bytes, dir, false);
+        track::<_, ALL_STAGES>(&ctx, &bytes, dir, false);
     }
     TC_ACT_OK
 }
@@ -362,6 +387,23 @@ pub fn baseline_xdp(_ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn baseline_tc(_ctx: TcContext) -> i32 {
     TC_ACT_OK
+}
+
+/// Benchmark stages: the XDP program cut short after a stage of its packet
+/// path (never loaded by the agent).
+#[xdp]
+pub fn stage_parse_xdp(ctx: XdpContext) -> u32 {
+    xdp_track::<STOP_AFTER_PARSE>(ctx)
+}
+
+#[xdp]
+pub fn stage_key_xdp(ctx: XdpContext) -> u32 {
+    xdp_track::<STOP_AFTER_KEY>(ctx)
+}
+
+#[xdp]
+pub fn stage_lookup_xdp(ctx: XdpContext) -> u32 {
+    xdp_track::<STOP_AFTER_LOOKUP>(ctx)
 }
 
 #[cfg(not(test))]

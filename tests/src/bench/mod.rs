@@ -20,6 +20,12 @@ use monitor_common::{craft::Tcp, Dir, TCP_ACK, TCP_SYN};
 
 pub const BASELINE_XDP: &str = "baseline_xdp";
 pub const BASELINE_TC: &str = "baseline_tc";
+/// The XDP program cut short after each stage of its packet path, in order.
+pub const STAGES: [(&str, &str); 3] = [
+    ("stage_parse_xdp", "count, glance, full header parse"),
+    ("stage_key_xdp", "+ second counter, clock, 40-byte flow key"),
+    ("stage_lookup_xdp", "+ flow table (LRU hash) lookup"),
+];
 
 #[derive(Clone, Debug)]
 pub struct Case {
@@ -60,6 +66,10 @@ fn load() -> Ebpf {
     x.load().expect("baseline xdp");
     let t: &mut SchedClassifier = ebpf.program_mut(BASELINE_TC).unwrap().try_into().unwrap();
     t.load().expect("baseline tc");
+    for (name, _) in STAGES {
+        let x: &mut Xdp = ebpf.program_mut(name).unwrap().try_into().unwrap();
+        x.load().expect("stage program");
+    }
     ebpf
 }
 
@@ -171,6 +181,92 @@ fn oriented(mut t: Tcp, dir: Dir) -> Tcp {
     t
 }
 
+/// An established flow in the table (its handshake run through both
+/// programs); returns the frame of one of its ACKs, as `dir` sees it.
+fn established_ack(ebpf: &mut Ebpf, c: IpAddr, s: IpAddr, dir: Dir) -> Vec<u8> {
+    let mut syn = Tcp::syn(c, s);
+    syn.sport = 50000;
+    let mut synack = Tcp::syn(s, c).flags(TCP_SYN | TCP_ACK);
+    synack.sport = 443;
+    synack.dport = 50000;
+    run(ebpf, loader::XDP_PROGRAM, &syn.frame(), 1);
+    run(ebpf, loader::TC_PROGRAM, &synack.frame(), 1);
+    run(
+        ebpf,
+        loader::XDP_PROGRAM,
+        &syn.clone().flags(TCP_ACK).frame(),
+        1,
+    );
+    oriented(syn.flags(TCP_ACK), dir).frame()
+}
+
+/// One stage of case (c), measured: cumulative ns per packet.
+#[derive(Clone, Debug)]
+pub struct Stage {
+    pub what: &'static str,
+    pub ns: f64,
+}
+
+/// Case (c) through the XDP program cut short after each stage, the full
+/// program and the empty one, interleaved round by round (medians): where
+/// an established flow's packet spends its time.
+pub fn profile(repeat: u32, rounds: usize) -> Vec<Stage> {
+    let mut ebpf = load();
+    let ack = established_ack(
+        &mut ebpf,
+        "192.0.2.2".parse().unwrap(),
+        "192.0.2.1".parse().unwrap(),
+        Dir::In,
+    );
+    let mut progs: Vec<(&str, &'static str)> = vec![(BASELINE_XDP, "empty program")];
+    progs.extend(STAGES);
+    progs.push((loader::XDP_PROGRAM, "+ state machine (the whole program)"));
+    let mut ns: Vec<Vec<f64>> = vec![Vec::new(); progs.len()];
+    for _ in 0..rounds {
+        for (i, (prog, _)) in progs.iter().enumerate() {
+            ns[i].push(run(&mut ebpf, prog, &ack, repeat).as_nanos() as f64);
+        }
+    }
+    progs
+        .iter()
+        .zip(ns)
+        .map(|((_, what), v)| Stage {
+            what,
+            ns: median(&v),
+        })
+        .collect()
+}
+
+/// A Markdown table of the stages: cumulative and added ns.
+pub fn profile_table(stages: &[Stage]) -> String {
+    let mut s = String::from(
+        "| stage | ns/pkt (cumulative) | added | share of ours over empty |\n|---|---|---|---|\n",
+    );
+    let empty = stages.first().map_or(0.0, |x| x.ns);
+    let total = stages.last().map_or(0.0, |x| x.ns) - empty;
+    let mut prev = empty;
+    for (i, st) in stages.iter().enumerate() {
+        let added = st.ns - prev;
+        let share = if i == 0 || total <= 0.0 {
+            String::new()
+        } else {
+            format!("{:.0}%", 100.0 * added / total)
+        };
+        s.push_str(&format!(
+            "| {} | {:.1} | {} | {share} |\n",
+            st.what,
+            st.ns,
+            if i == 0 {
+                String::new()
+            } else {
+                format!("{added:+.1}")
+            }
+        ));
+        prev = st.ns;
+    }
+    s
+}
+
 /// All cases for both hooks. `repeat` runs per round, `rounds` rounds,
 /// `singles` frames for the flow-creating and gap-ending cases.
 pub fn per_packet(repeat: u32, rounds: usize, singles: usize) -> Vec<Case> {
@@ -188,20 +284,7 @@ pub fn per_packet(repeat: u32, rounds: usize, singles: usize) -> Vec<Case> {
         other.dport = 8080;
         let other = oriented(other, dir).frame();
         // An established flow: hand-shake it once, then time its ACKs.
-        let mut syn = Tcp::syn(c, s);
-        syn.sport = 50000;
-        let mut synack = Tcp::syn(s, c).flags(TCP_SYN | TCP_ACK);
-        synack.sport = 443;
-        synack.dport = 50000;
-        run(&mut ebpf, loader::XDP_PROGRAM, &syn.frame(), 1);
-        run(&mut ebpf, loader::TC_PROGRAM, &synack.frame(), 1);
-        run(
-            &mut ebpf,
-            loader::XDP_PROGRAM,
-            &syn.clone().flags(TCP_ACK).frame(),
-            1,
-        );
-        let ack = oriented(syn.clone().flags(TCP_ACK), dir).frame();
+        let ack = established_ack(&mut ebpf, c, s, dir);
         for (name, frame, target) in [
             ("(a) non-TCP packet", &udp, Some(1.3)),
             ("(b) TCP to an untracked port", &other, Some(1.3)),
