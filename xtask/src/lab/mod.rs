@@ -319,8 +319,8 @@ pub struct Traffic {
     pub injector_stats: Arc<injector::InjectorStats>,
 }
 
-/// Waits for a thread's ready signal; on failure stops the threads already
-/// started, so none outlives the error.
+/// Waits for a thread's ready signal; on failure tells the threads already
+/// started to stop (each polls the flag), so none outlives the error.
 fn started(ready: &std::sync::mpsc::Receiver<()>, stop: &AtomicBool, what: &str) -> Result<()> {
     if ready.recv_timeout(Duration::from_secs(5)).is_err() {
         stop.store(true, Ordering::Relaxed);
