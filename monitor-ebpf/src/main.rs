@@ -1,15 +1,17 @@
 //! Kernel side: thin. Parse headers (shared parser), look up the flow, call the
 //! shared state machine, bump per-CPU counters, emit events. Every path returns
-//! XDP_PASS / TC_ACT_OK: a monitor never drops or changes a packet.
+//! XDP_PASS or TC_ACT_UNSPEC: a monitor never drops or changes a packet, and
+//! never ends the chain of TC programs it shares a hook with.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_NOEXIST, TC_ACT_OK},
+    bindings::{xdp_action, BPF_NOEXIST, TC_ACT_UNSPEC},
     helpers::{bpf_ktime_get_boot_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::{classifier, map, xdp},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
+    EbpfContext,
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
@@ -98,7 +100,10 @@ fn emit(kind: EventKind, key: &FlowKey, flow: &Flow, pkt: &Packet, dir: Dir, now
 
 /// Copies payload bytes out of a packet (for samples of client segments,
 /// which arrive on ingress: XDP, or TC ingress).
-trait Payload: aya_ebpf::EbpfContext {
+trait Payload: EbpfContext {
+    /// False where copying needs a helper the kernel may lack: the program
+    /// then never samples (a constant, so the copy is compiled out).
+    const SAMPLES: bool = true;
     /// Copy `len` (1..=SAMPLE_BYTES) bytes at `off` to `dst`; false if the
     /// packet does not hold them.
     fn copy(&self, off: u32, dst: *mut u8, len: u32) -> bool;
@@ -109,6 +114,24 @@ impl Payload for XdpContext {
     fn copy(&self, off: u32, dst: *mut u8, len: u32) -> bool {
         // The helper also reads fragments of multi-buffer frames.
         unsafe { bpf_xdp_load_bytes(self.ctx, off, dst as *mut _, len) == 0 }
+    }
+}
+
+/// XDP on kernels before 5.18: no `bpf_xdp_load_bytes`, so no samples.
+struct XdpNoSamples<'a>(&'a XdpContext);
+
+impl EbpfContext for XdpNoSamples<'_> {
+    fn as_ptr(&self) -> *mut core::ffi::c_void {
+        self.0.as_ptr()
+    }
+}
+
+impl Payload for XdpNoSamples<'_> {
+    const SAMPLES: bool = false;
+
+    #[inline(always)]
+    fn copy(&self, _off: u32, _dst: *mut u8, _len: u32) -> bool {
+        false
     }
 }
 
@@ -216,7 +239,7 @@ fn track<C: Payload, const STOP: u8>(ctx: &C, bytes: &Bytes, dir: Dir, more: boo
             now,
             gap_threshold_ns: cfg.gap_threshold_ns,
             dir,
-            plaintext: cfg.plaintext_at(port_index),
+            plaintext: C::SAMPLES && cfg.plaintext_at(port_index),
         };
         // XDP and TC may update one flow on two CPUs at once; a lost update
         // skews a counter by a packet, which a monitor can accept.
@@ -318,18 +341,26 @@ fn unknown<C: Payload>(ctx: &C, key: &FlowKey, pkt: &Packet, dir: Dir, now: u64)
 /// linearise large frames for us (veth then gives up GRO: a 6x loss).
 #[xdp(frags)]
 pub fn monitor_xdp(ctx: XdpContext) -> u32 {
-    xdp_track::<ALL_STAGES>(ctx)
+    xdp_track::<_, ALL_STAGES>(&ctx, &ctx)
+}
+
+/// `monitor_xdp` for kernels before 5.18, which refuse `frags` programs
+/// (BPF_F_XDP_HAS_FRAGS) and lack `bpf_xdp_load_bytes`: the same tracking,
+/// no request samples. The loader picks one of the two.
+#[xdp]
+pub fn monitor_xdp_nofrags(ctx: XdpContext) -> u32 {
+    xdp_track::<_, ALL_STAGES>(&XdpNoSamples(&ctx), &ctx)
 }
 
 #[inline(always)]
-fn xdp_track<const STOP: u8>(ctx: XdpContext) -> u32 {
+fn xdp_track<C: Payload, const STOP: u8>(ctx: &C, xdp: &XdpContext) -> u32 {
     count(Counter::PacketsSeen);
     let bytes = Bytes {
-        start: ctx.data(),
-        end: ctx.data_end(),
+        start: xdp.data(),
+        end: xdp.data_end(),
     };
     // Headers are always in the first buffer: nothing more to pull.
-    track::<_, STOP>(&ctx, &bytes, Dir::In, false);
+    track::<_, STOP>(ctx, &bytes, Dir::In, false);
     xdp_action::XDP_PASS
 }
 
@@ -374,7 +405,10 @@ fn tc_track(ctx: TcContext, dir: Dir) -> i32 {
         };
         track::<_, ALL_STAGES>(&ctx, &bytes, dir, false);
     }
-    TC_ACT_OK
+    // Not TC_ACT_OK: under TCX that is TCX_PASS, which skips the programs
+    // after ours (and the clsact filters after TCX); on clsact it ends the
+    // classification. UNSPEC (TCX_NEXT) hands the packet on unchanged.
+    TC_ACT_UNSPEC
 }
 
 /// Benchmark references: the cheapest programs of each kind. The agent never
@@ -386,24 +420,73 @@ pub fn baseline_xdp(_ctx: XdpContext) -> u32 {
 
 #[classifier]
 pub fn baseline_tc(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 /// Benchmark stages: the XDP program cut short after a stage of its packet
 /// path (never loaded by the agent).
 #[xdp]
 pub fn stage_parse_xdp(ctx: XdpContext) -> u32 {
-    xdp_track::<STOP_AFTER_PARSE>(ctx)
+    xdp_track::<_, STOP_AFTER_PARSE>(&ctx, &ctx)
 }
 
 #[xdp]
 pub fn stage_key_xdp(ctx: XdpContext) -> u32 {
-    xdp_track::<STOP_AFTER_KEY>(ctx)
+    xdp_track::<_, STOP_AFTER_KEY>(&ctx, &ctx)
 }
 
 #[xdp]
 pub fn stage_lookup_xdp(ctx: XdpContext) -> u32 {
-    xdp_track::<STOP_AFTER_LOOKUP>(ctx)
+    xdp_track::<_, STOP_AFTER_LOOKUP>(&ctx, &ctx)
+}
+
+/// Chain tests' fixture (tests/tests/chain.rs), never loaded by the agent: a
+/// second TC program on the same hook as ours. Counts the packets of the
+/// tracked ports it sees, per slot below, and passes them on as a passive
+/// program should. Each test load of the object has its own counts.
+#[map]
+static CHAIN_PROBE: PerCpuArray<u64> = PerCpuArray::with_max_entries(PROBE_SLOTS, 0);
+
+/// CHAIN_PROBE slots: packets to a tracked port (client to server), from one
+/// (server to client), and every packet.
+const PROBE_TO_PORT: u32 = 0;
+const PROBE_FROM_PORT: u32 = 1;
+const PROBE_ALL: u32 = 2;
+const PROBE_SLOTS: u32 = 3;
+
+#[classifier]
+pub fn chain_probe_tc(ctx: TcContext) -> i32 {
+    probe_count(PROBE_ALL);
+    let mut pkt = Packet::default();
+    let mut parsed = parse(ctx.data(), ctx.data_end(), &mut pkt);
+    if parsed.is_err() && ctx.data_end() - ctx.data() < ctx.len() as usize {
+        let want = if ctx.len() < TC_PULL_BYTES {
+            ctx.len()
+        } else {
+            TC_PULL_BYTES
+        };
+        let _ = ctx.pull_data(want);
+        parsed = parse(ctx.data(), ctx.data_end(), &mut pkt);
+    }
+    if parsed.is_ok() {
+        // SAFETY: never written after load.
+        let cfg = unsafe { &*core::ptr::addr_of!(CONFIG) };
+        if cfg.tracks(pkt.dst_port) {
+            probe_count(PROBE_TO_PORT);
+        }
+        if cfg.tracks(pkt.src_port) {
+            probe_count(PROBE_FROM_PORT);
+        }
+    }
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn probe_count(slot: u32) {
+    if let Some(v) = CHAIN_PROBE.get_ptr_mut(slot) {
+        // Per-CPU slot: no other CPU writes it.
+        unsafe { *v += 1 };
+    }
 }
 
 #[cfg(not(test))]

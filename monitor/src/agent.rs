@@ -1,254 +1,48 @@
-//! `monitor run`: attach, feed kernel events to the detector, serve /metrics
-//! and the query socket, until SIGINT/SIGTERM; then detach.
+//! `monitor run`: attach, feed kernel records through the pipeline, serve
+//! /metrics and the query socket, until SIGINT/SIGTERM; then detach.
 
 use std::{
     os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard},
+    path::Path,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
-use monitor_common::{state, Counter};
 use tokio::{
     io::{unix::AsyncFd, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest},
     net::{UnixListener, UnixStream},
     signal::unix::{signal, SignalKind},
-    sync::broadcast,
+    sync::{broadcast, watch, Notify},
 };
 
 use crate::{
-    api::{self, AttachmentInfo, EventPayload, FlowRow, ProgramInfo, ReportPayload},
+    api::{EventPayload, ReportPayload},
     clock,
     config::FileConfig,
-    detector::{Detector, Output},
-    event::{client_of, server_of, Record},
-    exporter,
-    metrics::{Metrics, TableStats},
-    monitor::{Monitor, Scan},
-    ping,
+    flows::{self, FlowList, FlowQuery},
+    metrics::Metrics,
+    monitor::{EventReader, KernelLogger, Monitor, TableScanner},
+    pipeline::Pipeline,
     query::{self, Request, Response},
+    shared::{lock, Shared, State},
 };
 
-/// How often the kernel table is swept for flows that left it.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(15);
 /// Verdicts buffered for `events --follow` clients.
 const FOLLOW_BUFFER: usize = 1024;
+/// Table scans: at least this far apart...
+const SCAN_MIN_PAUSE: Duration = Duration::from_secs(1);
+/// ...at most this far, and otherwise ten times the last scan's duration
+/// (a million entries take about two seconds to walk).
+const SCAN_MAX_PAUSE: Duration = Duration::from_secs(15);
+/// How long a `flows --fresh` query waits for its scan.
+const FRESH_SCAN_WAIT: Duration = Duration::from_secs(30);
 
-/// Everything the tasks share. One lock: events are rare, queries rarer.
-pub struct Shared {
-    pub monitor: Monitor,
-    pub detector: Detector,
-    /// Reads ActiveSync requests from plaintext-port samples.
-    pub requests: ping::Reader,
-    pub metrics: Metrics,
-    pub table_entries: u64,
-    pub half_open_entries: u64,
-    pub decode_errors: u64,
-    pub started: Instant,
-    pub config: FileConfig,
-}
-
-pub type State = Arc<Mutex<Shared>>;
-
-/// Lock, surviving a poisoned lock (a panicked task must not stop the agent).
-pub fn lock(state: &State) -> MutexGuard<'_, Shared> {
-    state.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Shared {
-    /// Feed events and timer outputs through the detector into the metrics
-    /// and to followers.
-    fn absorb(&mut self, outputs: Vec<Output>, followers: &broadcast::Sender<String>) {
-        for o in outputs {
-            self.metrics.observe(&o, &self.detector);
-            match &o {
-                Output::Verdict(v) => {
-                    log::debug!("verdict: {v}");
-                    // Rendering costs more than the detector's own work: only
-                    // for someone following.
-                    if followers.receiver_count() == 0 {
-                        continue;
-                    }
-                    let payload = EventPayload {
-                        text: v.to_string(),
-                        verdict: serde_json::to_value(v).unwrap_or_default(),
-                    };
-                    if let Ok(line) = serde_json::to_string(&Response::Ok(payload)) {
-                        // No followers is fine.
-                        let _ = followers.send(line);
-                    }
-                }
-                Output::Alert(a) => {
-                    let names: Vec<String> = a
-                        .culprits
-                        .iter()
-                        .map(|(p, n)| format!("{p} ({n})"))
-                        .collect();
-                    log::warn!(
-                        "heartbeat window alert (Exchange 3033/1040 logic): mean {:.0} s over {} samples; pulled down by {}",
-                        a.mean_seconds,
-                        a.samples,
-                        if names.is_empty() { "no single path".into() } else { names.join(", ") }
-                    );
-                }
-                _ => {}
-            }
-        }
-    }
-
-    fn ingest(&mut self, record: &Record, followers: &broadcast::Sender<String>) {
-        match record {
-            Record::Event(ev) => {
-                log::debug!("{ev}");
-                let out = self.detector.ingest(ev);
-                if ev.kind == monitor_common::EventKind::Closed {
-                    self.requests.forget(&ev.raw.key);
-                }
-                self.absorb(out, followers);
-            }
-            Record::Sample(s) => {
-                for o in self.requests.feed(s, &mut self.detector) {
-                    log::debug!("request from {}: {o:?}", client_of(&s.key));
-                    self.metrics.request(&o);
-                }
-            }
-        }
-    }
-
-    /// Apply a scan of the kernel tables: count them, and retire flows that
-    /// left the flow table.
-    fn apply_scan(&mut self, scan: &Scan, followers: &broadcast::Sender<String>) {
-        self.table_entries = scan.flow_keys.len() as u64;
-        self.half_open_entries = scan.half_open_entries;
-        let out = self
-            .detector
-            .retire_missing(clock::boot_ns(), |k| scan.flow_keys.contains(k));
-        self.absorb(out, followers);
-    }
-
-    pub fn status(&self) -> api::Status {
-        let counters = self.monitor.counters().unwrap_or_default();
-        let capacity = u64::from(self.monitor.flow_table_size());
-        api::Status {
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            uptime_seconds: self.started.elapsed().as_secs_f64(),
-            ports: self.config.agent.ports.clone(),
-            plaintext_ports: self.config.agent.plaintext_ports.clone(),
-            gap_threshold_seconds: self.config.agent.gap_threshold.as_secs_f64(),
-            attachments: self
-                .monitor
-                .attachments()
-                .iter()
-                .map(|a| AttachmentInfo {
-                    interface: a.iface.clone(),
-                    xdp_mode: a.xdp_mode.to_string(),
-                    tc_mode: a.tc_mode.to_string(),
-                })
-                .collect(),
-            programs: self
-                .monitor
-                .programs()
-                .iter()
-                .map(|p| ProgramInfo {
-                    name: p.name.to_string(),
-                    verified_instructions: p.verified_instructions,
-                })
-                .collect(),
-            flow_table_entries: self.table_entries,
-            flow_table_capacity: capacity,
-            flow_table_fill_ratio: self.table_entries as f64 / capacity.max(1) as f64,
-            flow_table_memory_bytes: self.monitor.flow_table_memory_bytes(),
-            flow_table_evictions: self.tables(&counters).evictions,
-            half_open_entries: self.half_open_entries,
-            half_open_capacity: u64::from(self.monitor.half_open_table_size()),
-            half_open_memory_bytes: self.monitor.half_open_memory_bytes(),
-            half_open_evictions: self.tables(&counters).half_open_evictions,
-            kernel_counters: Counter::ALL
-                .iter()
-                .map(|c| (c.name().to_string(), counters.get(*c)))
-                .collect(),
-            events_dropped: counters.get(Counter::EventsDropped),
-            event_decode_errors: self.decode_errors,
-            flows_followed: self.detector.flows_tracked(),
-            paths: self.detector.paths().count(),
-            metrics_listen: self
-                .config
-                .metrics
-                .enabled
-                .then(|| self.config.metrics.listen.to_string()),
-        }
-    }
-
-    pub fn flows(&self) -> Result<Vec<FlowRow>, String> {
-        let now = clock::boot_ns();
-        let table = self.monitor.flows().map_err(|e| e.to_string())?;
-        let mut rows = Vec::new();
-        for item in table.iter() {
-            let (key, f) = item.map_err(|e| format!("reading the flow table: {e}"))?;
-            let client = client_of(&key);
-            let last = f.last_in_ns.max(f.last_out_ns);
-            let mut st = if f.state & state::CLOSED != 0 {
-                "closed"
-            } else if f.state & state::RETRANS_REPORTED != 0 {
-                "retransmitting"
-            } else {
-                "open"
-            }
-            .to_string();
-            if f.state & state::MIDSTREAM != 0 {
-                st.push_str("+midstream");
-            }
-            rows.push(FlowRow {
-                client: client.to_string(),
-                server: server_of(&key).to_string(),
-                path: self
-                    .detector
-                    .path_of(client.ip(), key.server_port)
-                    .to_string(),
-                age_seconds: now.saturating_sub(f.first_seen_ns) as f64 / 1e9,
-                silence_seconds: now.saturating_sub(last) as f64 / 1e9,
-                bytes_in: f.bytes_in,
-                bytes_out: f.bytes_out,
-                packets_in: f.pkts_in,
-                packets_out: f.pkts_out,
-                heartbeat_seconds: self.detector.flow_heartbeat(&key),
-                state: st,
-            });
-        }
-        Ok(rows)
-    }
-
-    /// Both tables as of the last sweep. Entries leave the flow table only
-    /// by eviction, and the half-open table by eviction or by being
-    /// established, so the counters give the evictions.
-    fn tables(&self, k: &crate::counters::KernelCounters) -> TableStats {
-        let created = k.get(Counter::FlowsCreated);
-        TableStats {
-            entries: self.table_entries,
-            capacity: u64::from(self.monitor.flow_table_size()),
-            memory_bytes: self.monitor.flow_table_memory_bytes().unwrap_or(0),
-            evictions: created.saturating_sub(self.table_entries),
-            half_open_entries: self.half_open_entries,
-            half_open_capacity: u64::from(self.monitor.half_open_table_size()),
-            half_open_memory_bytes: self.monitor.half_open_memory_bytes().unwrap_or(0),
-            half_open_evictions: k
-                .get(Counter::HalfOpenCreated)
-                .saturating_sub(created)
-                .saturating_sub(self.half_open_entries),
-        }
-    }
-
-    pub fn metrics_text(&mut self) -> Result<String, prometheus::Error> {
-        let kernel = self.monitor.counters().ok();
-        let table = kernel.as_ref().map(|k| self.tables(k));
-        let decode = self.decode_errors;
-        let now = clock::boot_ns();
-        let Shared {
-            metrics, detector, ..
-        } = self;
-        metrics.render(detector, kernel.as_ref(), table, decode, now)
-    }
+/// Asks the scanner for a walk now, and tells when walks end (their time).
+#[derive(Clone)]
+struct Scans {
+    wake: Arc<Notify>,
+    done: watch::Receiver<u64>,
 }
 
 /// Create the socket owner-only, replacing a stale one (no agent behind it).
@@ -274,14 +68,13 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(l)
 }
 
-async fn serve_query(listener: UnixListener, state: State, followers: broadcast::Sender<String>) {
+async fn serve_query(listener: UnixListener, state: State, scans: Option<Scans>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let st = state.clone();
-                let f = followers.subscribe();
+                let (st, sc) = (state.clone(), scans.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = answer(stream, st, f).await {
+                    if let Err(e) = answer(stream, st, sc).await {
                         log::debug!("query client: {e}");
                     }
                 });
@@ -301,11 +94,7 @@ fn line<T: serde::Serialize>(r: &Response<T>) -> String {
     s
 }
 
-async fn answer(
-    stream: UnixStream,
-    state: State,
-    mut followers: broadcast::Receiver<String>,
-) -> anyhow::Result<()> {
+async fn answer(stream: UnixStream, state: State, scans: Option<Scans>) -> anyhow::Result<()> {
     let (r, mut w) = stream.into_split();
     // Bounded read: an over-long request is cut and then rejected as too long.
     let mut r = BufReader::new(r.take(query::MAX_REQUEST_BYTES as u64 + 1));
@@ -313,63 +102,276 @@ async fn answer(
     tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut req))
         .await
         .context("no request within 10 s")??;
-    let request = match query::parse_request(&req) {
-        Ok(q) => q,
-        Err(e) => {
-            w.write_all(line::<()>(&Response::Error(e)).as_bytes())
-                .await?;
-            return Ok(());
-        }
-    };
-    let reply = match request {
-        Request::Status => line(&Response::Ok(lock(&state).status())),
-        Request::Flows => match lock(&state).flows() {
-            Ok(rows) => line(&Response::Ok(rows)),
+    let reply = match query::parse_request(&req) {
+        Err(e) => line::<()>(&Response::Error(e.to_string())),
+        Ok(Request::Status) => line(&Response::Ok(lock(&state).status())),
+        Ok(Request::Flows(q)) => match list_flows(&state, scans.as_ref(), q).await {
+            Ok(list) => line(&Response::Ok(list)),
             Err(e) => line::<()>(&Response::Error(e)),
         },
-        Request::Report => {
-            let s = lock(&state);
-            let report = s.detector.report();
+        Ok(Request::Report) => {
+            let report = lock(&state).pipeline.report();
             line(&Response::Ok(ReportPayload {
-                text: report.to_text(),
+                text: crate::render::report(&report),
                 report: serde_json::to_value(&report).unwrap_or_default(),
             }))
         }
-        Request::Events { follow } => {
-            let recent: Vec<String> = lock(&state)
-                .detector
-                .recent()
-                .map(|v| {
-                    line(&Response::Ok(EventPayload {
-                        text: v.to_string(),
-                        verdict: serde_json::to_value(v).unwrap_or_default(),
-                    }))
-                })
-                .collect();
-            for l in recent {
-                w.write_all(l.as_bytes()).await?;
-            }
-            if follow {
-                loop {
-                    match followers.recv().await {
-                        Ok(mut l) => {
-                            l.push('\n');
-                            w.write_all(l.as_bytes()).await?;
-                        }
-                        Err(broadcast::error::RecvError::Lagged(n)) => {
-                            let msg = format!("follower too slow: {n} verdicts skipped");
-                            w.write_all(line::<()>(&Response::Error(msg)).as_bytes())
-                                .await?;
-                        }
-                        Err(broadcast::error::RecvError::Closed) => break,
-                    }
-                }
-            }
-            return Ok(());
-        }
+        Ok(Request::Events { follow }) => return stream_events(&mut w, &state, follow).await,
     };
     w.write_all(reply.as_bytes()).await?;
     Ok(())
+}
+
+/// Recent verdicts, then (with `follow`) each new one as it comes.
+async fn stream_events(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    state: &State,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let (recent, mut followers): (Vec<String>, _) = {
+        let s = lock(state);
+        let recent = s
+            .pipeline
+            .detector()
+            .recent()
+            .map(|v| line(&Response::Ok(EventPayload::of(v))))
+            .collect();
+        (recent, s.followers.subscribe())
+    };
+    for l in recent {
+        w.write_all(l.as_bytes()).await?;
+    }
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        match followers.recv().await {
+            Ok(mut l) => {
+                l.push('\n');
+                w.write_all(l.as_bytes()).await?;
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                let msg = format!("follower too slow: {n} verdicts skipped");
+                w.write_all(line::<()>(&Response::Error(msg)).as_bytes())
+                    .await?;
+            }
+            Err(broadcast::error::RecvError::Closed) => break,
+        }
+    }
+    Ok(())
+}
+
+/// Answer a `flows` query from the latest snapshot: the lock is held only
+/// to take a handle on it and, for the rows shown, their heartbeats.
+async fn list_flows(
+    state: &State,
+    scans: Option<&Scans>,
+    q: FlowQuery,
+) -> Result<FlowList, String> {
+    if q.fresh {
+        let scans = scans.ok_or("no table scanner: --fresh is unavailable")?;
+        wait_for_scan(scans).await?;
+    }
+    let (snap, paths) = {
+        let s = lock(state);
+        (s.snapshot.clone(), s.paths())
+    };
+    let now = clock::boot_ns();
+    let (matching, picked) = tokio::task::spawn_blocking(move || {
+        let sel = flows::select(&snap, &q, now, paths).map_err(|e| e.to_string())?;
+        let picked: Vec<_> = sel.rows.into_iter().copied().collect();
+        Ok::<_, String>(((sel.matching, snap.taken_ns, snap.len()), picked))
+    })
+    .await
+    .map_err(|e| format!("selecting flows: {e}"))??;
+    let (matching, taken_ns, total) = matching;
+    let s = lock(state);
+    let rows = picked
+        .iter()
+        .map(|(k, f)| {
+            let path = paths.of(crate::event::client_of(k).ip(), k.server_port);
+            flows::row(k, f, now, path, s.pipeline.detector().flow_heartbeat(k))
+        })
+        .collect();
+    Ok(FlowList {
+        snapshot_age_seconds: now.saturating_sub(taken_ns) as f64 / 1e9,
+        flows_in_table: total as u64,
+        matching: matching as u64,
+        rows,
+    })
+}
+
+/// Ask for a scan and wait until one that started after now has ended.
+async fn wait_for_scan(scans: &Scans) -> Result<(), String> {
+    let asked = clock::boot_ns();
+    let mut done = scans.done.clone();
+    scans.wake.notify_one();
+    let wait = async { done.wait_for(|taken| *taken > asked).await.map(|_| ()) };
+    match tokio::time::timeout(FRESH_SCAN_WAIT, wait).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err("the table scanner stopped".into()),
+        Err(_) => Err(format!(
+            "no table scan finished within {} s",
+            FRESH_SCAN_WAIT.as_secs()
+        )),
+    }
+}
+
+/// Walk the kernel tables on a blocking thread, again and again: as often
+/// as every second for small tables, less often for big ones.
+async fn scan_loop(
+    scanner: Arc<TableScanner>,
+    state: State,
+    wake: Arc<Notify>,
+    done: watch::Sender<u64>,
+) {
+    loop {
+        let started = Instant::now();
+        let sc = scanner.clone();
+        match tokio::task::spawn_blocking(move || sc.scan()).await {
+            Ok(scan) => {
+                let taken = scan.flows.taken_ns;
+                lock(&state).apply_scan(scan);
+                done.send_replace(taken);
+            }
+            Err(e) => log::warn!("scanning the kernel tables: {e}"),
+        }
+        let pause = (started.elapsed() * 10).clamp(SCAN_MIN_PAUSE, SCAN_MAX_PAUSE);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = wake.notified() => {}
+        }
+    }
+}
+
+/// The event ring buffer and the kernel log, watched by the runtime.
+struct Readers {
+    events: AsyncFd<EventReader>,
+    kernel_log: Option<AsyncFd<KernelLogger>>,
+}
+
+fn watch_readers(monitor: &mut Monitor) -> anyhow::Result<Readers> {
+    let reader = monitor
+        .take_event_reader()
+        .context("the event reader was already taken")?;
+    // SAFETY: each AsyncFd owns the object that owns the fd, for its whole life.
+    let events = unsafe { AsyncFd::register_with_interest(reader, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+        .context("watching the event ring buffer")?;
+    let kernel_log = match monitor.take_kernel_logger() {
+        Some(l) => Some(
+            unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)
+                .context("watching the kernel log ring buffer")?,
+        ),
+        None => None,
+    };
+    Ok(Readers { events, kernel_log })
+}
+
+fn log_attachments(monitor: &Monitor, config: &FileConfig) {
+    for a in monitor.attachments() {
+        log::info!(
+            "attached to {}: {}; ports {:?}",
+            a.iface,
+            crate::api::hooks(a.xdp_mode, a.tc_mode),
+            config.agent.ports
+        );
+    }
+    for p in monitor.programs() {
+        let n = p
+            .verified_instructions
+            .map_or("?".into(), |n| n.to_string());
+        log::info!("program {}: {n} instructions verified", p.name);
+    }
+}
+
+/// Drain the ring buffer into the pipeline.
+fn drain_events(readers: &mut Readers, state: &State, batch: &mut Vec<crate::event::Record>) {
+    readers.events.get_mut().drain_records(|r| batch.push(r));
+    let mut s = lock(state);
+    s.decode_errors = readers.events.get_ref().decode_errors;
+    for r in batch.drain(..) {
+        let out = s.pipeline.record(&r);
+        s.absorb(out);
+    }
+}
+
+/// The event loop: records, the kernel log and the clock, until a signal.
+async fn serve(readers: &mut Readers, state: &State) -> anyhow::Result<()> {
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => { log::info!("SIGINT: detaching"); return Ok(()); }
+            _ = sigterm.recv() => { log::info!("SIGTERM: detaching"); return Ok(()); }
+            guard = readers.events.readable_mut() => {
+                guard.context("waiting for events")?.clear_ready();
+                drain_events(readers, state, &mut batch);
+            }
+            guard = async {
+                match readers.kernel_log.as_mut() {
+                    Some(fd) => fd.readable_mut().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let mut guard = guard.context("waiting for kernel log records")?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {
+                let mut s = lock(state);
+                let out = s.pipeline.tick(clock::boot_ns());
+                s.absorb(out);
+            }
+        }
+    }
+}
+
+/// Start the scanner task, if the tables can be scanned.
+fn start_scanner(state: &State) -> Option<(Scans, tokio::task::JoinHandle<()>)> {
+    let scanner = match lock(state).monitor.table_scanner() {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            log::warn!("no table scanner (flow table counts, flows and vanished flows off): {e}");
+            return None;
+        }
+    };
+    let wake = Arc::new(Notify::new());
+    let (done_tx, done) = watch::channel(0u64);
+    let task = tokio::spawn(scan_loop(scanner, state.clone(), wake.clone(), done_tx));
+    Some((Scans { wake, done }, task))
+}
+
+/// Bind /metrics (before capabilities are dropped).
+async fn bind_metrics(config: &FileConfig) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    if !config.metrics.enabled {
+        return Ok(None);
+    }
+    let addr = config.metrics.listen;
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding /metrics on {addr} (in use? set [metrics] listen)"))?;
+    Ok(Some(l))
+}
+
+fn new_state(monitor: Monitor, config: &FileConfig) -> anyhow::Result<State> {
+    let pipeline = Pipeline::new(config.detector.clone()).context("detector configuration")?;
+    let metrics = Metrics::new(config.metrics.top_paths, config.metrics.client_addresses)
+        .context("registering metrics")?;
+    Ok(Arc::new(Mutex::new(Shared {
+        monitor,
+        pipeline,
+        metrics,
+        snapshot: Arc::default(),
+        half_open_entries: 0,
+        decode_errors: 0,
+        started: Instant::now(),
+        config: config.clone(),
+        followers: broadcast::channel(FOLLOW_BUFFER).0,
+    })))
 }
 
 pub async fn run(config: FileConfig) -> anyhow::Result<()> {
@@ -380,89 +382,25 @@ pub async fn run(config: FileConfig) -> anyhow::Result<()> {
         None => crate::web_config::WebConfig::default(),
     };
     let mut monitor = Monitor::start(&config.agent).context("starting the monitor")?;
-    for a in monitor.attachments() {
-        log::info!(
-            "attached to {}: {}; ports {:?}",
-            a.iface,
-            crate::loader::Attachment::hooks(a.xdp_mode, a.tc_mode),
-            config.agent.ports
-        );
-    }
-    for p in monitor.programs() {
-        log::info!(
-            "program {}: {} instructions verified",
-            p.name,
-            p.verified_instructions
-                .map_or("?".into(), |n| n.to_string())
-        );
-    }
-    let detector = Detector::new(config.detector.clone()).context("detector configuration")?;
-    let metrics = Metrics::new(config.metrics.top_paths, config.metrics.client_addresses)
-        .context("registering metrics")?;
-    let reader = monitor
-        .take_event_reader()
-        .context("the event reader was already taken")?;
-    let logger = monitor.take_kernel_logger();
-    // SAFETY: each AsyncFd owns the object that owns the fd, for its whole life.
-    let mut events = unsafe { AsyncFd::register_with_interest(reader, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-        .context("watching the event ring buffer")?;
-    let mut kernel_log = match logger {
-        Some(l) => Some(
-            unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
-                .map_err(|e| e.into_parts().1)
-                .context("watching the kernel log ring buffer")?,
-        ),
-        None => None,
-    };
-
-    let socket_path: PathBuf = config.query.socket.clone();
+    log_attachments(&monitor, &config);
+    let mut readers = watch_readers(&mut monitor)?;
+    let socket_path = config.query.socket.clone();
     let query_listener = bind_socket(&socket_path)?;
-    let metrics_listener = if config.metrics.enabled {
-        let addr = config.metrics.listen;
-        Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
-            format!("binding /metrics on {addr} (in use? set [metrics] listen)")
-        })?)
-    } else {
-        None
-    };
-    let scanner = match monitor.table_scanner() {
-        Ok(s) => Some(Arc::new(s)),
-        Err(e) => {
-            log::warn!("no table scanner (flow table counts and vanished flows off): {e}");
-            None
-        }
-    };
-    let scanning = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let state: State = Arc::new(Mutex::new(Shared {
-        monitor,
-        detector,
-        requests: ping::Reader::new(),
-        metrics,
-        table_entries: 0,
-        half_open_entries: 0,
-        decode_errors: 0,
-        started: Instant::now(),
-        config: config.clone(),
-    }));
-    let (followers, _) = broadcast::channel::<String>(FOLLOW_BUFFER);
+    let metrics_listener = bind_metrics(&config).await?;
+    let state = new_state(monitor, &config)?;
+    let scanner = start_scanner(&state);
     let query_task = tokio::spawn(serve_query(
         query_listener,
         state.clone(),
-        followers.clone(),
+        scanner.as_ref().map(|s| s.0.clone()),
     ));
     let metrics_task = metrics_listener.map(|l| {
         log::info!(
-            "serving /metrics on {}{}{}",
+            "serving /metrics on {}{}",
             config.metrics.listen,
-            if web.tls.is_some() { " (TLS)" } else { "" },
-            if web.requires_auth() {
-                " (basic auth)"
-            } else {
-                ""
-            }
+            web.describe()
         );
-        tokio::spawn(exporter::serve(l, state.clone(), web.clone()))
+        tokio::spawn(crate::exporter::serve(l, state.clone(), web.clone()))
     });
     log::info!("query socket {}", socket_path.display());
     // Attached and bound: nothing below needs a capability.
@@ -470,76 +408,20 @@ pub async fn run(config: FileConfig) -> anyhow::Result<()> {
     let kept = crate::privilege::drop_capabilities(qdisc).context("after attaching")?;
     log::info!("capabilities dropped; kept: {kept:?}");
 
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
-    let mut batch = Vec::new();
-    loop {
-        tokio::select! {
-            _ = sigint.recv() => { log::info!("SIGINT: detaching"); break; }
-            _ = sigterm.recv() => { log::info!("SIGTERM: detaching"); break; }
-            guard = events.readable_mut() => {
-                let mut guard = guard.context("waiting for events")?;
-                guard.get_inner_mut().drain_records(|r| batch.push(r));
-                let decode_errors = guard.get_inner().decode_errors;
-                guard.clear_ready();
-                let mut s = lock(&state);
-                s.decode_errors = decode_errors;
-                for ev in batch.drain(..) {
-                    s.ingest(&ev, &followers);
-                }
-            }
-            guard = async {
-                match kernel_log.as_mut() {
-                    Some(fd) => fd.readable_mut().await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                let mut guard = guard.context("waiting for kernel log records")?;
-                guard.get_inner_mut().flush();
-                guard.clear_ready();
-            }
-            _ = tick.tick() => {
-                let mut s = lock(&state);
-                let now = clock::boot_ns();
-                let out = s.detector.tick(now);
-                s.requests.expire(now);
-                s.absorb(out, &followers);
-            }
-            _ = sweep.tick() => {
-                // Scan on a blocking thread; the loop keeps draining events.
-                use std::sync::atomic::Ordering;
-                let idle = !scanning.swap(true, Ordering::AcqRel);
-                if let (Some(sc), true) = (scanner.clone(), idle) {
-                    let (state, followers, scanning) =
-                        (state.clone(), followers.clone(), scanning.clone());
-                    tokio::spawn(async move {
-                        match tokio::task::spawn_blocking(move || sc.scan()).await {
-                            Ok(scan) => lock(&state).apply_scan(&scan, &followers),
-                            Err(e) => log::warn!("scanning the kernel tables: {e}"),
-                        }
-                        scanning.store(false, Ordering::Release);
-                    });
-                } else if !idle {
-                    log::debug!("the previous table scan is still running");
-                }
-            }
-        }
-    }
+    serve(&mut readers, &state).await?;
+
     query_task.abort();
-    if let Some(t) = metrics_task {
-        t.abort();
-    }
-    // Drain what is left so nothing the kernel reported is lost at exit.
-    events.get_mut().drain_records(|r| batch.push(r));
-    {
-        let mut s = lock(&state);
-        for ev in batch.drain(..) {
-            s.ingest(&ev, &followers);
-        }
-    }
-    if let Some(mut l) = kernel_log.map(AsyncFd::into_inner) {
+    metrics_task.inspect(|t| t.abort());
+    scanner.inspect(|s| s.1.abort());
+    shutdown(readers, &state, &config, &socket_path);
+    Ok(())
+}
+
+/// Drain what is left (nothing the kernel reported is lost at exit), then
+/// leave the pins as configured and remove the socket.
+fn shutdown(mut readers: Readers, state: &State, config: &FileConfig, socket: &Path) {
+    drain_events(&mut readers, state, &mut Vec::new());
+    if let Some(mut l) = readers.kernel_log.map(AsyncFd::into_inner) {
         l.flush();
     }
     match (&config.agent.pin_path, config.agent.detach_on_exit) {
@@ -553,9 +435,6 @@ pub async fn run(config: FileConfig) -> anyhow::Result<()> {
         ),
         _ => {}
     }
-    let _ = std::fs::remove_file(&socket_path);
-    drop(events);
-    drop(state);
+    let _ = std::fs::remove_file(socket);
     log::info!("detached");
-    Ok(())
 }

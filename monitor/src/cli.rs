@@ -3,9 +3,12 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ConfigError, FileConfig, XdpModeSetting, DEFAULT_SOCKET};
+use crate::{
+    config::{ConfigError, FileConfig, XdpModeSetting, DEFAULT_SOCKET},
+    flows::{FlowQuery, FlowSort},
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -74,18 +77,6 @@ pub struct JsonArg {
     pub json: bool,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FlowSort {
-    /// Longest silence first.
-    Silence,
-    /// Oldest first.
-    Age,
-    /// Most bytes (both ways) first.
-    Bytes,
-    /// By client address.
-    Client,
-}
-
 #[derive(Args, Debug)]
 pub struct FlowsArgs {
     #[arg(long)]
@@ -102,6 +93,45 @@ pub struct FlowsArgs {
     /// At most this many rows (0: all).
     #[arg(long, default_value_t = 50)]
     pub limit: usize,
+    /// Wait for a walk of the table that starts now (about a second at a
+    /// million entries) instead of answering from the latest one.
+    #[arg(long)]
+    pub fresh: bool,
+}
+
+impl FlowsArgs {
+    pub fn query(&self) -> FlowQuery {
+        FlowQuery {
+            sort: self.sort,
+            path: self.path.clone(),
+            min_silence: self.min_silence,
+            limit: self.limit,
+            fresh: self.fresh,
+        }
+    }
+}
+
+/// The server's heartbeat bounds, as Exchange has them: `run` and `analyze` alike.
+#[derive(Args, Debug, Default)]
+pub struct HeartbeatArgs {
+    /// Exchange MinHeartbeatInterval, seconds (1..max). Default 60. [detector] min_heartbeat
+    #[arg(long, value_name = "SECONDS")]
+    pub min_heartbeat: Option<f64>,
+    /// Exchange MaxHeartbeatInterval, seconds (min..3540). Default 3540. [detector] max_heartbeat
+    #[arg(long, value_name = "SECONDS")]
+    pub max_heartbeat: Option<f64>,
+}
+
+impl HeartbeatArgs {
+    fn apply(&self, d: &mut crate::detector::DetectorConfig) -> Result<(), ConfigError> {
+        if let Some(v) = self.min_heartbeat {
+            d.min_heartbeat = secs("min-heartbeat", v)?;
+        }
+        if let Some(v) = self.max_heartbeat {
+            d.max_heartbeat = secs("max-heartbeat", v)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args, Debug)]
@@ -132,6 +162,8 @@ pub struct AnalyzeArgs {
     /// agent configuration file; flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub heartbeat: HeartbeatArgs,
     /// Print JSON (capture statistics, every verdict, the report).
     #[arg(long)]
     pub json: bool,
@@ -149,6 +181,7 @@ impl AnalyzeArgs {
         };
         let mut detector = c.detector.clone();
         detector.min_silence = gap;
+        self.heartbeat.apply(&mut detector)?;
         detector.validate()?;
         // No port named anywhere: the analysis infers them from SYNs.
         let mut ports = match (&self.config, self.ports.is_empty()) {
@@ -216,12 +249,8 @@ pub struct RunArgs {
     /// XDP attach mode. Default auto. [agent] xdp_mode
     #[arg(long, value_enum)]
     pub xdp_mode: Option<XdpModeSetting>,
-    /// Exchange MinHeartbeatInterval, seconds (1..max). Default 60. [detector] min_heartbeat
-    #[arg(long, value_name = "SECONDS")]
-    pub min_heartbeat: Option<f64>,
-    /// Exchange MaxHeartbeatInterval, seconds (min..3540). Default 3540. [detector] max_heartbeat
-    #[arg(long, value_name = "SECONDS")]
-    pub max_heartbeat: Option<f64>,
+    #[command(flatten)]
+    pub heartbeat: HeartbeatArgs,
     /// Address for /metrics. Default 0.0.0.0:19443. [metrics] listen
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
@@ -285,12 +314,7 @@ impl RunArgs {
         if let Some(v) = self.xdp_mode {
             c.agent.xdp_mode = v;
         }
-        if let Some(v) = self.min_heartbeat {
-            c.detector.min_heartbeat = secs("min-heartbeat", v)?;
-        }
-        if let Some(v) = self.max_heartbeat {
-            c.detector.max_heartbeat = secs("max-heartbeat", v)?;
-        }
+        self.heartbeat.apply(&mut c.detector)?;
         if let Some(v) = self.metrics_listen {
             c.metrics.listen = v;
         }
@@ -389,5 +413,33 @@ mod tests {
         };
         let e = args.effective(&cli.socket).unwrap_err().to_string();
         assert!(e.contains("max_heartbeat"), "{e}");
+    }
+
+    #[test]
+    fn analyze_takes_the_servers_heartbeat_bounds_as_run_does() {
+        let cli = Cli::parse_from([
+            "monitor",
+            "analyze",
+            "x.pcap",
+            "--min-heartbeat",
+            "30",
+            "--max-heartbeat",
+            "1800",
+        ]);
+        let Command::Analyze(args) = cli.command else {
+            panic!()
+        };
+        let o = args.options().unwrap();
+        assert_eq!(o.detector.min_heartbeat.as_secs(), 30);
+        assert_eq!(o.detector.max_heartbeat.as_secs(), 1800);
+        let bad = Cli::parse_from(["monitor", "analyze", "x.pcap", "--max-heartbeat", "4000"]);
+        let Command::Analyze(args) = bad.command else {
+            panic!()
+        };
+        assert!(args
+            .options()
+            .unwrap_err()
+            .to_string()
+            .contains("max_heartbeat"));
     }
 }

@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::{
-    agent::{lock, State},
+    shared::{lock, State},
     web_config::WebConfig,
 };
 

@@ -1,30 +1,25 @@
-//! The user-space agent: loading and attaching the kernel programs, reading
-//! their events and counters. `main.rs` only dispatches the CLI.
+//! The agent shell: loading and attaching the kernel programs, pinning,
+//! privileges, the exporter and the query socket. What events mean is
+//! `monitor-core`'s; its modules are re-exported here so the shell and its
+//! users name one path. `main.rs` only dispatches the CLI.
 
 pub mod agent;
-pub mod analyze;
-pub mod api;
 pub mod cli;
 pub mod clock;
-pub mod config;
 pub mod counters;
-pub mod detector;
-pub mod event;
 pub mod exporter;
 pub mod loader;
-pub mod metrics;
 pub mod monitor;
-pub mod ping;
 pub mod pins;
 pub mod privilege;
-pub mod query;
-pub mod render;
-pub mod replay;
+pub mod shared;
 pub mod web_config;
 
-pub use config::{AgentConfig, ConfigError, FileConfig, XdpModeSetting};
-pub use event::FlowEvent;
 pub use monitor::Monitor;
+pub use monitor_core::{
+    analyze, api, config, detector, event, flows, metrics, ping, pipeline, query, render, replay,
+};
+pub use monitor_core::{AgentConfig, ConfigError, FileConfig, FlowEvent, XdpModeSetting};
 
 /// The compiled kernel programs, built by `build.rs` (aya-build).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));

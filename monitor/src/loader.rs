@@ -1,4 +1,6 @@
-//! Loading the kernel programs and attaching them: XDP on ingress, TC on egress.
+//! Loading the kernel programs and attaching them: XDP (or TC) on ingress, TC
+//! on egress. Only the programs the configuration uses are loaded, chosen for
+//! the running kernel's features (`plan`; docs/kernel-support.md).
 //! Detaching is dropping: aya closes the links, and `Attached` removes a clsact
 //! qdisc if (and only if) it added one.
 
@@ -7,7 +9,7 @@ use std::{ffi::CString, process::Command};
 use aya::{
     programs::{
         tc::{self, TcAttachType},
-        ProgramError, SchedClassifier, Xdp, XdpMode,
+        Program, ProgramError, SchedClassifier, Xdp, XdpMode,
     },
     util::KernelVersion,
     Ebpf, EbpfError, EbpfLoader,
@@ -16,13 +18,174 @@ use aya::{
 use crate::config::{AgentConfig, IngressHook, XdpModeSetting};
 
 pub const XDP_PROGRAM: &str = "monitor_xdp";
+/// `monitor_xdp` without `frags` and request samples, for kernels before 5.18.
+pub const XDP_NOFRAGS_PROGRAM: &str = "monitor_xdp_nofrags";
 pub const TC_PROGRAM: &str = "monitor_tc";
 pub const TC_INGRESS_PROGRAM: &str = "monitor_tc_ingress";
+
+/// Something the agent uses and the first Linux release that has it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Requirement {
+    pub what: &'static str,
+    /// (major, minor)
+    pub since: (u8, u8),
+}
+
+impl Requirement {
+    pub fn met_by(&self, kernel: KernelVersion) -> bool {
+        kernel >= KernelVersion::new(self.since.0, self.since.1, 0)
+    }
+}
+
+/// The floor: every program writes events to a ring buffer, stamped with the
+/// boot clock (both 5.8).
+pub const RING_BUFFER: Requirement = Requirement {
+    what: "the agent (BPF ring buffer, bpf_ktime_get_boot_ns)",
+    since: (5, 8),
+};
+/// `#[xdp(frags)]` (BPF_F_XDP_HAS_FRAGS) and `bpf_xdp_load_bytes`, which
+/// request samples on XDP need.
+pub const XDP_FRAGS: Requirement = Requirement {
+    what: "plaintext request sampling on XDP (bpf_xdp_load_bytes, XDP frags)",
+    since: (5, 18),
+};
+/// TC through bpf_link (no clsact qdisc); the only TC attachment that can be
+/// pinned. XDP links (5.9) come earlier, so this sets the floor for pinning.
+pub const TCX: Requirement = Requirement {
+    what: "pinned links (`pin_path`: TCX links)",
+    since: (6, 6),
+};
+
+/// What the running kernel offers the agent. Derived from its version (see
+/// `current`), but plain data, so tests can plan for an older kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelFeatures {
+    pub version: KernelVersion,
+    pub ring_buffer: bool,
+    pub xdp_frags: bool,
+    pub tcx: bool,
+}
+
+impl KernelFeatures {
+    pub fn of(version: KernelVersion) -> Self {
+        KernelFeatures {
+            version,
+            ring_buffer: RING_BUFFER.met_by(version),
+            xdp_frags: XDP_FRAGS.met_by(version),
+            tcx: TCX.met_by(version),
+        }
+    }
+
+    /// The running kernel's (uname; Ubuntu and Debian kernels report their
+    /// upstream version, which aya reads).
+    pub fn current() -> Result<Self, LoadError> {
+        KernelVersion::current()
+            .map(Self::of)
+            .map_err(|e| LoadError::KernelVersion {
+                message: e.to_string(),
+            })
+    }
+}
+
+/// The kernel lacks something this configuration needs. One line: what,
+/// which release has it, and what to change if anything can be.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{what} needs Linux {}.{} or later; this kernel is {have}{hint}", .since.0, .since.1)]
+pub struct KernelTooOld {
+    pub what: &'static str,
+    pub since: (u8, u8),
+    pub have: KernelVersion,
+    /// "" or "; <what to change>".
+    pub hint: &'static str,
+}
+
+/// How the TC programs are attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcMode {
+    /// TCX links (6.6+): no qdisc, gone with the process unless pinned.
+    Tcx,
+    /// Filters on a clsact qdisc (netlink), before 6.6.
+    Clsact,
+}
+
+impl TcMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcMode::Tcx => "tcx",
+            TcMode::Clsact => "clsact",
+        }
+    }
+}
+
+/// The programs to load and how to attach them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HookPlan {
+    /// Ingress through XDP: `monitor_xdp` or its no-frags twin.
+    pub xdp: Option<&'static str>,
+    /// Ingress through TC (`ingress = "tc"`).
+    pub tc_ingress: Option<&'static str>,
+    pub tc_mode: TcMode,
+}
+
+impl HookPlan {
+    /// Every program to load: TC egress always, one ingress program.
+    pub fn programs(&self) -> impl Iterator<Item = &'static str> {
+        [Some(TC_PROGRAM), self.xdp, self.tc_ingress]
+            .into_iter()
+            .flatten()
+    }
+}
+
+/// Which programs this configuration needs on this kernel, or why it cannot
+/// run here. Pure: no syscalls.
+pub fn plan(cfg: &AgentConfig, kernel: &KernelFeatures) -> Result<HookPlan, KernelTooOld> {
+    let too_old = |req: Requirement, hint| KernelTooOld {
+        what: req.what,
+        since: req.since,
+        have: kernel.version,
+        hint,
+    };
+    if !kernel.ring_buffer {
+        return Err(too_old(RING_BUFFER, ""));
+    }
+    if cfg.pin_path.is_some() && !kernel.tcx {
+        return Err(too_old(
+            TCX,
+            "; remove pin_path (the agent then detaches at exit)",
+        ));
+    }
+    let tc_mode = if kernel.tcx {
+        TcMode::Tcx
+    } else {
+        TcMode::Clsact
+    };
+    let (xdp, tc_ingress) = match cfg.ingress {
+        IngressHook::Tc => (None, Some(TC_INGRESS_PROGRAM)),
+        IngressHook::Xdp if kernel.xdp_frags => (Some(XDP_PROGRAM), None),
+        // Samples were asked for: refuse rather than silently send none.
+        IngressHook::Xdp if !cfg.plaintext_ports.is_empty() => {
+            return Err(too_old(
+                XDP_FRAGS,
+                "; set ingress = \"tc\" (TC ingress samples from 5.8)",
+            ))
+        }
+        IngressHook::Xdp => (Some(XDP_NOFRAGS_PROGRAM), None),
+    };
+    Ok(HookPlan {
+        xdp,
+        tc_ingress,
+        tc_mode,
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("interface {iface:?} does not exist in this network namespace (see `ip link show`)")]
     NoInterface { iface: String },
+    #[error("reading the kernel version: {message}")]
+    KernelVersion { message: String },
+    #[error(transparent)]
+    KernelTooOld(#[from] KernelTooOld),
     #[error("loading the eBPF object into the kernel: {source}")]
     Object {
         #[source]
@@ -109,6 +272,7 @@ impl Attached {
 /// Loaded programs plus what must be undone on drop.
 pub struct Attached {
     pub ebpf: Ebpf,
+    pub plan: HookPlan,
     pub attachments: Vec<Attachment>,
     pub programs: Vec<ProgramStats>,
     clsact_added: Vec<String>,
@@ -146,8 +310,26 @@ fn verifier_error(program: &'static str, source: ProgramError) -> LoadError {
 }
 
 /// Load the object with the agent's settings, without attaching (tests use
-/// this with BPF_PROG_TEST_RUN).
+/// this with BPF_PROG_TEST_RUN): the programs `cfg` uses on this kernel.
 pub fn load(cfg: &AgentConfig) -> Result<Ebpf, LoadError> {
+    load_for(cfg, &KernelFeatures::current()?)
+}
+
+/// `load` as if on a kernel with `kernel`'s features.
+pub fn load_for(cfg: &AgentConfig, kernel: &KernelFeatures) -> Result<Ebpf, LoadError> {
+    let plan = plan(cfg, kernel)?;
+    load_planned(cfg, &plan)
+}
+
+fn load_planned(cfg: &AgentConfig, plan: &HookPlan) -> Result<Ebpf, LoadError> {
+    if plan.xdp == Some(XDP_NOFRAGS_PROGRAM) {
+        log::info!(
+            "this kernel predates XDP frags (Linux {}.{}): loading {XDP_NOFRAGS_PROGRAM}, \
+             which does not sample request payloads",
+            XDP_FRAGS.since.0,
+            XDP_FRAGS.since.1
+        );
+    }
     let kcfg = cfg.kernel_config();
     let mut loader = EbpfLoader::new();
     loader
@@ -182,13 +364,20 @@ pub fn load(cfg: &AgentConfig) -> Result<Ebpf, LoadError> {
         .map_err(|source| LoadError::Object {
             source: Box::new(source),
         })?;
-    let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
-    xdp.load().map_err(|e| verifier_error(XDP_PROGRAM, e))?;
-    for name in [TC_PROGRAM, TC_INGRESS_PROGRAM] {
-        let tc: &mut SchedClassifier = program(&mut ebpf, name)?;
-        tc.load().map_err(|e| verifier_error(name, e))?;
+    // The others stay unverified and unloaded: the kernel never sees them.
+    for name in plan.programs() {
+        load_program(&mut ebpf, name)?;
     }
     Ok(ebpf)
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
+    let loaded = match ebpf.program_mut(name) {
+        Some(Program::Xdp(p)) => p.load(),
+        Some(Program::SchedClassifier(p)) => p.load(),
+        _ => return Err(LoadError::MissingProgram { program: name }),
+    };
+    loaded.map_err(|e| verifier_error(name, e))
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
@@ -200,9 +389,8 @@ where
         .ok_or(LoadError::MissingProgram { program: name })
 }
 
-pub fn program_stats(ebpf: &Ebpf) -> Vec<ProgramStats> {
-    [XDP_PROGRAM, TC_PROGRAM, TC_INGRESS_PROGRAM]
-        .into_iter()
+pub fn program_stats(ebpf: &Ebpf, plan: &HookPlan) -> Vec<ProgramStats> {
+    plan.programs()
         .map(|name| {
             let info = ebpf.program(name).and_then(|p| p.info().ok());
             ProgramStats {
@@ -214,9 +402,15 @@ pub fn program_stats(ebpf: &Ebpf) -> Vec<ProgramStats> {
         .collect()
 }
 
-/// Load and attach to every configured interface. Interfaces are checked
-/// first so a typo fails before anything changes.
+/// Load and attach to every configured interface. Interfaces and the kernel
+/// are checked first so a typo or an old kernel fails before anything changes.
 pub fn attach(cfg: &AgentConfig) -> Result<Attached, LoadError> {
+    attach_for(cfg, &KernelFeatures::current()?)
+}
+
+/// `attach` as if on a kernel with `kernel`'s features (tests: clsact on a
+/// TCX kernel, the no-frags XDP program).
+pub fn attach_for(cfg: &AgentConfig, kernel: &KernelFeatures) -> Result<Attached, LoadError> {
     for iface in &cfg.interfaces {
         if !iface_exists(iface) {
             return Err(LoadError::NoInterface {
@@ -224,10 +418,12 @@ pub fn attach(cfg: &AgentConfig) -> Result<Attached, LoadError> {
             });
         }
     }
-    let ebpf = load(cfg)?;
-    let programs = program_stats(&ebpf);
+    let plan = plan(cfg, kernel)?;
+    let ebpf = load_planned(cfg, &plan)?;
+    let programs = program_stats(&ebpf, &plan);
     let mut attached = Attached {
         ebpf,
+        plan,
         attachments: Vec::new(),
         programs,
         clsact_added: Vec::new(),
@@ -367,15 +563,16 @@ fn attach_xdp(
     cfg: &AgentConfig,
     iface: &str,
 ) -> Result<&'static str, LoadError> {
+    let name = attached.plan.xdp.unwrap_or(XDP_PROGRAM);
     if let Some(old) = pinned_link(cfg, HOOK_XDP, iface) {
-        let xdp: &mut Xdp = program(&mut attached.ebpf, XDP_PROGRAM)?;
+        let xdp: &mut Xdp = program(&mut attached.ebpf, name)?;
         let adopted = aya::programs::xdp::XdpLink::try_from(old)
             .map_err(|e| e.to_string())
             .and_then(|l| xdp.attach_to_link(l).map_err(|e| e.to_string()));
         match adopted {
             Ok(id) => {
                 let link = xdp.take_link(id).map_err(|e| LoadError::Attach {
-                    program: XDP_PROGRAM,
+                    program: name,
                     iface: iface.to_string(),
                     mode: "pinned link",
                     source: Box::new(e),
@@ -389,9 +586,9 @@ fn attach_xdp(
             }
         }
     }
-    let xdp: &mut Xdp = program(&mut attached.ebpf, XDP_PROGRAM)?;
+    let xdp: &mut Xdp = program(&mut attached.ebpf, name)?;
     let err = |mode: &'static str, source| LoadError::Attach {
-        program: XDP_PROGRAM,
+        program: name,
         iface: iface.to_string(),
         mode,
         source: Box::new(source),
@@ -437,9 +634,7 @@ fn attach_tc(
         _ => HOOK_TC_EGRESS,
     };
     // TCX links (6.6+) need no qdisc and vanish with the process.
-    let tcx = KernelVersion::current()
-        .map(|v| v >= KernelVersion::new(6, 6, 0))
-        .unwrap_or(false);
+    let tcx = attached.plan.tc_mode == TcMode::Tcx;
     if !tcx && !attached.clsact_added.iter().any(|i| i == iface) {
         match tc::qdisc_add_clsact(iface) {
             Ok(()) => attached.clsact_added.push(iface.to_string()),
@@ -453,7 +648,7 @@ fn attach_tc(
             }
         }
     }
-    let mode = if tcx { "tcx" } else { "clsact" };
+    let mode = attached.plan.tc_mode.as_str();
     let err = |source| LoadError::Attach {
         program: name,
         iface: iface.to_string(),
@@ -478,12 +673,28 @@ fn attach_tc(
         }
     }
     let prog: &mut SchedClassifier = program(&mut attached.ebpf, name)?;
-    let id = prog.attach(iface, hook).map_err(err)?;
+    let id = attach_classifier(prog, iface, hook, attached.plan.tc_mode).map_err(err)?;
     if cfg.pin_path.is_some() {
         let link = prog.take_link(id).map_err(err)?;
         pin_link(attached, cfg, hook_name, iface, link.try_into())?;
     }
     Ok(mode)
+}
+
+/// Attach as planned: aya's plain `attach` picks TCX by itself on 6.6+.
+/// TCX: after the programs already there (aya's default order); clsact: at
+/// the priority the kernel picks (49152 on an empty hook).
+fn attach_classifier(
+    prog: &mut SchedClassifier,
+    iface: &str,
+    hook: TcAttachType,
+    mode: TcMode,
+) -> Result<tc::SchedClassifierLinkId, ProgramError> {
+    let options = match mode {
+        TcMode::Tcx => tc::TcAttachOptions::TcxOrder(aya::programs::LinkOrder::default()),
+        TcMode::Clsact => tc::TcAttachOptions::Netlink(tc::NlOptions::default()),
+    };
+    prog.attach_with_options(iface, hook, options)
 }
 
 impl Drop for Attached {
@@ -497,5 +708,157 @@ impl Drop for Attached {
                 log::warn!("removing the clsact qdisc we added to {iface}: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on(major: u8, minor: u8) -> KernelFeatures {
+        KernelFeatures::of(KernelVersion::new(major, minor, 0))
+    }
+
+    fn cfg(ingress: IngressHook) -> AgentConfig {
+        AgentConfig {
+            ingress,
+            ..AgentConfig::default()
+        }
+    }
+
+    fn with_plaintext(ingress: IngressHook) -> AgentConfig {
+        AgentConfig {
+            plaintext_ports: vec![8080],
+            ports: vec![443, 8080],
+            ..cfg(ingress)
+        }
+    }
+
+    fn planned(
+        xdp: Option<&'static str>,
+        tc_ingress: Option<&'static str>,
+        tc: TcMode,
+    ) -> HookPlan {
+        HookPlan {
+            xdp,
+            tc_ingress,
+            tc_mode: tc,
+        }
+    }
+
+    #[test]
+    fn each_configuration_loads_only_the_programs_it_attaches() {
+        let xdp = planned(Some(XDP_PROGRAM), None, TcMode::Tcx);
+        let tc = planned(None, Some(TC_INGRESS_PROGRAM), TcMode::Tcx);
+        assert_eq!(
+            xdp.programs().collect::<Vec<_>>(),
+            [TC_PROGRAM, XDP_PROGRAM]
+        );
+        assert_eq!(
+            tc.programs().collect::<Vec<_>>(),
+            [TC_PROGRAM, TC_INGRESS_PROGRAM],
+            "ingress = \"tc\" loads no XDP program"
+        );
+    }
+
+    #[test]
+    fn hooks_follow_the_kernel_release() {
+        use IngressHook::{Tc, Xdp};
+        let cases = [
+            (
+                (6, 18),
+                cfg(Xdp),
+                planned(Some(XDP_PROGRAM), None, TcMode::Tcx),
+            ),
+            (
+                (6, 6),
+                cfg(Tc),
+                planned(None, Some(TC_INGRESS_PROGRAM), TcMode::Tcx),
+            ),
+            (
+                (6, 1),
+                cfg(Xdp),
+                planned(Some(XDP_PROGRAM), None, TcMode::Clsact),
+            ),
+            (
+                (5, 18),
+                with_plaintext(Xdp),
+                planned(Some(XDP_PROGRAM), None, TcMode::Clsact),
+            ),
+            // Before XDP frags: the twin without them (and without samples).
+            (
+                (5, 15),
+                cfg(Xdp),
+                planned(Some(XDP_NOFRAGS_PROGRAM), None, TcMode::Clsact),
+            ),
+            (
+                (5, 8),
+                cfg(Xdp),
+                planned(Some(XDP_NOFRAGS_PROGRAM), None, TcMode::Clsact),
+            ),
+            // TC ingress samples with bpf_skb_load_bytes: fine before 5.18.
+            (
+                (5, 10),
+                with_plaintext(Tc),
+                planned(None, Some(TC_INGRESS_PROGRAM), TcMode::Clsact),
+            ),
+        ];
+        for ((major, minor), cfg, want) in cases {
+            assert_eq!(
+                plan(&cfg, &on(major, minor)),
+                Ok(want),
+                "Linux {major}.{minor}, {:?}",
+                cfg.ingress
+            );
+        }
+    }
+
+    fn refusal(cfg: &AgentConfig, major: u8, minor: u8) -> String {
+        match plan(cfg, &on(major, minor)) {
+            Err(e) => e.to_string(),
+            Ok(p) => panic!("Linux {major}.{minor} should refuse {cfg:?}, planned {p:?}"),
+        }
+    }
+
+    #[test]
+    fn a_kernel_before_5_8_is_refused_whatever_the_hooks() {
+        for ingress in [IngressHook::Xdp, IngressHook::Tc] {
+            let msg = refusal(&cfg(ingress), 5, 4);
+            assert_eq!(
+                msg,
+                "the agent (BPF ring buffer, bpf_ktime_get_boot_ns) needs Linux 5.8 or later; \
+                 this kernel is 5.4.0"
+            );
+        }
+    }
+
+    #[test]
+    fn xdp_sampling_before_5_18_is_refused_with_tc_ingress_suggested() {
+        let msg = refusal(&with_plaintext(IngressHook::Xdp), 5, 15);
+        assert!(msg.contains("needs Linux 5.18"), "{msg}");
+        assert!(msg.contains("this kernel is 5.15.0"), "{msg}");
+        assert!(msg.contains("ingress = \"tc\""), "{msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+
+    #[test]
+    fn pinning_before_tcx_is_refused_before_anything_is_loaded() {
+        let cfg = AgentConfig {
+            pin_path: Some("/sys/fs/bpf/monitor".into()),
+            ..cfg(IngressHook::Tc)
+        };
+        let msg = refusal(&cfg, 6, 1);
+        assert!(msg.contains("needs Linux 6.6"), "{msg}");
+        assert!(msg.contains("pin_path"), "{msg}");
+        assert!(plan(&cfg, &on(6, 6)).is_ok());
+    }
+
+    #[test]
+    fn features_switch_on_at_their_first_release() {
+        let before = on(6, 5);
+        assert!(before.ring_buffer && before.xdp_frags && !before.tcx);
+        assert!(on(6, 6).tcx);
+        assert!(!on(5, 17).xdp_frags && on(5, 18).xdp_frags);
+        assert!(!on(5, 7).ring_buffer && on(5, 8).ring_buffer);
     }
 }

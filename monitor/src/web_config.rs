@@ -104,6 +104,17 @@ impl WebConfig {
         })
     }
 
+    /// " (TLS)", " (basic auth)", both or nothing: for the start-up log.
+    pub fn describe(&self) -> String {
+        let tls = if self.tls.is_some() { " (TLS)" } else { "" };
+        let auth = if self.requires_auth() {
+            " (basic auth)"
+        } else {
+            ""
+        };
+        format!("{tls}{auth}")
+    }
+
     pub fn requires_auth(&self) -> bool {
         !self.users.is_empty()
     }

@@ -122,7 +122,7 @@ fn cli_answers_match_the_traffic_field_by_field() {
     assert_eq!(status["kernel_counters"]["half_open_created"], 2);
     assert_eq!(status["half_open_capacity"], 65536);
 
-    let flows = json(&agent, &["flows", "--json"]);
+    let flows = json(&agent, &["flows", "--json", "--fresh"]);
     let row = flows
         .as_array()
         .unwrap()
@@ -677,4 +677,176 @@ fn detach_on_exit_removes_every_pin_and_attachment() {
         attached_programs(&pair.server.name, &pair.server_if),
         (0, 0)
     );
+}
+
+/// `monitor flows` on a full million-entry table answers from the agent's
+/// snapshot: fast, and without starving the ring buffer while connections
+/// keep opening and closing.
+#[test]
+fn a_flows_query_on_a_million_entry_table_answers_within_100_ms_and_drops_no_event() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use monitor::{
+        flows::{FlowList, FlowQuery},
+        query::{Client, Request},
+    };
+    use monitor_common::{Flow, FlowKey, FAMILY_V4};
+    const ENTRIES: u32 = 1 << 20;
+    let pair = Pair::new();
+    let bpffs = BpfFs::mount(&format!("/run/mt-bpffs-{}", pair.server.name));
+    let pins = bpffs.0.join("activesync-monitor");
+    let mut agent_cfg = toml::Table::new();
+    agent_cfg.insert("gap_threshold_seconds".into(), 1.into());
+    agent_cfg.insert("flow_table_size".into(), i64::from(ENTRIES).into());
+    agent_cfg.insert("pin_path".into(), pins.display().to_string().into());
+    agent_cfg.insert("detach_on_exit".into(), true.into());
+    let agent = Agent::start_in(
+        &agent_bin(),
+        &pair.server,
+        AgentOptions {
+            iface: pair.server_if.clone(),
+            agent: agent_cfg,
+            detector: toml::Table::new(),
+            workdir: std::env::temp_dir().join(format!("flows-1m-{}", pair.server.name)),
+            metrics: toml::Table::new(),
+        },
+    )
+    .expect("agent starts");
+    // Fill the kernel table through its pin: flows nobody sends on.
+    let data = MapData::from_pin(pins.join("FLOWS")).expect("the pinned flow table");
+    let mut table: BpfHashMap<MapData, FlowKey, Flow> =
+        BpfHashMap::try_from(Map::LruHashMap(data)).expect("an LRU hash map");
+    let now = monitor::clock::boot_ns();
+    for i in 0..ENTRIES - 64 {
+        let mut client_addr = [0u8; 16];
+        client_addr[..4].copy_from_slice(&(0x0a00_0000u32 | (i >> 8)).to_be_bytes());
+        let key = FlowKey {
+            client_addr,
+            server_addr: [192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            client_port: 1024 + (i & 0xff) as u16,
+            server_port: 443,
+            family: FAMILY_V4,
+            _pad: [0; 3],
+        };
+        // Silences up to 10 minutes (the machine may have booted just before).
+        let ago = u64::from(i % 600) * 1_000_000_000;
+        let flow = Flow {
+            first_seen_ns: now.saturating_sub(ago + 1_000_000_000),
+            last_in_ns: now.saturating_sub(ago),
+            bytes_in: u64::from(i),
+            ..Flow::default()
+        };
+        table
+            .insert(key, flow, 0)
+            .expect("insert into the pinned table");
+    }
+    // An LRU table may evict a little before it is full: 99% is full.
+    let full = u64::from(ENTRIES) * 99 / 100;
+    let mut last = Value::Null;
+    let status = xtask::netns::wait_for(Duration::from_secs(60), || {
+        last = json(&agent, &["status", "--json"]);
+        (last["flow_table_entries"].as_u64()? >= full).then(|| last.clone())
+    })
+    .unwrap_or_else(|| panic!("a scan saw the full table: {last:#}"));
+    assert_eq!(status["events_dropped"], 0);
+
+    // Connections open and close all through the queries.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = pair.server.spawn(|| {
+        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 443)).expect("bind 443");
+        l.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut n = 0usize;
+        while std::time::Instant::now() < deadline {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    let _ = s.read_to_end(&mut Vec::new());
+                    n += 1;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        n
+    });
+    let churn = {
+        let stop = stop.clone();
+        pair.client.spawn(move || {
+            let mut made = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && made < 5000 {
+                let mut c = TcpStream::connect((ip(SERVER_V4), 443)).expect("connect");
+                c.write_all(b"ping").unwrap();
+                made += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            made
+        })
+    };
+    let mut latencies = Vec::new();
+    let queries = [
+        FlowQuery {
+            limit: 50,
+            ..FlowQuery::default()
+        },
+        FlowQuery {
+            limit: 50,
+            min_silence: Some(300.0),
+            ..FlowQuery::default()
+        },
+        FlowQuery {
+            limit: 10,
+            sort: monitor::flows::FlowSort::Bytes,
+            ..FlowQuery::default()
+        },
+    ];
+    for round in 0..10 {
+        let q = queries[round % queries.len()].clone();
+        let t = std::time::Instant::now();
+        let v = Client::call(&agent.socket, &Request::Flows(q.clone())).expect("flows answered");
+        latencies.push(t.elapsed());
+        let list: FlowList = serde_json::from_value(v).expect("a flow list");
+        assert_eq!(
+            list.rows.len(),
+            q.limit,
+            "{q:?}: matching {} of {}",
+            list.matching,
+            list.flows_in_table
+        );
+        assert!(list.flows_in_table >= full);
+        if let Some(m) = q.min_silence {
+            assert!(list.rows.iter().all(|r| r.silence_seconds >= m));
+            assert!(list.matching < list.flows_in_table);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let made = churn.join().unwrap();
+    let served = server.join().unwrap();
+    assert_eq!(made, served);
+    let verdicts = xtask::netns::wait_for(Duration::from_secs(20), || {
+        let events = agent.cli(&["events", "--json"]).ok()?;
+        let n = events.lines().filter(|l| l.contains("client_fin")).count();
+        (n >= made).then_some(n)
+    });
+    let after = json(&agent, &["status", "--json"]);
+    let _ = agent.stop();
+    latencies.sort();
+    let worst = *latencies.last().unwrap();
+    println!(
+        "flows on a {} entry table: median {:?}, worst {:?} over {} queries; \
+         {made} connections meanwhile, events dropped {}",
+        after["flow_table_entries"],
+        latencies[latencies.len() / 2],
+        worst,
+        latencies.len(),
+        after["events_dropped"]
+    );
+    assert_eq!(after["events_dropped"], 0, "{after:#}");
+    assert_eq!(after["event_decode_errors"], 0);
+    assert_eq!(
+        verdicts,
+        Some(made),
+        "every connection's ending reached the agent"
+    );
+    assert!(worst < Duration::from_millis(100), "{latencies:?}");
 }

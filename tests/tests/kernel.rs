@@ -11,12 +11,12 @@ use std::{
 
 use aya::{
     maps::{HashMap as BpfHashMap, PerCpuArray, RingBuf},
-    programs::{tc::TcAttachType, SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{tc::TcAttachType, SchedClassifier, TestRun, TestRunOptions},
     Ebpf,
 };
 use monitor::{
     config::IngressHook,
-    counters::KernelCounters,
+    counters::{KernelCounters, ReadCounters},
     loader::{self, LoadError},
     monitor::StartError,
     AgentConfig, FlowEvent, Monitor,
@@ -28,7 +28,9 @@ use monitor_common::{
 use monitor_tests::*;
 
 const XDP_PASS: u32 = 2;
-const TC_ACT_OK: u32 = 0;
+/// TC_ACT_UNSPEC (-1, TCX_NEXT) as BPF_PROG_TEST_RUN returns it: the packet
+/// goes on to the next program (tests/tests/chain.rs).
+const TC_ACT_UNSPEC: u32 = u32::MAX;
 
 fn test_config(iface: &str) -> AgentConfig {
     AgentConfig {
@@ -50,31 +52,35 @@ fn counters(ebpf: &Ebpf) -> KernelCounters {
     KernelCounters::read(&map).expect("reading counters")
 }
 
+/// Test-run the agent's XDP program (ingress) or TC egress program.
 fn run(ebpf: &mut Ebpf, dir: Dir, frame: &[u8]) -> u32 {
+    let name = match dir {
+        Dir::In => loader::XDP_PROGRAM,
+        Dir::Out => loader::TC_PROGRAM,
+    };
+    run_program(ebpf, name, frame).0
+}
+
+/// Test-run program `name` on `frame`: its verdict and the frame it hands on.
+fn run_program(ebpf: &mut Ebpf, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
     let opts = TestRunOptions {
         data_in: Some(frame),
+        data_out: Some(&mut out),
         repeat: 1,
         ..Default::default()
     };
-    let r = match dir {
-        Dir::In => {
-            let p: &mut Xdp = ebpf
-                .program_mut(loader::XDP_PROGRAM)
-                .unwrap()
-                .try_into()
-                .unwrap();
-            p.test_run(opts)
-        }
-        Dir::Out => {
-            let p: &mut SchedClassifier = ebpf
-                .program_mut(loader::TC_PROGRAM)
-                .unwrap()
-                .try_into()
-                .unwrap();
-            p.test_run(opts)
-        }
+    let p = ebpf
+        .program_mut(name)
+        .unwrap_or_else(|| panic!("{name} in the object"));
+    let r = match p {
+        aya::programs::Program::Xdp(p) => p.test_run(opts),
+        aya::programs::Program::SchedClassifier(p) => p.test_run(opts),
+        other => panic!("{name} is neither XDP nor TC: {other:?}"),
     };
-    r.expect("BPF_PROG_TEST_RUN").return_value
+    let r = r.expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
 }
 
 /// A frame as seen in `dir`: ingress goes to port 443, egress comes from it.
@@ -93,7 +99,9 @@ enum Expect {
     Failure,
 }
 
-fn crafted_cases(dir: Dir) -> Vec<(String, Vec<u8>, Expect)> {
+/// Frames for a program at `dir`; `skb`: a TC program (its test frames are
+/// skbs, which the kernel builds from fewer cut frames).
+fn crafted_cases(dir: Dir, skb: bool) -> Vec<(String, Vec<u8>, Expect)> {
     let c4 = ip(CLIENT_V4);
     let s4 = ip(SERVER_V4);
     let c6 = ip(CLIENT_V6);
@@ -125,11 +133,7 @@ fn crafted_cases(dir: Dir) -> Vec<(String, Vec<u8>, Expect)> {
             // The kernel refuses test frames shorter than an Ethernet header,
             // and skb test frames (TC) that end right after an IP ethertype:
             // the stack never builds such an skb.
-            let shortest = if dir == Dir::Out && t.vlan.is_none() {
-                15
-            } else {
-                14
-            };
+            let shortest = if skb && t.vlan.is_none() { 15 } else { 14 };
             for cut in bounds {
                 if cut >= shortest && cut < needed {
                     cases.push((
@@ -181,11 +185,24 @@ fn crafted_cases(dir: Dir) -> Vec<(String, Vec<u8>, Expect)> {
 }
 
 fn crafted_frames_pass_and_move_the_right_counter(dir: Dir, pass: u32) {
-    let mut ebpf = load_unattached();
-    for (name, frame, expect) in crafted_cases(dir) {
-        let before = counters(&ebpf);
-        assert_eq!(run(&mut ebpf, dir, &frame), pass, "{name}: must pass");
-        let after = counters(&ebpf);
+    let program = match dir {
+        Dir::In => loader::XDP_PROGRAM,
+        Dir::Out => loader::TC_PROGRAM,
+    };
+    crafted_frames_through(&mut load_unattached(), program, dir, pass);
+}
+
+fn crafted_frames_through(ebpf: &mut Ebpf, program: &str, dir: Dir, pass: u32) {
+    let skb = matches!(
+        ebpf.program(program),
+        Some(aya::programs::Program::SchedClassifier(_))
+    );
+    for (name, frame, expect) in crafted_cases(dir, skb) {
+        let before = counters(ebpf);
+        let (verdict, out) = run_program(ebpf, program, &frame);
+        assert_eq!(verdict, pass, "{program}, {name}: must pass");
+        assert_eq!(out, frame, "{program}, {name}: handed on unchanged");
+        let after = counters(ebpf);
         let delta = |c| after.get(c) - before.get(c);
         assert_eq!(delta(Counter::PacketsSeen), 1, "{name}: seen");
         assert_eq!(
@@ -208,7 +225,83 @@ fn xdp_passes_every_crafted_frame_and_counts_it_right() {
 
 #[test]
 fn tc_passes_every_crafted_frame_and_counts_it_right() {
-    crafted_frames_pass_and_move_the_right_counter(Dir::Out, TC_ACT_OK);
+    crafted_frames_pass_and_move_the_right_counter(Dir::Out, TC_ACT_UNSPEC);
+}
+
+#[test]
+fn tc_ingress_passes_every_crafted_frame_unchanged_and_counts_it_right() {
+    require_root();
+    let cfg = AgentConfig {
+        ingress: IngressHook::Tc,
+        ..test_config("unused")
+    };
+    let mut ebpf = loader::load(&cfg).expect("loading the TC programs");
+    crafted_frames_through(
+        &mut ebpf,
+        loader::TC_INGRESS_PROGRAM,
+        Dir::In,
+        TC_ACT_UNSPEC,
+    );
+}
+
+/// A kernel before 5.18, forced: the planned XDP program is the twin without
+/// frags, which this kernel verifies and runs like the one with them.
+#[test]
+fn before_5_18_the_xdp_twin_without_frags_tracks_every_crafted_frame_alike() {
+    require_root();
+    let old = loader::KernelFeatures::of(aya::util::KernelVersion::new(5, 15, 0));
+    let mut ebpf = loader::load_for(&test_config("unused"), &old).expect("loading for 5.15");
+    assert!(
+        program_loaded(&ebpf, loader::XDP_NOFRAGS_PROGRAM)
+            && !program_loaded(&ebpf, loader::XDP_PROGRAM),
+        "5.15 has no XDP frags: only the twin is loaded"
+    );
+    crafted_frames_through(&mut ebpf, loader::XDP_NOFRAGS_PROGRAM, Dir::In, XDP_PASS);
+}
+
+fn program_loaded(ebpf: &Ebpf, name: &str) -> bool {
+    ebpf.program(name).is_some_and(|p| p.fd().is_ok())
+}
+
+/// Names (as the kernel keeps them: 15 bytes) of the loaded programs that
+/// use this load's COUNTERS map: this load's programs, whoever else runs.
+fn kernel_programs_of(ebpf: &Ebpf) -> Vec<String> {
+    let counters_id = match ebpf.map("COUNTERS") {
+        Some(aya::maps::Map::PerCpuArray(m)) => m.info().expect("map info").id(),
+        other => panic!("COUNTERS should be a per-CPU array: {other:?}"),
+    };
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| {
+            p.map_ids()
+                .ok()
+                .flatten()
+                .is_some_and(|ids| ids.contains(&counters_id))
+        })
+        .map(|p| p.name_as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn ingress_tc_loads_no_xdp_program() {
+    require_root();
+    let cfg = AgentConfig {
+        ingress: IngressHook::Tc,
+        ..test_config("unused")
+    };
+    let ebpf = loader::load(&cfg).expect("loading for TC ingress");
+    for xdp in [loader::XDP_PROGRAM, loader::XDP_NOFRAGS_PROGRAM] {
+        assert!(!program_loaded(&ebpf, xdp), "{xdp} loaded");
+    }
+    let mut names = kernel_programs_of(&ebpf);
+    names.sort();
+    // "monitor_tc_ingress", cut to 15 bytes by the kernel.
+    assert_eq!(names, ["monitor_tc", "monitor_tc_ingr"]);
+    // And the XDP configuration loads XDP and TC egress only.
+    let ebpf = load_unattached();
+    let mut names = kernel_programs_of(&ebpf);
+    names.sort();
+    assert_eq!(names, ["monitor_tc", "monitor_xdp"]);
 }
 
 /// SYN (XDP), SYN-ACK (TC), ACK (XDP) through test-run, from `client:port`.
@@ -220,7 +313,7 @@ fn handshake(ebpf: &mut Ebpf, client: IpAddr, port: u16) {
     synack.dport = port;
     let ack = syn.clone().flags(TCP_ACK);
     assert_eq!(run(ebpf, Dir::In, &syn.frame()), XDP_PASS);
-    assert_eq!(run(ebpf, Dir::Out, &synack.frame()), TC_ACT_OK);
+    assert_eq!(run(ebpf, Dir::Out, &synack.frame()), TC_ACT_UNSPEC);
     assert_eq!(run(ebpf, Dir::In, &ack.frame()), XDP_PASS);
 }
 

@@ -8,9 +8,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
-use crate::lab::{LabRun, Scenario};
+use crate::{
+    cmd,
+    lab::{LabRun, Scenario},
+};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -52,21 +55,19 @@ pub fn workspace_root() -> PathBuf {
 /// Build the agent (release) and return its path.
 pub fn build_agent() -> Result<PathBuf> {
     let root = workspace_root();
-    let st = Command::new("cargo")
-        .args([
-            "build",
-            "--release",
-            "--package",
-            "monitor",
-            "--bin",
-            "monitor",
-        ])
-        .current_dir(&root)
-        .status()
-        .context("building the agent")?;
-    if !st.success() {
-        bail!("building the agent failed");
-    }
+    cmd::run(
+        Command::new("cargo")
+            .args([
+                "build",
+                "--release",
+                "--package",
+                "monitor",
+                "--bin",
+                "monitor",
+            ])
+            .current_dir(&root),
+    )
+    .context("building the agent")?;
     Ok(root.join("target/release/monitor"))
 }
 
@@ -113,14 +114,10 @@ fn plot(events_json: &str, png: &Path, t0_ns: u64) -> Result<()> {
         plots.join(", ")
     );
     std::fs::write(dir.join("plot.gp"), script)?;
-    let st = Command::new("gnuplot")
-        .arg(dir.join("plot.gp"))
-        .status()
-        .context("gnuplot (Debian package gnuplot-nox)")?;
+    let plotted = cmd::run(Command::new("gnuplot").arg(dir.join("plot.gp")))
+        .context("gnuplot (Debian package gnuplot-nox)");
     let _ = std::fs::remove_dir_all(&dir);
-    if !st.success() {
-        bail!("gnuplot failed");
-    }
+    plotted?;
     println!("demo: plot written to {}", png.display());
     Ok(())
 }
@@ -133,6 +130,21 @@ pub fn run(scenario: &Path, seconds: Option<u64>, png: Option<&Path>) -> Result<
     }
     let bin = build_agent()?;
     catch_interrupts();
+    print_plan(&s, scenario);
+    let t0_ns = boot_ns();
+    let lab = LabRun::start(&s, &bin)?;
+    wait_with_progress(&lab, Duration::from_secs(s.duration_seconds));
+    print_results(&lab)?;
+    if let Some(png) = png {
+        plot(&lab.agent().cli(&["events", "--json"])?, png, t0_ns)?;
+    }
+    lab.stop()?;
+    println!("\ndemo: lab torn down");
+    Ok(())
+}
+
+/// What the lab will run: its paths, middleboxes and devices.
+fn print_plan(s: &Scenario, scenario: &Path) {
     println!(
         "demo: lab of {} paths, {} s of Direct Push traffic (scenario {})",
         s.paths.len(),
@@ -146,10 +158,12 @@ pub fn run(scenario: &Path, seconds: Option<u64>, png: Option<&Path>) -> Result<
             p.name, p.middlebox, p.timeout_seconds
         );
     }
-    let t0_ns = boot_ns();
-    let lab = LabRun::start(&s, &bin)?;
+}
+
+/// Let the lab run for `total` (or until interrupted), with the agent's
+/// counters every 30 s.
+fn wait_with_progress(lab: &LabRun, total: Duration) {
     let start = Instant::now();
-    let total = Duration::from_secs(s.duration_seconds);
     let mut next_print = Duration::from_secs(30);
     while start.elapsed() < total && !interrupted() {
         std::thread::sleep(Duration::from_millis(200));
@@ -165,6 +179,10 @@ pub fn run(scenario: &Path, seconds: Option<u64>, png: Option<&Path>) -> Result<
             next_print += Duration::from_secs(30);
         }
     }
+}
+
+/// The agent's report, status and path metrics, and what each device saw.
+fn print_results(lab: &LabRun) -> Result<()> {
     println!("\n===== monitor report =====\n");
     print!("{}", lab.agent().cli(&["report"])?);
     println!("\n===== monitor status =====\n");
@@ -189,10 +207,5 @@ pub fn run(scenario: &Path, seconds: Option<u64>, png: Option<&Path>) -> Result<
             d.name, d.source, d.pings_ok, d.pings_failed
         );
     }
-    if let Some(png) = png {
-        plot(&lab.agent().cli(&["events", "--json"])?, png, t0_ns)?;
-    }
-    lab.stop()?;
-    println!("\ndemo: lab torn down");
     Ok(())
 }

@@ -2,6 +2,8 @@
 //! network-namespace labs, the demo. A library too, so the kernel tests and
 //! the benchmarks build their labs with the same code.
 
+pub mod bench;
+pub mod cmd;
 pub mod demo;
 pub mod lab;
 pub mod netns;

@@ -1,9 +1,10 @@
 //! `cargo xtask`: set-up, tests, demo. Each command does its own set-up.
 
-use std::process::Command;
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
+use xtask::cmd::cargo;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Project tasks: setup, test, demo")]
@@ -42,13 +43,13 @@ enum Cmd {
     Demo {
         /// Scenario file (default: xtask/scenarios/demo.toml).
         #[arg(long)]
-        scenario: Option<std::path::PathBuf>,
+        scenario: Option<PathBuf>,
         /// Override the scenario's duration, in seconds.
         #[arg(long)]
         seconds: Option<u64>,
         /// Also plot every verdict (silence before the ending, over time) to this PNG.
         #[arg(long)]
-        png: Option<std::path::PathBuf>,
+        png: Option<PathBuf>,
     },
     /// Set up, then measure per-packet cost (BPF_PROG_TEST_RUN), throughput
     /// against tcpdump, a million flows and the event rate; write BENCHMARKS.md.
@@ -66,78 +67,52 @@ enum LabCmd {
     Down,
 }
 
-fn cargo(args: &[&str]) -> Result<()> {
-    let status = Command::new("cargo")
-        .args(args)
-        .status()
-        .with_context(|| format!("running cargo {args:?}"))?;
-    if !status.success() {
-        bail!("cargo {} failed: {status}", args.join(" "));
-    }
-    Ok(())
-}
-
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Cmd::Setup { build_only: false } => xtask::setup::setup(),
-        Cmd::Setup { build_only: true } => xtask::setup::setup_build(),
-        Cmd::Test => {
-            xtask::setup::setup()?;
-            cargo(&["fmt", "--all", "--", "--check"])?;
-            // Default members: the user-space crates (the eBPF crate builds from monitor/build.rs).
-            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
-            cargo(&["build", "--bins"])?;
-            cargo(&["test"])?;
-            xtask::setup::fuzz(60)
-        }
-        Cmd::Soak { seconds } => {
-            xtask::setup::setup()?;
-            xtask::demo::catch_interrupts();
-            let bin = xtask::demo::build_agent()?;
-            let s = xtask::lab::Scenario::load(
-                &xtask::demo::workspace_root().join("xtask/scenarios/soak.toml"),
-            )?;
-            let soak = xtask::soak::run(&s, &bin, seconds, std::time::Duration::from_secs(30))?;
-            print!("{}", soak.markdown());
-            let dropped = soak.samples.last().map_or(0, |x| x.events_dropped);
-            if dropped > 0 || soak.decode_errors > 0 || soak.log_panicked {
-                anyhow::bail!("the soak lost events or the agent panicked");
-            }
-            Ok(())
-        }
-        Cmd::Fuzz { seconds } => {
-            xtask::setup::setup()?;
-            xtask::setup::fuzz(seconds)
-        }
+        Cmd::Setup { build_only } => setup(build_only),
+        Cmd::Test => test(),
+        Cmd::Soak { seconds } => xtask::soak::run_and_check(seconds),
+        Cmd::Fuzz { seconds } => fuzz(seconds),
         Cmd::Demo {
             scenario,
             seconds,
             png,
-        } => {
-            let s = scenario.unwrap_or_else(xtask::demo::default_scenario);
-            xtask::demo::run(&s, seconds, png.as_deref())
-        }
-        Cmd::Bench => {
-            xtask::setup::setup()?;
-            let out = xtask::demo::workspace_root().join("BENCHMARKS.md");
-            let out = out.to_string_lossy();
-            // The agent binary the throughput, scale and event benchmarks run.
-            cargo(&["build", "--release", "--bins"])?;
-            cargo(&[
-                "run",
-                "--release",
-                "--package",
-                "monitor-tests",
-                "--bin",
-                "bench",
-                "--",
-                &out,
-            ])
-        }
-        Cmd::Lab { cmd: LabCmd::Down } => {
-            let n = xtask::lab::down_all()?;
-            println!("removed {n} lab namespaces");
-            Ok(())
-        }
+        } => demo(scenario, seconds, png),
+        Cmd::Bench => xtask::bench::run(),
+        Cmd::Lab { cmd: LabCmd::Down } => lab_down(),
     }
+}
+
+fn setup(build_only: bool) -> Result<()> {
+    if build_only {
+        xtask::setup::setup_build()
+    } else {
+        xtask::setup::setup()
+    }
+}
+
+fn test() -> Result<()> {
+    xtask::setup::setup()?;
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    // Default members: the user-space crates (the eBPF crate builds from monitor/build.rs).
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&["build", "--bins"])?;
+    cargo(&["test"])?;
+    xtask::setup::fuzz(60)
+}
+
+fn fuzz(seconds: u64) -> Result<()> {
+    xtask::setup::setup()?;
+    xtask::setup::fuzz(seconds)
+}
+
+fn demo(scenario: Option<PathBuf>, seconds: Option<u64>, png: Option<PathBuf>) -> Result<()> {
+    let s = scenario.unwrap_or_else(xtask::demo::default_scenario);
+    xtask::demo::run(&s, seconds, png.as_deref())
+}
+
+fn lab_down() -> Result<()> {
+    let n = xtask::lab::down_all()?;
+    println!("removed {n} lab namespaces");
+    Ok(())
 }

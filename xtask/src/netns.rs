@@ -12,6 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::cmd;
+pub use crate::cmd::{die_with_parent, sh};
+
 /// Kernel tests need root; fail loudly rather than skip (a skipped kernel
 /// test proves nothing).
 pub fn require_root() {
@@ -20,20 +23,6 @@ pub fn require_root() {
         unsafe { libc::geteuid() },
         0,
         "kernel tests load BPF programs and create network namespaces: run them as root"
-    );
-}
-
-/// Run a command; panic with its output if it fails.
-pub fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -57,19 +46,15 @@ impl Netns {
     pub fn new(name: String) -> Netns {
         sh(&["ip", "netns", "add", &name]);
         let ns = Netns { name };
-        sh(&["ip", "-n", &ns.name, "link", "set", "lo", "up"]);
+        link_up(&ns.name, "lo");
         ns
     }
 
     /// Run `f` on a thread inside this namespace and return its result.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        thread::spawn(move || {
-            enter(&path);
-            f()
-        })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        self.spawn(f)
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
     }
 
     /// Start `f` on a thread inside this namespace.
@@ -85,6 +70,11 @@ impl Netns {
     }
 }
 
+/// Delete namespace `name` (and the veth ends inside it), if it exists.
+pub fn delete_netns(name: &str) {
+    let _ = cmd::run(Command::new("ip").args(["netns", "del", name]));
+}
+
 /// Move the calling thread into the namespace at `path`.
 pub fn enter(path: &str) {
     let f = File::open(path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
@@ -96,10 +86,32 @@ pub fn enter(path: &str) {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace also removes the veth ends inside it.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        delete_netns(&self.name);
     }
+}
+
+/// A veth pair: interface `a.0` in namespace `a.1`, its peer `b.0` in `b.1`.
+pub fn add_veth(a: (&str, &str), b: (&str, &str)) {
+    sh(&[
+        "ip", "link", "add", a.0, "netns", a.1, "type", "veth", "peer", "name", b.0, "netns", b.1,
+    ]);
+}
+
+/// Add an address (IPv6 without duplicate address detection: the namespace
+/// is ready at once).
+pub fn add_addr(ns: &str, cidr: &str, dev: &str) {
+    if cidr.contains(':') {
+        sh(&[
+            "ip", "-n", ns, "-6", "addr", "add", cidr, "dev", dev, "nodad",
+        ]);
+    } else {
+        sh(&["ip", "-n", ns, "addr", "add", cidr, "dev", dev]);
+    }
+}
+
+/// Bring interface `dev` of namespace `ns` up.
+pub fn link_up(ns: &str, dev: &str) {
+    sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
 }
 
 /// Two namespaces joined by a veth pair, with IPv4 and IPv6 addresses:
@@ -126,48 +138,14 @@ impl Pair {
         let server = Netns::new(format!("mts-{tag}"));
         let server_if = format!("ms{tag}");
         let client_if = format!("mc{tag}");
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            &server_if,
-            "netns",
-            &server.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &client_if,
-            "netns",
-            &client.name,
-        ]);
+        add_veth((&server_if, &server.name), (&client_if, &client.name));
         for (ns, ifname, v4, v6) in [
             (&server, &server_if, SERVER_V4, SERVER_V6),
             (&client, &client_if, CLIENT_V4, CLIENT_V6),
         ] {
-            sh(&[
-                "ip",
-                "-n",
-                &ns.name,
-                "addr",
-                "add",
-                &format!("{v4}/24"),
-                "dev",
-                ifname,
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                &ns.name,
-                "-6",
-                "addr",
-                "add",
-                &format!("{v6}/64"),
-                "dev",
-                ifname,
-                "nodad",
-            ]);
-            sh(&["ip", "-n", &ns.name, "link", "set", ifname, "up"]);
+            add_addr(&ns.name, &format!("{v4}/24"), ifname);
+            add_addr(&ns.name, &format!("{v6}/64"), ifname);
+            link_up(&ns.name, ifname);
         }
         Pair {
             client,
@@ -231,20 +209,4 @@ pub fn http_get_in(ns: &str, addr: std::net::SocketAddr, path: &str) -> Result<S
     })
     .join()
     .map_err(|_| "the HTTP thread panicked".to_string())?
-}
-
-/// Make a child die with the thread that starts it (SIGTERM), so a lab whose
-/// process is killed leaves no middlebox or agent running. The setting
-/// survives the exec of `ip netns exec`.
-pub fn die_with_parent(cmd: &mut std::process::Command) -> &mut std::process::Command {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        })
-    }
 }

@@ -9,6 +9,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+use crate::cmd::{output, run};
+
 /// Debian packages the tests, the lab and the demo use.
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",    // ip netns, veth
@@ -24,25 +26,6 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 pub fn check_root() -> Result<()> {
     // SAFETY: no preconditions.
@@ -103,13 +86,8 @@ pub fn ensure_rust_src() -> Result<()> {
 }
 
 fn bpf_linker_ok() -> bool {
-    Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .map(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
-        })
-        .unwrap_or(false)
+    output(Command::new("bpf-linker").arg("--version"))
+        .is_ok_and(|v| v.contains(BPF_LINKER_VERSION))
 }
 
 /// bpf-linker, built against the nightly toolchain's own libLLVM (there is no
@@ -179,10 +157,8 @@ fn missing_packages() -> Vec<&'static str> {
         .iter()
         .copied()
         .filter(|p| {
-            let st = Command::new("dpkg-query")
-                .args(["-W", "-f=${db:Status-Abbrev}", p])
-                .output();
-            !matches!(st, Ok(o) if o.status.success() && o.stdout.starts_with(b"ii"))
+            !output(Command::new("dpkg-query").args(["-W", "-f=${db:Status-Abbrev}", p]))
+                .is_ok_and(|st| st.starts_with("ii"))
         })
         .collect()
 }
@@ -212,11 +188,7 @@ pub const PYTHON_PACKAGES: &[&str] = &["kubernetes-validate"];
 
 pub fn ensure_python_packages() -> Result<()> {
     for p in PYTHON_PACKAGES {
-        let present = Command::new("python3")
-            .args(["-m", "pip", "show", "-q", p])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
+        let present = output(Command::new("python3").args(["-m", "pip", "show", "-q", p])).is_ok();
         if !present {
             println!("setup: installing the Python package {p}");
             run(Command::new("python3").args(["-m", "pip", "install", "-q", p]))?;
@@ -229,11 +201,7 @@ pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// cargo-fuzz, for the fuzz target (`fuzz/`).
 pub fn ensure_cargo_fuzz() -> Result<()> {
-    let ok = Command::new("cargo")
-        .args(["fuzz", "--version"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let ok = output(Command::new("cargo").args(["fuzz", "--version"])).is_ok();
     if !ok {
         println!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
         run(Command::new("cargo").args([

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::lab::{LabRun, Scenario};
@@ -41,6 +41,23 @@ pub fn rss_bytes(pid: u32) -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// `cargo xtask soak`: the soak scenario (xtask/scenarios/soak.toml) for
+/// `seconds`, sampled every 30 s; its table on stdout. Fails if the kernel
+/// dropped events, events did not decode, or the agent panicked.
+pub fn run_and_check(seconds: u64) -> Result<()> {
+    crate::setup::setup()?;
+    crate::demo::catch_interrupts();
+    let bin = crate::demo::build_agent()?;
+    let s = Scenario::load(&crate::demo::workspace_root().join("xtask/scenarios/soak.toml"))?;
+    let soak = run(&s, &bin, seconds, Duration::from_secs(30))?;
+    print!("{}", soak.markdown());
+    let dropped = soak.samples.last().map_or(0, |x| x.events_dropped);
+    if dropped > 0 || soak.decode_errors > 0 || soak.log_panicked {
+        bail!("the soak lost events or the agent panicked");
+    }
+    Ok(())
 }
 
 /// Run `s` for `seconds`, sampling every `every`.

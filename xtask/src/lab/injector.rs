@@ -14,7 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use monitor_common::{parse::parse_ip, TCP_FIN, TCP_RST, TCP_SYN};
+use monitor_common::{
+    parse::{parse_ip, Packet},
+    TCP_FIN, TCP_RST, TCP_SYN,
+};
 
 #[derive(Default, Debug)]
 pub struct InjectorStats {
@@ -109,16 +112,9 @@ fn send_raw(fd: &OwnedFd, pkt: &[u8], dst: Ipv4Addr) -> io::Result<()> {
     os_err::<()>(r as i64, "sending an injected RST")
 }
 
-/// Run until `stop`. Call from a thread inside the router's namespace;
-/// `iface` is the router's client-facing interface.
-pub fn run(
-    iface: &str,
-    port: u16,
-    timeout: Duration,
-    stop: Arc<AtomicBool>,
-    stats: Arc<InjectorStats>,
-    ready: std::sync::mpsc::Sender<()>,
-) -> io::Result<()> {
+/// A packet socket on `iface` for IPv4, with a 100 ms receive timeout (so
+/// the loop sees `stop`).
+fn packet_socket(iface: &str) -> io::Result<OwnedFd> {
     let eth_p_ip = (libc::ETH_P_IP as u16).to_be();
     // SAFETY: plain socket calls; fds are owned right after creation.
     let rx = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(eth_p_ip)) };
@@ -155,75 +151,130 @@ pub fn run(
         )
     };
     os_err::<()>(i64::from(r), "setting the receive timeout")?;
+    Ok(rx)
+}
+
+/// A raw IPv4 socket to send whole packets (the RSTs) from.
+fn raw_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket call; the fd is owned right after creation.
     let tx = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
     os_err::<()>(i64::from(tx), "opening a raw socket")?;
-    let tx = unsafe { OwnedFd::from_raw_fd(tx) };
-    // Devices start only now: a flow whose first request the injector missed
-    // would not be learnt until its next one, a whole heartbeat later.
-    let _ = ready.send(());
+    Ok(unsafe { OwnedFd::from_raw_fd(tx) })
+}
 
-    // Keyed by (client address, client port, server address).
-    let mut flows: HashMap<(Ipv4Addr, u16, Ipv4Addr), FlowSeq> = HashMap::new();
-    let mut buf = vec![0u8; 65536];
-    while !stop.load(Ordering::Relaxed) {
-        let n = unsafe {
-            libc::recv(
-                rx.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                0,
-            )
-        };
-        if n > 0 {
-            if let Ok(p) = parse_ip(&buf[..n as usize], 0) {
-                let from_client = p.dst_port == port;
-                if p.family == 4 && (from_client || p.src_port == port) {
-                    let a = |b: &[u8; 16]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
-                    let (c, s) = if from_client {
-                        (a(&p.src_addr), a(&p.dst_addr))
-                    } else {
-                        (a(&p.dst_addr), a(&p.src_addr))
-                    };
-                    let cport = if from_client { p.src_port } else { p.dst_port };
-                    let key = (c, cport, s);
-                    if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-                        flows.remove(&key);
-                    } else {
-                        let f = flows.entry(key).or_insert(FlowSeq {
-                            last_seen: Instant::now(),
-                            client_next: None,
-                            server_next: None,
-                        });
-                        f.last_seen = Instant::now();
-                        let next = p
-                            .seq
-                            .wrapping_add(p.payload_len)
-                            .wrapping_add(u32::from(p.tcp_flags & TCP_SYN != 0));
-                        if from_client {
-                            f.client_next = Some(next);
-                        } else {
-                            f.server_next = Some(next);
-                        }
-                    }
-                }
-            }
+/// The next packet from `rx` into `buf`; `None` on the receive timeout.
+fn recv(rx: &OwnedFd, buf: &mut [u8]) -> Option<usize> {
+    // SAFETY: valid buffer of `buf.len()` bytes for the duration of the call.
+    let n = unsafe {
+        libc::recv(
+            rx.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            0,
+        )
+    };
+    (n > 0).then_some(n as usize)
+}
+
+/// (client address, client port, server address).
+type FlowKey = (Ipv4Addr, u16, Ipv4Addr);
+
+/// The flows to the server port `port` seen on the interface.
+struct Flows {
+    port: u16,
+    by_key: HashMap<FlowKey, FlowSeq>,
+}
+
+impl Flows {
+    /// Learn from a packet of either direction; a FIN or RST forgets the flow.
+    fn learn(&mut self, p: &Packet) {
+        let from_client = p.dst_port == self.port;
+        if p.family != 4 || !(from_client || p.src_port == self.port) {
+            return;
         }
-        let due: Vec<_> = flows
+        let a = |b: &[u8; 16]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+        let (c, s) = if from_client {
+            (a(&p.src_addr), a(&p.dst_addr))
+        } else {
+            (a(&p.dst_addr), a(&p.src_addr))
+        };
+        let cport = if from_client { p.src_port } else { p.dst_port };
+        let key = (c, cport, s);
+        if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            self.by_key.remove(&key);
+            return;
+        }
+        let f = self.by_key.entry(key).or_insert(FlowSeq {
+            last_seen: Instant::now(),
+            client_next: None,
+            server_next: None,
+        });
+        f.last_seen = Instant::now();
+        let next = p
+            .seq
+            .wrapping_add(p.payload_len)
+            .wrapping_add(u32::from(p.tcp_flags & TCP_SYN != 0));
+        if from_client {
+            f.client_next = Some(next);
+        } else {
+            f.server_next = Some(next);
+        }
+    }
+
+    /// Forget the flows silent for `timeout`, and return them.
+    fn take_expired(&mut self, timeout: Duration) -> Vec<(FlowKey, FlowSeq)> {
+        let due: Vec<_> = self
+            .by_key
             .iter()
             .filter(|(_, f)| f.last_seen.elapsed() >= timeout)
             .map(|(k, _)| *k)
             .collect();
-        for key in due {
-            if let Some(f) = flows.remove(&key) {
-                let (c, cport, s) = key;
-                if let Some(seq) = f.client_next {
-                    let _ = send_raw(&tx, &rst_packet((c, cport), (s, port), seq), s);
-                }
-                if let Some(seq) = f.server_next {
-                    let _ = send_raw(&tx, &rst_packet((s, port), (c, cport), seq), c);
-                }
-                stats.resets_sent.fetch_add(1, Ordering::Relaxed);
+        due.into_iter()
+            .filter_map(|k| self.by_key.remove(&k).map(|f| (k, f)))
+            .collect()
+    }
+}
+
+/// Reset both ends of a flow, each at the sequence number it expects.
+fn reset(tx: &OwnedFd, (c, cport, s): FlowKey, port: u16, f: &FlowSeq) {
+    if let Some(seq) = f.client_next {
+        let _ = send_raw(tx, &rst_packet((c, cport), (s, port), seq), s);
+    }
+    if let Some(seq) = f.server_next {
+        let _ = send_raw(tx, &rst_packet((s, port), (c, cport), seq), c);
+    }
+}
+
+/// Run until `stop`. Call from a thread inside the router's namespace;
+/// `iface` is the router's client-facing interface.
+pub fn run(
+    iface: &str,
+    port: u16,
+    timeout: Duration,
+    stop: Arc<AtomicBool>,
+    stats: Arc<InjectorStats>,
+    ready: std::sync::mpsc::Sender<()>,
+) -> io::Result<()> {
+    let rx = packet_socket(iface)?;
+    let tx = raw_socket()?;
+    // Devices start only now: a flow whose first request the injector missed
+    // would not be learnt until its next one, a whole heartbeat later.
+    let _ = ready.send(());
+
+    let mut flows = Flows {
+        port,
+        by_key: HashMap::new(),
+    };
+    let mut buf = vec![0u8; 65536];
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(n) = recv(&rx, &mut buf) {
+            if let Ok(p) = parse_ip(&buf[..n], 0) {
+                flows.learn(&p);
             }
+        }
+        for (key, f) in flows.take_expired(timeout) {
+            reset(&tx, key, port, &f);
+            stats.resets_sent.fetch_add(1, Ordering::Relaxed);
         }
     }
     Ok(())

@@ -35,6 +35,23 @@ pub struct HbiAlert {
     pub culprits: Vec<(PathKey, usize)>,
 }
 
+impl std::fmt::Display for HbiAlert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self
+            .culprits
+            .iter()
+            .map(|(p, n)| format!("{p} ({n})"))
+            .collect();
+        write!(
+            f,
+            "heartbeat window alert (Exchange 3033/1040 logic): mean {:.0} s over {} samples; pulled down by {}",
+            self.mean_seconds,
+            self.samples,
+            if names.is_empty() { "no single path".into() } else { names.join(", ") }
+        )
+    }
+}
+
 impl HbiWindow {
     pub fn new(size: usize, threshold_seconds: f64) -> Self {
         HbiWindow {

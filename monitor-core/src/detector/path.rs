@@ -8,7 +8,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::ending::Ending;
 
@@ -76,6 +76,25 @@ impl fmt::Display for PathKey {
     }
 }
 
+/// A string that does not name a path.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0:?} is not a path like 198.51.100.0/24:443 or [2001:db8::/56]:443")]
+pub struct BadPath(pub String);
+
+/// A path as printed: `198.51.100.0/24:443` or `[2001:db8::/56]:443`.
+impl std::str::FromStr for PathKey {
+    type Err = BadPath;
+    fn from_str(s: &str) -> Result<PathKey, BadPath> {
+        let bad = || BadPath(s.to_string());
+        let (net, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let net = net.trim_start_matches('[').trim_end_matches(']');
+        let net: ipnet::IpNet = net.parse().map_err(|_| bad())?;
+        let len = net.prefix_len();
+        Ok(PathKey::new(net.addr(), port, len, len))
+    }
+}
+
 impl Serialize for PathKey {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
@@ -85,8 +104,25 @@ impl Serialize for PathKey {
 /// How many kill silences each path keeps (the most recent).
 pub const KILLS_KEPT: usize = 256;
 
+/// How far an estimate can be trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Confidence {
+    Low,
+    High,
+}
+
+impl std::fmt::Display for Confidence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Confidence::Low => "low",
+            Confidence::High => "high",
+        })
+    }
+}
+
 /// What a path's kills say about its middlebox's idle timeout.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Estimate {
     /// Kills at expiry (RST or proxy close after T of silence): T directly.
@@ -118,13 +154,13 @@ impl Estimate {
     /// How sure: "high" for 3+ agreeing point samples, or for a bracket
     /// closed on both sides and narrow (within a quarter of its upper end);
     /// "low" otherwise.
-    pub fn confidence(&self) -> &'static str {
+    pub fn confidence(&self) -> Confidence {
         match self {
             Estimate::Point {
                 samples,
                 spread_seconds,
                 seconds,
-            } if *samples >= 3 && *spread_seconds <= (0.05 * seconds).max(1.0) => "high",
+            } if *samples >= 3 && *spread_seconds <= (0.05 * seconds).max(1.0) => Confidence::High,
             Estimate::Bracket {
                 low_seconds,
                 high_seconds,
@@ -133,9 +169,9 @@ impl Estimate {
                 && *samples >= 2
                 && high_seconds - low_seconds <= 0.25 * high_seconds =>
             {
-                "high"
+                Confidence::High
             }
-            _ => "low",
+            _ => Confidence::Low,
         }
     }
 }
@@ -369,7 +405,7 @@ mod tests {
             }
             e => panic!("{e:?}"),
         }
-        assert_eq!(p.estimate().unwrap().confidence(), "high");
+        assert_eq!(p.estimate().unwrap().confidence(), Confidence::High);
     }
 
     #[test]
@@ -396,9 +432,9 @@ mod tests {
             high_seconds,
             samples: 4,
         };
-        assert_eq!(b(19.0, 23.0).confidence(), "high");
-        assert_eq!(b(19.1, 40.0).confidence(), "low");
-        assert_eq!(b(0.0, 23.0).confidence(), "low");
+        assert_eq!(b(19.0, 23.0).confidence(), Confidence::High);
+        assert_eq!(b(19.1, 40.0).confidence(), Confidence::Low);
+        assert_eq!(b(0.0, 23.0).confidence(), Confidence::Low);
     }
 
     #[test]

@@ -3,30 +3,31 @@
 //! administrators who cannot load eBPF on the mail server but can capture on
 //! a firewall or a SPAN port.
 
+mod read;
+pub mod synthetic;
+
 use std::{
     collections::BTreeMap,
-    fs::File,
-    io::{BufReader, Read},
     net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use monitor_common::{
-    parse::parse_ip, parse_ethernet, Config, Dir, Packet, ParseError, MAX_PORTS, TCP_ACK, TCP_SYN,
+    parse::parse_ip, parse_ethernet, Config, Dir, FlowKey, Packet, ParseError,
+    DEFAULT_FLOW_TABLE_SIZE, MAX_PORTS, TCP_ACK, TCP_SYN,
 };
-use pcap_file::{
-    pcap::PcapReader,
-    pcapng::{Block, PcapNgReader},
-    DataLink, TsResolution,
-};
+use pcap_file::DataLink;
 use serde::Serialize;
 
 use crate::{
-    detector::{report::Report, Detector, DetectorConfig, Output, Verdict},
+    detector::{self, report::Report, DetectorConfig, Verdict},
     event::key_addr,
+    pipeline::{Output, Pipeline},
     replay::Replay,
 };
+pub use read::CutRecord;
+use read::{read_capture, Record};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AnalyzeError {
@@ -86,7 +87,42 @@ pub struct CaptureStats {
     pub unsupported_link: BTreeMap<String, u64>,
     pub first_seconds: Option<f64>,
     pub last_seconds: Option<f64>,
+    /// The file ends inside its last record (tcpdump killed, or still
+    /// writing): everything before that record was analysed.
+    pub cut_at_end: Option<CutRecord>,
+    /// Open flows evicted from the full flow table, as the kernel's LRU
+    /// would (their verdicts: vanished).
+    pub flows_evicted: u64,
+    /// Verdicts beyond those listed (see [`Limits::listed_verdicts`]); the
+    /// report counts them all.
+    pub verdicts_not_listed: u64,
 }
+
+/// What keeps an analysis in bounded memory however long the capture.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Flows the replay's flow table holds, as the kernel's.
+    pub flow_table: usize,
+    /// Verdicts listed of each kind (kills, other endings): the first ones.
+    pub listed_verdicts: usize,
+}
+
+/// Verdicts listed of each kind by default: enough to read through, a few
+/// MB at most, where a day of a busy server ends millions of flows.
+pub const LISTED_VERDICTS: usize = 10_000;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            flow_table: DEFAULT_FLOW_TABLE_SIZE as usize,
+            listed_verdicts: LISTED_VERDICTS,
+        }
+    }
+}
+
+/// How often (capture time) the replay's table is swept, and the flows it
+/// dropped retired from the detector, as the agent scans the kernel's table.
+const SWEEP_EVERY_NS: u64 = 10_000_000_000;
 
 #[derive(Debug, Serialize)]
 pub struct Analysis {
@@ -109,23 +145,75 @@ fn parse_link(link: DataLink, data: &[u8]) -> Option<Result<Packet, ParseError>>
 
 struct Engine<'a> {
     opts: &'a AnalyzeOptions,
+    limits: Limits,
     replay: Replay,
-    detector: Detector,
-    requests: crate::ping::Reader,
+    pipeline: Pipeline,
     stats: CaptureStats,
     verdicts: Vec<Verdict>,
+    kills_listed: usize,
+    others_listed: usize,
     last_ns: u64,
     last_tick_ns: u64,
+    last_sweep_ns: u64,
     start_ns: Option<u64>,
+    /// Keys the last sweep dropped (kept: its capacity is reused).
+    dropped: Vec<FlowKey>,
 }
 
 impl Engine<'_> {
     fn absorb(&mut self, out: Vec<Output>) {
         for o in out {
-            if let Output::Verdict(v) = o {
-                self.verdicts.push(v);
+            if let Output::Detector(detector::Output::Verdict(v)) = o {
+                self.list(v);
             }
         }
+    }
+
+    /// Keep the first verdicts of each kind, count the rest: a day of a busy
+    /// server must not be held in memory verdict by verdict.
+    fn list(&mut self, v: Verdict) {
+        let listed = if v.ending.is_kill() {
+            &mut self.kills_listed
+        } else {
+            &mut self.others_listed
+        };
+        if *listed < self.limits.listed_verdicts {
+            *listed += 1;
+            self.verdicts.push(v);
+        } else {
+            self.stats.verdicts_not_listed += 1;
+        }
+    }
+
+    /// The capture's clock reached `ns`: once a second time passes for the
+    /// pipeline; every [`SWEEP_EVERY_NS`] the replay's table drops what the
+    /// kernel's would no longer hold, and the detector forgets those flows.
+    fn advance(&mut self, ns: u64) {
+        if ns.saturating_sub(self.last_tick_ns) >= 1_000_000_000 {
+            self.last_tick_ns = ns;
+            let out = self.pipeline.tick(ns);
+            self.absorb(out);
+        }
+        if ns.saturating_sub(self.last_sweep_ns) >= SWEEP_EVERY_NS {
+            self.last_sweep_ns = ns;
+            self.sweep(ns);
+        }
+    }
+
+    fn sweep(&mut self, ns: u64) {
+        self.dropped.clear();
+        self.replay.sweep(ns, &mut self.dropped);
+        let evicted = self.replay.flows_evicted();
+        // Closed flows left the detector and the request reader at their
+        // close: only open flows evicted for room have state to retire, and
+        // retiring looks at every tracked flow, too much to do every sweep.
+        if evicted == self.stats.flows_evicted {
+            return;
+        }
+        self.stats.flows_evicted = evicted;
+        let flows = self.replay.flows();
+        let out = self.pipeline.retire_missing(ns, |k| flows.contains_key(k));
+        self.absorb(out);
     }
 
     fn packet(&mut self, link: DataLink, ts: Duration, orig_len: u32, data: &[u8]) {
@@ -144,11 +232,7 @@ impl Engine<'_> {
             self.stats.not_ours += 1;
             return;
         }
-        if ns.saturating_sub(self.last_tick_ns) >= 1_000_000_000 {
-            self.last_tick_ns = ns;
-            let out = self.detector.tick(ns);
-            self.absorb(out);
-        }
+        self.advance(ns);
         let pkt = match parse_link(link, data) {
             None => {
                 *self
@@ -190,12 +274,8 @@ impl Engine<'_> {
             self.stats.cut_by_snaplen += 1;
         }
         self.stats.tracked += 1;
-        let (ev, sample) = self.replay.packet_with_payload(&pkt, dir, ns, data);
-        if let Some(s) = sample {
-            self.requests.feed(&s, &mut self.detector);
-        }
-        for ev in ev {
-            let out = self.detector.ingest(&ev);
+        for r in self.replay.records(&pkt, dir, ns, data) {
+            let out = self.pipeline.record(&r);
             self.absorb(out);
         }
     }
@@ -208,92 +288,12 @@ fn format_err(path: &Path, e: impl std::fmt::Display) -> AnalyzeError {
     }
 }
 
-/// One record of a capture file.
-enum Record<'a> {
-    Packet {
-        link: DataLink,
-        ts: Duration,
-        orig_len: u32,
-        data: &'a [u8],
-    },
-    /// A pcapng simple packet block: no timestamp.
-    Untimed,
-    /// A timestamp whose fraction is out of range.
-    BadTimestamp,
-}
-
-/// Hand every record of a pcap or pcapng file to `f`.
-fn read_capture(path: &Path, f: &mut dyn FnMut(Record)) -> Result<(), AnalyzeError> {
-    let open = |p: &Path| {
-        File::open(p)
-            .map(BufReader::new)
-            .map_err(|source| AnalyzeError::Open {
-                path: p.to_path_buf(),
-                source,
-            })
-    };
-    let mut magic = [0u8; 4];
-    open(path)?
-        .read_exact(&mut magic)
-        .map_err(|e| format_err(path, format!("too short for a capture: {e}")))?;
-    if magic == [0x0a, 0x0d, 0x0d, 0x0a] {
-        let mut r = PcapNgReader::new(open(path)?).map_err(|e| format_err(path, e))?;
-        // Each interface block gives the link type of the packets that name it.
-        let mut links: Vec<DataLink> = Vec::new();
-        while let Some(block) = r.next_block() {
-            let block = block.map_err(|e| format_err(path, e))?;
-            match block {
-                Block::InterfaceDescription(i) => links.push(i.linktype),
-                Block::EnhancedPacket(p) => {
-                    let link = links
-                        .get(p.interface_id as usize)
-                        .copied()
-                        .unwrap_or(DataLink::Unknown(u32::MAX));
-                    f(Record::Packet {
-                        link,
-                        ts: p.timestamp,
-                        orig_len: p.original_len,
-                        data: &p.data,
-                    });
-                }
-                Block::SimplePacket(_) => f(Record::Untimed),
-                _ => {}
-            }
-        }
-    } else {
-        let mut r = PcapReader::new(open(path)?).map_err(|e| format_err(path, e))?;
-        let header = r.header();
-        let link = header.datalink;
-        let nanos = header.ts_resolution == TsResolution::NanoSecond;
-        // Raw records: pcap-file 2.0 rejects packets longer on the wire than
-        // the snaplen, which is exactly what a snaplen-limited capture holds.
-        while let Some(p) = r.next_raw_packet() {
-            let p = p.map_err(|e| format_err(path, e))?;
-            let frac_ns = if nanos {
-                u64::from(p.ts_frac)
-            } else {
-                u64::from(p.ts_frac) * 1000
-            };
-            if frac_ns >= 1_000_000_000 {
-                f(Record::BadTimestamp);
-                continue;
-            }
-            f(Record::Packet {
-                link,
-                ts: Duration::new(u64::from(p.ts_sec), frac_ns as u32),
-                orig_len: p.orig_len,
-                data: &p.data,
-            });
-        }
-    }
-    Ok(())
-}
-
 /// The server ports of a capture: where its connection-opening SYNs went
 /// (clients' ports only ever receive SYN-ACKs). Most used first, at most
 /// [`MAX_PORTS`]; with no SYN at all, none.
 pub fn infer_server_ports(path: &Path) -> Result<Vec<(u16, u64)>, AnalyzeError> {
     let mut syns: BTreeMap<u16, u64> = BTreeMap::new();
+    // A cut last record is the analysis's to report, not this count's.
     read_capture(path, &mut |r| {
         if let Record::Packet { link, data, .. } = r {
             if let Some(Ok(p)) = parse_link(link, data) {
@@ -308,8 +308,19 @@ pub fn infer_server_ports(path: &Path) -> Result<Vec<(u16, u64)>, AnalyzeError> 
     Ok(v)
 }
 
-/// Analyze a pcap or pcapng file.
+/// Analyze a pcap or pcapng file, within the default [`Limits`].
 pub fn analyze(path: &Path, opts: &AnalyzeOptions) -> Result<Analysis, AnalyzeError> {
+    analyze_within(path, opts, Limits::default())
+}
+
+/// Ports with how many SYNs went to each.
+type PortCounts = Vec<(u16, u64)>;
+
+/// The ports to analyse: those named, else those inferred from the SYNs.
+fn resolve_ports(
+    path: &Path,
+    opts: &AnalyzeOptions,
+) -> Result<(AnalyzeOptions, Option<PortCounts>), AnalyzeError> {
     let mut opts = opts.clone();
     let mut inferred = None;
     if opts.ports.is_empty() {
@@ -323,15 +334,17 @@ pub fn analyze(path: &Path, opts: &AnalyzeOptions) -> Result<Analysis, AnalyzeEr
         opts.ports = found.iter().take(MAX_PORTS).map(|p| p.0).collect();
         inferred = Some(found);
     }
-    let opts = &opts;
     if opts.ports.len() > MAX_PORTS || opts.ports.contains(&0) {
         return Err(AnalyzeError::Options(format!(
             "1 to {MAX_PORTS} non-zero ports, got {:?}",
             opts.ports
         )));
     }
-    let detector =
-        Detector::new(opts.detector.clone()).map_err(|e| AnalyzeError::Options(e.to_string()))?;
+    Ok((opts, inferred))
+}
+
+/// The settings the kernel programs would be loaded with.
+fn kernel_config(opts: &AnalyzeOptions) -> Config {
     let mut kcfg = Config::DEFAULT;
     kcfg.ports = [0; MAX_PORTS];
     kcfg.ports[..opts.ports.len()].copy_from_slice(&opts.ports);
@@ -342,61 +355,87 @@ pub fn analyze(path: &Path, opts: &AnalyzeOptions) -> Result<Analysis, AnalyzeEr
         }
     }
     kcfg.gap_threshold_ns = opts.gap_threshold.as_nanos() as u64;
+    kcfg
+}
+
+/// As [`analyze`], with the memory bounds given.
+pub fn analyze_within(
+    path: &Path,
+    opts: &AnalyzeOptions,
+    limits: Limits,
+) -> Result<Analysis, AnalyzeError> {
+    let (opts, inferred) = resolve_ports(path, opts)?;
+    let pipeline =
+        Pipeline::new(opts.detector.clone()).map_err(|e| AnalyzeError::Options(e.to_string()))?;
     let mut e = Engine {
-        opts,
-        replay: Replay::new(kcfg),
-        detector,
-        requests: crate::ping::Reader::new(),
+        opts: &opts,
+        limits,
+        replay: Replay::with_capacity(kernel_config(&opts), limits.flow_table),
+        pipeline,
         stats: CaptureStats {
             server_ports: opts.ports.clone(),
             inferred_ports: inferred,
             ..CaptureStats::default()
         },
         verdicts: Vec::new(),
+        kills_listed: 0,
+        others_listed: 0,
         last_ns: 0,
         last_tick_ns: 0,
+        last_sweep_ns: 0,
         start_ns: None,
+        dropped: Vec::new(),
     };
-    read_capture(path, &mut |r| match r {
-        Record::Packet {
-            link,
-            ts,
-            orig_len,
-            data,
-        } => e.packet(link, ts, orig_len, data),
-        Record::Untimed => {
-            // No timestamp: a simple packet cannot be placed in time.
-            e.stats.packets += 1;
-            e.stats.not_ours += 1;
+    e.stats.cut_at_end = read_capture(path, &mut |r| e.record(r))?;
+    e.finish(path)
+}
+
+impl Engine<'_> {
+    fn record(&mut self, r: Record) {
+        match r {
+            Record::Packet {
+                link,
+                ts,
+                orig_len,
+                data,
+            } => self.packet(link, ts, orig_len, data),
+            Record::Untimed => {
+                // No timestamp: a simple packet cannot be placed in time.
+                self.stats.packets += 1;
+                self.stats.not_ours += 1;
+            }
+            Record::BadTimestamp => {
+                self.stats.packets += 1;
+                self.stats.malformed += 1;
+            }
         }
-        Record::BadTimestamp => {
-            e.stats.packets += 1;
-            e.stats.malformed += 1;
-        }
-    })?;
-    if e.stats.packets > 0 && e.stats.unsupported_link.values().sum::<u64>() == e.stats.packets {
-        let found = e
-            .stats
-            .unsupported_link
-            .keys()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(", ");
-        return Err(AnalyzeError::UnsupportedLink {
-            path: path.to_path_buf(),
-            found,
-        });
     }
-    // Time ends with the capture: unanswered retransmissions older than the
-    // black-hole delay by then are black holes; newer ones stay open.
-    let out = e.detector.tick(e.last_ns);
-    e.absorb(out);
-    let report = e.detector.report();
-    Ok(Analysis {
-        capture: e.stats,
-        verdicts: e.verdicts,
-        report,
-    })
+
+    fn finish(mut self, path: &Path) -> Result<Analysis, AnalyzeError> {
+        let s = &self.stats;
+        if s.packets > 0 && s.unsupported_link.values().sum::<u64>() == s.packets {
+            let found = s
+                .unsupported_link
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(AnalyzeError::UnsupportedLink {
+                path: path.to_path_buf(),
+                found,
+            });
+        }
+        // Time ends with the capture: unanswered retransmissions older than the
+        // black-hole delay by then are black holes; newer ones stay open.
+        let out = self.pipeline.tick(self.last_ns);
+        self.absorb(out);
+        let report = self.pipeline.report();
+        Ok(Analysis {
+            capture: self.stats,
+            verdicts: self.verdicts,
+            report,
+        })
+    }
 }
 
 impl CaptureStats {
@@ -443,6 +482,21 @@ impl CaptureStats {
         }
         for (link, n) in &self.unsupported_link {
             s.push_str(&format!(", {n} of unsupported link type {link} (skipped)"));
+        }
+        if self.flows_evicted > 0 {
+            s.push_str(&format!(
+                ", {} open flows evicted from the full flow table (vanished)",
+                self.flows_evicted
+            ));
+        }
+        if self.verdicts_not_listed > 0 {
+            s.push_str(&format!(
+                "; {} verdict(s) not listed (the report counts them)",
+                self.verdicts_not_listed
+            ));
+        }
+        if let Some(c) = &self.cut_at_end {
+            s.push_str(&format!("; {}", c.describe()));
         }
         s
     }

@@ -14,6 +14,7 @@ use prometheus::{
 use crate::{
     counters::KernelCounters,
     detector::{Detector, Ending, Output, PathKey, Verdict},
+    pipeline,
 };
 
 const NS: &str = "activesync_monitor";
@@ -296,8 +297,16 @@ impl Metrics {
         }
     }
 
+    /// Count what the pipeline concluded.
+    pub fn observe(&mut self, out: &pipeline::Output, det: &Detector) {
+        match out {
+            pipeline::Output::Detector(o) => self.detector_output(o, det),
+            pipeline::Output::Request(r) => self.request(r),
+        }
+    }
+
     /// Count a request read on a plaintext port.
-    pub fn request(&mut self, o: &crate::ping::Outcome) {
+    fn request(&mut self, o: &crate::ping::Outcome) {
         use crate::ping::{Heartbeat, Outcome};
         let command = match o {
             Outcome::Ping(p) => {
@@ -312,8 +321,7 @@ impl Metrics {
         self.requests.with_label_values(&[command]).inc();
     }
 
-    /// Count what the detector concluded.
-    pub fn observe(&mut self, out: &Output, det: &Detector) {
+    fn detector_output(&mut self, out: &Output, det: &Detector) {
         match out {
             Output::Verdict(v) => {
                 let path = det.path_of(v.client.ip(), v.server.port());

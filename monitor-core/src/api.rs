@@ -12,6 +12,22 @@ pub struct AttachmentInfo {
     pub tc_mode: String,
 }
 
+impl AttachmentInfo {
+    /// "XDP ingress (native), TC egress (tcx)" or "TC ingress and egress (tcx)".
+    pub fn hooks(&self) -> String {
+        hooks(&self.xdp_mode, &self.tc_mode)
+    }
+}
+
+/// The hooks of one attachment in words; `xdp_mode` "off" means TC ingress.
+pub fn hooks(xdp_mode: &str, tc_mode: &str) -> String {
+    if xdp_mode == "off" {
+        format!("TC ingress and egress ({tc_mode})")
+    } else {
+        format!("XDP ingress ({xdp_mode}), TC egress ({tc_mode})")
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProgramInfo {
     pub name: String,
@@ -62,8 +78,9 @@ pub struct FlowRow {
     pub packets_in: u32,
     pub packets_out: u32,
     pub heartbeat_seconds: Option<f64>,
-    /// open, closed, retransmitting; "+midstream" when first seen mid-connection.
-    pub state: String,
+    pub state: crate::flows::FlowState,
+    /// First seen mid-connection (it predates the agent or its table entry).
+    pub midstream: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -76,4 +93,14 @@ pub struct ReportPayload {
 pub struct EventPayload {
     pub text: String,
     pub verdict: serde_json::Value,
+}
+
+impl EventPayload {
+    /// A verdict as the events stream carries it: in words and as JSON.
+    pub fn of(v: &crate::detector::Verdict) -> EventPayload {
+        EventPayload {
+            text: v.to_string(),
+            verdict: serde_json::to_value(v).unwrap_or_default(),
+        }
+    }
 }

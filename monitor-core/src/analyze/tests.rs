@@ -16,6 +16,7 @@ use pcap_file::{
 
 use super::*;
 use crate::detector::Ending;
+use crate::replay::Replay;
 
 fn opts() -> AnalyzeOptions {
     AnalyzeOptions {
@@ -136,31 +137,48 @@ fn raw_ip_linux_cooked_and_loopback_links_read_the_same() {
     }
 }
 
+/// A pcapng file in microseconds (the format's default, what dumpcap
+/// writes) or nanoseconds (if_tsresol 9) reads like a pcap.
 #[test]
-fn a_pcapng_file_reads_like_a_pcap() {
-    let p = tmp("ng.pcapng");
-    let f = std::fs::File::create(&p).unwrap();
-    let mut w = PcapNgWriter::new(f).unwrap();
-    w.write_pcapng_block(InterfaceDescriptionBlock {
-        linktype: DataLink::ETHERNET,
-        snaplen: 0,
-        options: vec![],
-    })
-    .unwrap();
-    for (t, frame) in reset_at_expiry(1_700_000_000.0) {
-        w.write_pcapng_block(EnhancedPacketBlock {
-            interface_id: 0,
-            timestamp: Duration::from_secs_f64(t),
-            original_len: frame.len() as u32,
-            data: Cow::Owned(frame),
-            options: vec![],
+fn a_pcapng_file_reads_like_a_pcap_in_either_timestamp_unit() {
+    use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
+    for (name, options, unit_ns) in [
+        ("ng-us.pcapng", vec![], 1_000u64),
+        (
+            "ng-ns.pcapng",
+            vec![InterfaceDescriptionOption::IfTsResol(9)],
+            1,
+        ),
+    ] {
+        let p = tmp(name);
+        let f = std::fs::File::create(&p).unwrap();
+        let mut w = PcapNgWriter::new(f).unwrap();
+        w.write_pcapng_block(InterfaceDescriptionBlock {
+            linktype: DataLink::ETHERNET,
+            snaplen: 0,
+            options,
         })
         .unwrap();
+        for (t, frame) in reset_at_expiry(1_700_000_000.0) {
+            // The raw count of units, which pcap-file carries as nanoseconds.
+            let raw = (t * 1e9) as u64 / unit_ns;
+            w.write_pcapng_block(EnhancedPacketBlock {
+                interface_id: 0,
+                timestamp: Duration::from_nanos(raw),
+                original_len: frame.len() as u32,
+                data: Cow::Owned(frame),
+                options: vec![],
+            })
+            .unwrap();
+        }
+        drop(w);
+        let a = analyze(&p, &opts()).unwrap();
+        let v = the_one_verdict(&a);
+        assert_eq!(v.ending, Ending::InjectedReset, "{name}");
+        let first = a.capture.first_seconds.unwrap();
+        assert!((first - 1_700_000_000.0).abs() < 1.0, "{name}: {first}");
+        let _ = std::fs::remove_file(p);
     }
-    drop(w);
-    let a = analyze(&p, &opts()).unwrap();
-    assert_eq!(the_one_verdict(&a).ending, Ending::InjectedReset);
-    let _ = std::fs::remove_file(p);
 }
 
 #[test]
@@ -391,4 +409,215 @@ fn without_a_port_the_server_side_is_inferred_from_syns() {
     .unwrap_err();
     let _ = std::fs::remove_file(&path);
     assert!(e.to_string().contains("--port"), "{e}");
+}
+
+/// A small synthetic capture: a few dozen connections, every kind of ending.
+fn small_synthetic(format: synthetic::Format) -> Vec<u8> {
+    let p = tmp(&format!("small-{format:?}"));
+    let spec = synthetic::Spec {
+        seed: 3,
+        packets: 600,
+        clients: 300,
+        concurrent: 30,
+        snaplen: 96,
+        format,
+    };
+    synthetic::write(&p, &spec).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    let _ = std::fs::remove_file(p);
+    bytes
+}
+
+/// Where each record (pcap) or block (pcapng) starts, headers excluded.
+fn record_starts(bytes: &[u8], format: synthetic::Format) -> Vec<usize> {
+    let u32le = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let (mut at, len_of): (usize, &dyn Fn(usize) -> usize) = match format {
+        synthetic::Format::Pcap => (24, &|at| 16 + u32le(at + 8)),
+        synthetic::Format::PcapNg => (0, &|at| u32le(at + 4)),
+    };
+    let mut starts = Vec::new();
+    while at < bytes.len() {
+        starts.push(at);
+        at += len_of(at);
+    }
+    assert_eq!(at, bytes.len());
+    starts
+}
+
+/// Verdicts and report as JSON: compared whole.
+fn outcome(a: &Analysis) -> serde_json::Value {
+    serde_json::json!({ "verdicts": a.verdicts, "report": a.report })
+}
+
+#[test]
+fn a_capture_cut_inside_its_last_record_reads_as_the_whole_minus_it_and_says_so() {
+    for format in [synthetic::Format::Pcap, synthetic::Format::PcapNg] {
+        let bytes = small_synthetic(format);
+        let last = *record_starts(&bytes, format).last().unwrap();
+        let p = tmp(&format!("cut-{format:?}"));
+        std::fs::write(&p, &bytes[..last]).unwrap();
+        let whole = analyze(&p, &opts()).unwrap();
+        assert!(
+            !whole.verdicts.is_empty(),
+            "{format:?}: a capture with endings"
+        );
+        assert_eq!(whole.capture.cut_at_end, None);
+        for cut in last + 1..bytes.len() {
+            std::fs::write(&p, &bytes[..cut]).unwrap();
+            let a = analyze(&p, &opts()).unwrap_or_else(|e| panic!("{format:?} cut at {cut}: {e}"));
+            assert_eq!(outcome(&a), outcome(&whole), "{format:?} cut at {cut}");
+            let c = a.capture.cut_at_end.expect("said to be cut");
+            assert_eq!((c.offset, c.present), (last as u64, (cut - last) as u64));
+            let header = if format == synthetic::Format::Pcap {
+                12
+            } else {
+                8
+            };
+            let declared = (cut - last >= header).then_some((bytes.len() - last) as u64);
+            assert_eq!(c.declared, declared, "{format:?} cut at {cut}");
+            assert_eq!(
+                CaptureStats {
+                    cut_at_end: None,
+                    ..a.capture.clone()
+                },
+                whole.capture
+            );
+            let summary = a.capture.summary();
+            assert!(
+                summary.contains(&format!(
+                    "the file ends mid-record: the record at byte {last} is cut"
+                )),
+                "{summary}"
+            );
+        }
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+#[test]
+fn a_corrupt_record_in_the_middle_is_an_error_naming_the_file_and_the_byte() {
+    for format in [synthetic::Format::Pcap, synthetic::Format::PcapNg] {
+        let mut bytes = small_synthetic(format);
+        let starts = record_starts(&bytes, format);
+        let mid = starts[starts.len() / 2];
+        match format {
+            // A packet length no capture has.
+            synthetic::Format::Pcap => bytes[mid + 8..mid + 12].copy_from_slice(&[0, 0, 0, 0x40]),
+            // A block whose trailing length disagrees with its leading one.
+            synthetic::Format::PcapNg => {
+                let len = u32::from_le_bytes(bytes[mid + 4..mid + 8].try_into().unwrap()) as usize;
+                bytes[mid + len - 4] ^= 0x04;
+            }
+        }
+        let p = tmp(&format!("corrupt-{format:?}"));
+        std::fs::write(&p, &bytes).unwrap();
+        let e = analyze(&p, &opts()).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&p);
+        assert!(
+            e.starts_with(&format!(
+                "reading the capture {}: at byte {mid}:",
+                p.display()
+            )),
+            "{format:?}: {e}"
+        );
+    }
+}
+
+/// `n` clients, one every 20 s, each opening a connection that never closes.
+fn connections_left_open(n: u8) -> Vec<(f64, Vec<u8>)> {
+    let s: IpAddr = "192.0.2.1".parse().unwrap();
+    let mut frames = Vec::new();
+    for i in 0..n {
+        let c = IpAddr::from([198, 51, 100, i + 1]);
+        let t0 = f64::from(i) * 20.0;
+        let mut syn = Tcp::syn(c, s);
+        syn.ttl = 50;
+        let mut synack = Tcp::syn(s, c).flags(TCP_SYN | TCP_ACK);
+        (synack.sport, synack.dport) = (443, 40000);
+        let mut ack = syn.clone().flags(TCP_ACK);
+        ack.seq = 1001;
+        frames.push((t0, syn.frame()));
+        frames.push((t0 + 0.001, synack.frame()));
+        frames.push((t0 + 0.002, ack.frame()));
+    }
+    frames
+}
+
+#[test]
+fn open_flows_beyond_the_flow_table_are_evicted_and_retired_as_vanished() {
+    let p = tmp("evict.pcap");
+    write_pcap(
+        &p,
+        DataLink::ETHERNET,
+        65535,
+        &connections_left_open(6),
+        0,
+        &[],
+    );
+    let limits = Limits {
+        flow_table: 2,
+        ..Limits::default()
+    };
+    let a = analyze_within(&p, &opts(), limits).unwrap();
+    let all = analyze(&p, &opts()).unwrap();
+    let _ = std::fs::remove_file(p);
+    // The sweeps at 60, 80 and 100 s (before that second's client) each
+    // found three flows for two slots.
+    assert_eq!(a.capture.flows_evicted, 3, "{:?}", a.capture);
+    assert_eq!(a.verdicts.len(), 3, "{:#?}", a.verdicts);
+    assert!(a.verdicts.iter().all(|v| v.ending == Ending::Vanished));
+    let evicted: Vec<_> = a.verdicts.iter().map(|v| v.client.ip()).collect();
+    let first_three: Vec<IpAddr> = (1..=3).map(|i| IpAddr::from([198, 51, 100, i])).collect();
+    assert_eq!(evicted, first_three, "the least recently seen go first");
+    assert!(a.capture.summary().contains("3 open flows evicted"));
+    // The kernel's own capacity holds them all: nothing vanishes.
+    assert!(all.verdicts.is_empty());
+    assert_eq!(all.capture.flows_evicted, 0);
+}
+
+#[test]
+fn a_closed_flow_leaves_the_replay_table_after_lingering_idle_and_not_before() {
+    let mut r = Replay::new(Config::DEFAULT);
+    let frames = reset_at_expiry(0.0);
+    let (last_t, _) = frames[frames.len() - 1];
+    for (t, f) in &frames {
+        let pkt = parse_ethernet(f.as_slice()).unwrap();
+        let dir = r.direction(&pkt).unwrap();
+        r.packet(&pkt, dir, (t * 1e9) as u64);
+    }
+    let closed_ns = (last_t * 1e9) as u64;
+    let mut dropped = Vec::new();
+    r.sweep(
+        closed_ns + crate::replay::CLOSED_LINGER_NS - 1,
+        &mut dropped,
+    );
+    assert!(dropped.is_empty());
+    assert_eq!(r.flows().len(), 1);
+    r.sweep(closed_ns + crate::replay::CLOSED_LINGER_NS, &mut dropped);
+    assert_eq!(dropped.len(), 1);
+    assert!(r.flows().is_empty());
+    assert_eq!((r.closed_expired(), r.flows_evicted()), (1, 0));
+}
+
+#[test]
+fn only_the_first_verdicts_of_each_kind_are_listed_and_the_rest_counted() {
+    let path = tmp("listed.pcap");
+    let mut frames = reset_at_expiry(0.0);
+    frames.extend(reset_at_expiry(30.0).into_iter().map(|(t, mut f)| {
+        // Another client: the last byte of its IPv4 address, source or destination.
+        let inbound = f[36..38] == 443u16.to_be_bytes();
+        f[if inbound { 29 } else { 33 }] = 8;
+        (t, f)
+    }));
+    write_pcap(&path, DataLink::ETHERNET, 65535, &frames, 0, &[]);
+    let limits = Limits {
+        listed_verdicts: 1,
+        ..Limits::default()
+    };
+    let a = analyze_within(&path, &opts(), limits).unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(a.verdicts.len(), 1);
+    assert_eq!(a.capture.verdicts_not_listed, 1);
+    assert_eq!(a.report.killing_paths[0].kills, 2, "the report counts both");
+    assert!(a.capture.summary().contains("1 verdict(s) not listed"));
 }

@@ -409,7 +409,7 @@ fn estimate_converges_on_a_reset_at_expiry_path_with_rtt_jitter() {
     let est = p.estimate.as_ref().unwrap();
     let err = (est.seconds() - 300.0).abs();
     assert!(err < 0.1, "estimate {est:?}");
-    assert_eq!(est.confidence(), "high");
+    assert_eq!(est.confidence(), super::path::Confidence::High);
     assert!(
         p.likely_devices[0].starts_with("F5 BIG-IP FastL4"),
         "{:?}",
@@ -605,7 +605,7 @@ fn report_text_names_path_timeout_how_device_and_cure() {
             None,
         );
     }
-    let text = lab.det.report().to_text();
+    let text = crate::render::report(&lab.det.report());
     assert!(
         text.contains("PATH 198.51.100.0/24:443: 5 of 5 flows killed"),
         "{text}"
@@ -646,9 +646,9 @@ fn no_heartbeat_claim_where_kills_come_before_any_heartbeat_answer() {
     assert_eq!(r.killing_paths[0].how, Some(Ending::InjectedReset));
     assert!(r.killing_paths[0].median_heartbeat_seconds.unwrap() < 13.0);
     assert!(
-        !r.to_text().contains("shorter heartbeats"),
+        !crate::render::report(&r).contains("shorter heartbeats"),
         "{}",
-        r.to_text()
+        crate::render::report(&r)
     );
 }
 
@@ -700,7 +700,7 @@ fn a_bracket_without_a_survived_silence_gives_only_its_upper_bound() {
     let mut c = lab.connect("198.51.100.7", 0);
     answer_then_resend(&mut lab, &mut c);
     let _c2 = lab.connect("198.51.100.7", 50 * S);
-    let text = lab.det.report().to_text();
+    let text = crate::render::report(&lab.det.report());
     assert!(
         text.contains("idle timeout: at most 40.0 s (shortest silence that was killed"),
         "{text}"

@@ -221,22 +221,6 @@ impl Reader {
         Some(outcome)
     }
 
-    /// Read one kernel sample; hand the Pings it completes to the detector.
-    /// Returns what was read, for counting.
-    pub fn feed(
-        &mut self,
-        s: &crate::event::PayloadSample,
-        det: &mut crate::detector::Detector,
-    ) -> Vec<Outcome> {
-        let out = self.sample(&s.key, s.ts_ns, s.seq, s.payload_len, &s.data);
-        for o in &out {
-            if let Outcome::Ping(p) = o {
-                det.ping(&s.key, p, s.ts_ns);
-            }
-        }
-        out
-    }
-
     /// The flow ended: forget it.
     pub fn forget(&mut self, key: &FlowKey) {
         self.flows.remove(key);
@@ -246,6 +230,11 @@ impl Reader {
     pub fn expire(&mut self, now_ns: u64) {
         self.flows
             .retain(|_, p| now_ns.saturating_sub(p.last_ns) < PARTIAL_TTL_NS);
+    }
+
+    /// Flows with a request being read.
+    pub fn keys(&self) -> impl Iterator<Item = FlowKey> + '_ {
+        self.flows.keys().copied()
     }
 
     pub fn in_progress(&self) -> usize {

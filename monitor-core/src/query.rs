@@ -11,6 +11,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::flows::FlowQuery;
+
 /// Longest request line accepted.
 pub const MAX_REQUEST_BYTES: usize = 4096;
 
@@ -18,7 +20,7 @@ pub const MAX_REQUEST_BYTES: usize = 4096;
 #[serde(try_from = "Wire", into = "Wire")]
 pub enum Request {
     Status,
-    Flows,
+    Flows(FlowQuery),
     Report,
     Events { follow: bool },
 }
@@ -31,26 +33,45 @@ struct Wire {
     cmd: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     follow: Option<bool>,
+    /// With `flows`: filters, order, limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    query: Option<FlowQuery>,
+}
+
+/// Why a request line was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("request longer than {MAX_REQUEST_BYTES} bytes")]
+    TooLong,
+    #[error("bad request: {0}")]
+    Syntax(String),
+    #[error("unknown cmd {0:?} (status, flows, report, events)")]
+    UnknownCmd(String),
+    #[error("cmd {cmd:?} takes no {field:?}")]
+    Field { cmd: String, field: &'static str },
 }
 
 impl TryFrom<Wire> for Request {
-    type Error = String;
-    fn try_from(w: Wire) -> Result<Self, String> {
+    type Error = RequestError;
+    fn try_from(w: Wire) -> Result<Self, RequestError> {
         let r = match w.cmd.as_str() {
             "status" => Request::Status,
-            "flows" => Request::Flows,
+            "flows" => Request::Flows(w.query.clone().unwrap_or_default()),
             "report" => Request::Report,
             "events" => Request::Events {
                 follow: w.follow.unwrap_or(false),
             },
-            other => {
-                return Err(format!(
-                    "unknown cmd {other:?} (status, flows, report, events)"
-                ))
-            }
+            other => return Err(RequestError::UnknownCmd(other.to_string())),
+        };
+        let stray = |field| RequestError::Field {
+            cmd: w.cmd.clone(),
+            field,
         };
         if w.follow.is_some() && !matches!(r, Request::Events { .. }) {
-            return Err(format!("cmd {:?} takes no \"follow\"", w.cmd));
+            return Err(stray("follow"));
+        }
+        if w.query.is_some() && !matches!(r, Request::Flows(_)) {
+            return Err(stray("query"));
         }
         Ok(r)
     }
@@ -58,15 +79,16 @@ impl TryFrom<Wire> for Request {
 
 impl From<Request> for Wire {
     fn from(r: Request) -> Wire {
-        let (cmd, follow) = match r {
-            Request::Status => ("status", None),
-            Request::Flows => ("flows", None),
-            Request::Report => ("report", None),
-            Request::Events { follow } => ("events", Some(follow)),
+        let (cmd, follow, query) = match r {
+            Request::Status => ("status", None, None),
+            Request::Flows(q) => ("flows", None, Some(q)),
+            Request::Report => ("report", None, None),
+            Request::Events { follow } => ("events", Some(follow), None),
         };
         Wire {
             cmd: cmd.to_string(),
             follow,
+            query,
         }
     }
 }
@@ -103,11 +125,12 @@ pub enum QueryError {
 }
 
 /// Parse one request line, with errors that say what was wrong.
-pub fn parse_request(line: &str) -> Result<Request, String> {
+pub fn parse_request(line: &str) -> Result<Request, RequestError> {
     if line.len() > MAX_REQUEST_BYTES {
-        return Err(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
+        return Err(RequestError::TooLong);
     }
-    serde_json::from_str(line.trim()).map_err(|e| format!("bad request: {e}"))
+    // serde wraps our TryFrom error in its own message: keep it as text.
+    serde_json::from_str(line.trim()).map_err(|e| RequestError::Syntax(e.to_string()))
 }
 
 pub struct Client {
@@ -188,17 +211,18 @@ mod tests {
             parse_request(r#"{"cmd":"events"}"#),
             Ok(Request::Events { follow: false })
         );
-        assert!(parse_request(r#"{"cmd":"reboot"}"#)
-            .unwrap_err()
-            .contains("reboot"));
-        assert!(parse_request("not json")
-            .unwrap_err()
-            .starts_with("bad request"));
-        assert!(parse_request(r#"{"cmd":"status","x":1}"#)
-            .unwrap_err()
-            .contains('x'));
+        let err = |l: &str| parse_request(l).unwrap_err().to_string();
+        assert!(err(r#"{"cmd":"reboot"}"#).contains("reboot"));
+        assert!(err("not json").starts_with("bad request"));
+        assert!(err(r#"{"cmd":"status","x":1}"#).contains('x'));
+        assert!(err(r#"{"cmd":"status","query":{}}"#).contains("query"));
         let long = format!(r#"{{"cmd":"status","pad":"{}"}}"#, "a".repeat(5000));
-        assert!(parse_request(&long).unwrap_err().contains("longer than"));
+        assert_eq!(parse_request(&long), Err(RequestError::TooLong));
+        let q = r#"{"cmd":"flows","query":{"sort":"bytes","limit":5}}"#;
+        let Ok(Request::Flows(q)) = parse_request(q) else {
+            panic!("a flows query parses")
+        };
+        assert_eq!((q.sort, q.limit), (crate::flows::FlowSort::Bytes, 5));
     }
 
     #[test]

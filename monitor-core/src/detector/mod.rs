@@ -133,8 +133,15 @@ pub struct Detector {
     window: HbiWindow,
     recent: VecDeque<Verdict>,
     max_heartbeat_seen_s: f64,
+    /// When idle clients and devices were last forgotten.
+    last_forget_ns: u64,
     pub stats: DetectorStats,
 }
+
+/// Idle clients and devices are forgotten after hours: looking for them
+/// once a minute is enough (every tick, it cost a day-long capture's
+/// analysis a fifth of its time).
+const FORGET_EVERY_NS: u64 = 60_000_000_000;
 
 impl Detector {
     pub fn new(cfg: DetectorConfig) -> Result<Self, DetectorConfigError> {
@@ -150,6 +157,7 @@ impl Detector {
             suspects: HashMap::new(),
             recent: VecDeque::new(),
             max_heartbeat_seen_s: 0.0,
+            last_forget_ns: 0,
             stats: DetectorStats::default(),
         })
     }
@@ -315,11 +323,14 @@ impl Detector {
         for key in due {
             self.black_hole(&key, now_ns, "no answer to the retransmission", &mut out);
         }
-        let keep = (self.cfg.churn_window.max(self.cfg.max_heartbeat) * 2).as_nanos() as u64;
-        self.clients
-            .retain(|_, c| now_ns.saturating_sub(c.last_seen_ns) < keep);
-        self.devices
-            .retain(|_, d| now_ns.saturating_sub(d.1) < keep);
+        if now_ns.saturating_sub(self.last_forget_ns) >= FORGET_EVERY_NS {
+            self.last_forget_ns = now_ns;
+            let keep = (self.cfg.churn_window.max(self.cfg.max_heartbeat) * 2).as_nanos() as u64;
+            self.clients
+                .retain(|_, c| now_ns.saturating_sub(c.last_seen_ns) < keep);
+            self.devices
+                .retain(|_, d| now_ns.saturating_sub(d.1) < keep);
+        }
         out
     }
 
@@ -503,88 +514,44 @@ impl Detector {
         if f.finalized {
             return;
         }
-        let silence = ev.silence().as_secs_f64();
-        let min_silence = self.cfg.min_silence.as_secs_f64();
-        let owed = ev.raw.last_payload_dir == Dir::In as u8 && silence >= min_silence;
-        let tol = self.cfg.ttl_tolerance;
-        let baseline = ev.ttl_baseline();
-        let ttl = ev.raw.ttl;
-        // None: no baseline to compare with.
-        let ttl_is_clients =
-            baseline.map(|(lo, hi)| ttl.saturating_add(tol) >= lo && ttl <= hi.saturating_add(tol));
-        let since_server = ev.since_server().map(|d| d.as_secs_f64());
-        let after_server_gap = f.pending_gap.filter(|g| g.dir == Dir::Out && g.payload);
-        let next_packet = after_server_gap.is_some()
-            && since_server.is_some_and(|s| s <= self.cfg.next_packet_window.as_secs_f64());
-
-        let mut evidence = Evidence {
-            silence_seconds: silence,
-            after_server_send_seconds: since_server,
-            server_owed_answer: owed,
-            ..Evidence::default()
-        };
-        if ev.dir == Dir::In && ev.is_rst() {
-            evidence.rst_ttl = Some(ttl);
-            evidence.client_ttl_min = baseline.map(|b| b.0);
-            evidence.client_ttl_max = baseline.map(|b| b.1);
-            evidence.rst_ip_id = Some(ev.raw.ip_id);
-            evidence.client_ip_id = Some(ev.raw.base_ip_id);
-            evidence.rst_window = Some(ev.raw.window);
-            evidence.client_window = Some(ev.raw.base_window);
-        }
-
-        let ending = if let Some(s) = f.suspect {
-            // It died while the server's retransmission went unanswered.
-            evidence.silence_seconds = s.silence_s;
-            evidence.server_owed_answer = true;
-            evidence.note = Some("closed while a retransmission was unanswered");
-            Ending::BlackHole
-        } else {
-            match (ev.dir, ev.is_rst()) {
-                (Dir::Out, true) => Ending::ServerReset,
-                (Dir::Out, false) => Ending::ServerFin,
-                (Dir::In, false) if owed => Ending::ProxyTimeout,
-                (Dir::In, false) => Ending::ClientFin,
-                (Dir::In, true) => {
-                    if next_packet && ttl_is_clients != Some(true) {
-                        if let Some(g) = after_server_gap {
-                            evidence.silence_seconds = g.silence_s;
-                        }
-                        evidence.server_owed_answer = true;
-                        if ttl_is_clients.is_none() {
-                            evidence.note = Some("no client TTL baseline; timing only");
-                        }
-                        Ending::ResetOnNextPacket
-                    } else if ttl_is_clients == Some(false) {
-                        if silence < min_silence {
-                            evidence.note = Some("foreign TTL but no silence before it");
-                        }
-                        Ending::InjectedReset
-                    } else if owed {
-                        Ending::ProxyTimeout
-                    } else {
-                        Ending::ClientReset
-                    }
-                }
-            }
-        };
+        let facts = self.close_facts(ev, &f);
+        let mut evidence = facts.evidence(ev);
+        let ending = classify_close(&facts, &mut evidence);
         if !ending.is_kill() {
             if let Some(g) = f.pending_gap {
                 self.path_mut(f.path, now).record_survival(g.silence_s);
             }
         }
-        let heartbeat = self.heartbeat_in_force(&f);
-        let premature = match ending {
-            Ending::ResetOnNextPacket | Ending::BlackHole => true,
-            Ending::InjectedReset | Ending::ProxyTimeout => {
-                evidence.silence_seconds >= min_silence
-                    && (evidence.server_owed_answer
-                        || heartbeat.is_some_and(|(h, _)| evidence.silence_seconds < h))
-            }
-            _ => false,
-        };
+        let heartbeat = self.heartbeat_in_force(&f).map(|h| h.0);
+        let premature = is_premature(ending, &evidence, heartbeat, facts.min_silence);
         let v = self.verdict(&f, ending, premature, now, evidence);
         self.finish(f.path, v, now, out);
+    }
+
+    /// What the closing packet and the flow's history say, for [`classify_close`].
+    fn close_facts(&self, ev: &FlowEvent, f: &FlowTrack) -> CloseFacts {
+        let silence = ev.silence().as_secs_f64();
+        let min_silence = self.cfg.min_silence.as_secs_f64();
+        let tol = self.cfg.ttl_tolerance;
+        let baseline = ev.ttl_baseline();
+        let ttl = ev.raw.ttl;
+        let since_server = ev.since_server().map(|d| d.as_secs_f64());
+        let after_server_gap = f.pending_gap.filter(|g| g.dir == Dir::Out && g.payload);
+        CloseFacts {
+            dir: ev.dir,
+            rst: ev.is_rst(),
+            silence,
+            min_silence,
+            since_server,
+            owed: ev.raw.last_payload_dir == Dir::In as u8 && silence >= min_silence,
+            // None: no baseline to compare with.
+            ttl_is_clients: baseline
+                .map(|(lo, hi)| ttl.saturating_add(tol) >= lo && ttl <= hi.saturating_add(tol)),
+            after_server_gap,
+            next_packet: after_server_gap.is_some()
+                && since_server.is_some_and(|s| s <= self.cfg.next_packet_window.as_secs_f64()),
+            suspect: f.suspect,
+        }
     }
 
     fn verdict(
@@ -669,6 +636,105 @@ impl Detector {
 
     pub fn middleboxes(&self) -> &[middlebox::Middlebox] {
         &self.table
+    }
+}
+
+/// The facts a flow's close is judged on.
+#[derive(Clone, Copy, Debug)]
+struct CloseFacts {
+    dir: Dir,
+    rst: bool,
+    /// Silence before the closing packet, seconds.
+    silence: f64,
+    min_silence: f64,
+    /// Seconds since the server last sent.
+    since_server: Option<f64>,
+    /// The client's request was unanswered across a silence.
+    owed: bool,
+    /// Whether the RST's TTL is the client's (None: no baseline).
+    ttl_is_clients: Option<bool>,
+    /// The server's send that ended the last silence, if it was the last gap.
+    after_server_gap: Option<Gap>,
+    /// The close came within the next-packet window of that send.
+    next_packet: bool,
+    /// An unanswered retransmission was pending.
+    suspect: Option<Suspect>,
+}
+
+impl CloseFacts {
+    fn evidence(&self, ev: &FlowEvent) -> Evidence {
+        let mut e = Evidence {
+            silence_seconds: self.silence,
+            after_server_send_seconds: self.since_server,
+            server_owed_answer: self.owed,
+            ..Evidence::default()
+        };
+        if ev.dir == Dir::In && ev.is_rst() {
+            let baseline = ev.ttl_baseline();
+            e.rst_ttl = Some(ev.raw.ttl);
+            e.client_ttl_min = baseline.map(|b| b.0);
+            e.client_ttl_max = baseline.map(|b| b.1);
+            e.rst_ip_id = Some(ev.raw.ip_id);
+            e.client_ip_id = Some(ev.raw.base_ip_id);
+            e.rst_window = Some(ev.raw.window);
+            e.client_window = Some(ev.raw.base_window);
+        }
+        e
+    }
+}
+
+/// How a flow ended, from the facts of its close (pure: no detector state).
+/// Adjusts the evidence to what decided it.
+fn classify_close(c: &CloseFacts, evidence: &mut Evidence) -> Ending {
+    if let Some(s) = c.suspect {
+        // It died while the server's retransmission went unanswered.
+        evidence.silence_seconds = s.silence_s;
+        evidence.server_owed_answer = true;
+        evidence.note = Some("closed while a retransmission was unanswered");
+        return Ending::BlackHole;
+    }
+    match (c.dir, c.rst) {
+        (Dir::Out, true) => Ending::ServerReset,
+        (Dir::Out, false) => Ending::ServerFin,
+        (Dir::In, false) if c.owed => Ending::ProxyTimeout,
+        (Dir::In, false) => Ending::ClientFin,
+        (Dir::In, true) => classify_client_side_reset(c, evidence),
+    }
+}
+
+fn classify_client_side_reset(c: &CloseFacts, evidence: &mut Evidence) -> Ending {
+    if c.next_packet && c.ttl_is_clients != Some(true) {
+        if let Some(g) = c.after_server_gap {
+            evidence.silence_seconds = g.silence_s;
+        }
+        evidence.server_owed_answer = true;
+        if c.ttl_is_clients.is_none() {
+            evidence.note = Some("no client TTL baseline; timing only");
+        }
+        Ending::ResetOnNextPacket
+    } else if c.ttl_is_clients == Some(false) {
+        if c.silence < c.min_silence {
+            evidence.note = Some("foreign TTL but no silence before it");
+        }
+        Ending::InjectedReset
+    } else if c.owed {
+        Ending::ProxyTimeout
+    } else {
+        Ending::ClientReset
+    }
+}
+
+/// Killed before the heartbeat: forgetting kills always are; kills at
+/// expiry are when the server owed an answer or the silence was shorter
+/// than the heartbeat in force.
+fn is_premature(ending: Ending, e: &Evidence, heartbeat: Option<f64>, min_silence: f64) -> bool {
+    match ending {
+        Ending::ResetOnNextPacket | Ending::BlackHole => true,
+        Ending::InjectedReset | Ending::ProxyTimeout => {
+            e.silence_seconds >= min_silence
+                && (e.server_owed_answer || heartbeat.is_some_and(|h| e.silence_seconds < h))
+        }
+        _ => false,
     }
 }
 

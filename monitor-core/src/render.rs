@@ -1,0 +1,288 @@
+//! Text rendering of query answers for people.
+
+use std::fmt::Write as _;
+
+use crate::{
+    api::Status,
+    detector::{
+        path::Confidence,
+        report::{PathReport, Report, WindowReport},
+        Estimate,
+    },
+    flows::FlowList,
+};
+
+pub fn status(s: &Status) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "monitor {} up {:.0} s, ports {:?} (plaintext, Pings read: {:?}), gap threshold {} s",
+        s.version, s.uptime_seconds, s.ports, s.plaintext_ports, s.gap_threshold_seconds
+    );
+    for a in &s.attachments {
+        let _ = writeln!(o, "  {}: {}", a.interface, a.hooks());
+    }
+    for p in &s.programs {
+        let n = p
+            .verified_instructions
+            .map_or("?".to_string(), |n| n.to_string());
+        let _ = writeln!(o, "  program {}: {n} instructions verified", p.name);
+    }
+    let _ = writeln!(
+        o,
+        "flow table: {} of {} entries ({:.2}% full); {} flows followed on {} paths",
+        s.flow_table_entries,
+        s.flow_table_capacity,
+        100.0 * s.flow_table_fill_ratio,
+        s.flows_followed,
+        s.paths
+    );
+    let _ = writeln!(
+        o,
+        "events dropped (ring buffer full): {}; undecodable: {}",
+        s.events_dropped, s.event_decode_errors
+    );
+    let counters: Vec<String> = s
+        .kernel_counters
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let _ = writeln!(o, "kernel counters: {}", counters.join(" "));
+    if let Some(m) = &s.metrics_listen {
+        let _ = writeln!(o, "metrics: http://{m}/metrics");
+    }
+    o
+}
+
+pub fn flows(list: &FlowList) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{} of {} matching flows ({} in the table as of {:.1} s ago)",
+        list.rows.len(),
+        list.matching,
+        list.flows_in_table,
+        list.snapshot_age_seconds
+    );
+    let _ = writeln!(
+        o,
+        "{:<44} {:>9} {:>9} {:>12} {:>12} {:>9}  STATE",
+        "CLIENT", "AGE_S", "SILENT_S", "BYTES_IN", "BYTES_OUT", "HB_S"
+    );
+    for r in &list.rows {
+        let hb = r
+            .heartbeat_seconds
+            .map_or("-".to_string(), |h| format!("{h:.1}"));
+        let _ = writeln!(
+            o,
+            "{:<44} {:>9.1} {:>9.1} {:>12} {:>12} {:>9}  {}{}",
+            r.client,
+            r.age_seconds,
+            r.silence_seconds,
+            r.bytes_in,
+            r.bytes_out,
+            hb,
+            r.state,
+            if r.midstream { " (midstream)" } else { "" }
+        );
+    }
+    o
+}
+
+/// The diagnosis in plain words.
+pub fn report(r: &Report) -> String {
+    let mut s = String::new();
+    let total: u64 = r.endings.values().sum();
+    let _ = writeln!(
+        s,
+        "{} flows ended, {} killed prematurely by a middlebox; {} flows open now.",
+        total, r.premature_kills, r.flows_tracked
+    );
+    if r.killing_paths.is_empty() {
+        let _ = writeln!(s, "No path kills connections before the heartbeat.");
+    }
+    for p in &r.killing_paths {
+        killing_path(&mut s, p, r);
+    }
+    quiet_paths(&mut s, &r.quiet_paths);
+    window(&mut s, &r.window);
+    s
+}
+
+fn killing_path(s: &mut String, p: &PathReport, r: &Report) {
+    let _ = writeln!(s);
+    let how = p.how.map_or("killed", |h| h.describe());
+    let _ = writeln!(
+        s,
+        "PATH {}: {} of {} flows killed before the heartbeat: {}.",
+        p.path, p.premature_kills, p.flows_ended, how
+    );
+    if let Some(e) = &p.estimate {
+        let confidence = p.confidence.unwrap_or(Confidence::Low);
+        let _ = writeln!(
+            s,
+            "  idle timeout: {}; confidence {confidence}",
+            estimate(e)
+        );
+    }
+    if p.likely_devices.is_empty() {
+        let _ = writeln!(
+            s,
+            "  likely device: no known default matches (a custom timeout, or a scaled lab)"
+        );
+    } else {
+        let _ = writeln!(s, "  likely device: {}", p.likely_devices.join("; or "));
+    }
+    if let Some(t) = p.recommended_idle_timeout_seconds {
+        let _ = writeln!(
+            s,
+            "  cure: set its idle timeout to at least {t:.0} s (heartbeat {:.0} s + 120 s)",
+            r.heartbeat_to_cover_seconds
+        );
+    }
+    path_heartbeats(s, p, r);
+    if p.incomplete_flows > 0 {
+        let _ = writeln!(
+            s,
+            "  {} flows ended with events lost (ring buffer full): not used for the estimate",
+            p.incomplete_flows
+        );
+    }
+    if p.reconnect_churn > 0 {
+        let _ = writeln!(
+            s,
+            "  reconnect churn: {} reconnections soon after a kill",
+            p.reconnect_churn
+        );
+    }
+    histogram(s, &p.kill_silence_histogram);
+}
+
+/// An estimate of the idle timeout, saying only what the evidence pins.
+fn estimate(e: &Estimate) -> String {
+    match e {
+        Estimate::Point {
+            seconds,
+            spread_seconds,
+            samples,
+        } => format!(
+            "{seconds:.1} s (median of {samples} kills, spread {spread_seconds:.2} s)"
+        ),
+        Estimate::Bracket {
+            low_seconds,
+            high_seconds,
+            samples,
+        } if *low_seconds > 0.0 => format!(
+            "between {low_seconds:.1} s (longest silence that survived) and {high_seconds:.1} s (shortest that was killed), from {samples} kills"
+        ),
+        // No silence has survived below the kills: only the upper bound is known.
+        Estimate::Bracket {
+            high_seconds,
+            samples,
+            ..
+        } => format!(
+            "at most {high_seconds:.1} s (shortest silence that was killed; no shorter silence has survived yet), from {samples} kills"
+        ),
+    }
+}
+
+/// The heartbeat read from Pings, and devices backing off after kills.
+fn path_heartbeats(s: &mut String, p: &PathReport, r: &Report) {
+    if let Some(h) = p.requested_heartbeat_seconds {
+        let inferred = p
+            .median_heartbeat_seconds
+            .map_or("none seen".to_string(), |i| format!("{i:.0} s"));
+        let _ = writeln!(
+            s,
+            "  heartbeat in force: {h:.0} s, read from {} Ping requests (exact; inferred from hold times: {inferred})",
+            p.pings_read
+        );
+    }
+    // Where kills come at expiry, before any heartbeat answer, the only
+    // answers seen are early ones (new mail): no heartbeat claim.
+    let answers_get_through = p.how.is_some_and(|h| !h.kills_at_expiry());
+    if let (Some(here), Some(elsewhere), true) = (
+        p.median_heartbeat_seconds,
+        r.median_heartbeat_elsewhere_seconds,
+        answers_get_through,
+    ) {
+        if here < 0.9 * elsewhere {
+            let _ = writeln!(
+                s,
+                "  devices here use shorter heartbeats: median {here:.0} s vs {elsewhere:.0} s on healthy paths (backing off after kills)"
+            );
+        }
+    }
+}
+
+fn histogram(s: &mut String, bins: &[(f64, usize)]) {
+    if bins.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "  silences before kills:");
+    let max = bins.iter().map(|b| b.1).max().unwrap_or(1).max(1);
+    let mut lo = 0.0;
+    for (hi, n) in bins {
+        if *n > 0 {
+            let bar = "#".repeat((n * 30).div_ceil(max));
+            let _ = writeln!(s, "    {lo:>7.1}-{hi:<7.1}s {bar} {n}");
+        }
+        lo = *hi;
+    }
+}
+
+fn quiet_paths(s: &mut String, paths: &[PathReport]) {
+    if paths.is_empty() {
+        return;
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "Paths without premature kills:");
+    for p in paths {
+        let mut hb = p
+            .median_heartbeat_seconds
+            .map_or(String::from("no heartbeat seen"), |h| {
+                format!("median heartbeat {h:.0} s")
+            });
+        if let Some(h) = p.requested_heartbeat_seconds {
+            hb = format!(
+                "heartbeat {h:.0} s read from {} Pings ({hb} inferred)",
+                p.pings_read
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  {}: {} flows ended, longest silence survived {:.1} s, {hb}",
+            p.path, p.flows_ended, p.longest_survived_seconds
+        );
+    }
+}
+
+fn window(s: &mut String, w: &WindowReport) {
+    let _ = writeln!(s);
+    let mean = w
+        .mean_seconds
+        .map_or("-".to_string(), |m| format!("{m:.0} s"));
+    let _ = writeln!(
+        s,
+        "Exchange 3033/1040-style window: {}/{} samples, mean {mean}, threshold {:.0} s: {}",
+        w.samples,
+        w.size,
+        w.threshold_seconds,
+        if w.alerting { "ALERT" } else { "ok" }
+    );
+    if w.alerting && !w.culprits.is_empty() {
+        let names: Vec<String> = w
+            .culprits
+            .iter()
+            .map(|(p, n)| format!("{p} ({n} kills)"))
+            .collect();
+        let _ = writeln!(s, "  the mean is pulled down by: {}", names.join(", "));
+    }
+}
+
+impl Report {
+    /// The diagnosis in plain words (see [`report`]).
+    pub fn to_text(&self) -> String {
+        report(self)
+    }
+}

@@ -1,0 +1,192 @@
+//! The agent under test: the real `monitor run` binary in a namespace,
+//! configured through a file, queried through its CLI and /metrics.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use super::{addressing::*, Scenario, Topology};
+use crate::{
+    cmd::{self, Ended},
+    netns::Netns,
+};
+
+/// How long the agent may take to open its socket.
+const START_LIMIT: Duration = Duration::from_secs(30);
+/// How long `stop` waits after SIGINT for a clean detach.
+const STOP_LIMIT: Duration = Duration::from_secs(10);
+/// How long a dropped agent gets after SIGINT before SIGKILL.
+const DROP_LIMIT: Duration = Duration::from_secs(5);
+
+/// The agent under test: the real `monitor run` binary in the server namespace.
+pub struct Agent {
+    child: Child,
+    pub socket: PathBuf,
+    /// The configuration file the agent runs with.
+    pub config: PathBuf,
+    pub bin: PathBuf,
+    pub log: PathBuf,
+    pub metrics: SocketAddr,
+    pub ns: String,
+}
+
+/// Where and how to run the agent.
+pub struct AgentOptions {
+    pub iface: String,
+    /// Extra `[agent]` keys (e.g. gap_threshold_seconds).
+    pub agent: toml::Table,
+    pub detector: toml::Table,
+    pub workdir: PathBuf,
+    /// Extra `[metrics]` keys (e.g. web_config_file).
+    pub metrics: toml::Table,
+}
+
+impl Agent {
+    pub fn start(bin: &Path, topo: &Topology, s: &Scenario) -> Result<Agent> {
+        Agent::start_in(
+            bin,
+            &topo.server,
+            AgentOptions {
+                iface: topo.server_if.clone(),
+                agent: toml::Table::new(),
+                detector: s.detector.clone(),
+                workdir: topo.workdir.clone(),
+                metrics: toml::Table::new(),
+            },
+        )
+    }
+
+    /// Start `monitor run` in namespace `ns`, configured through a file.
+    pub fn start_in(bin: &Path, ns: &Netns, o: AgentOptions) -> Result<Agent> {
+        std::fs::create_dir_all(&o.workdir)?;
+        let socket = o.workdir.join("monitor.sock");
+        let log = o.workdir.join("agent.log");
+        let cfg_path = o.workdir.join("agent.toml");
+        let metrics: SocketAddr = "127.0.0.1:19443".parse().expect("address");
+        let cfg = config(&o, &socket, metrics);
+        std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;
+        let child = cmd::child_in_netns(&ns.name)
+            .arg(bin)
+            .args(["run", "--config"])
+            .arg(&cfg_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut a = Agent {
+            child,
+            socket,
+            config: cfg_path,
+            bin: bin.to_path_buf(),
+            log,
+            metrics,
+            ns: ns.name.clone(),
+        };
+        a.wait_for_socket()?;
+        Ok(a)
+    }
+
+    /// Until the agent's query socket exists; fails if it exits or takes too long.
+    fn wait_for_socket(&mut self) -> Result<()> {
+        let deadline = Instant::now() + START_LIMIT;
+        while !self.socket.exists() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                bail!("the agent exited ({st}): {}", self.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent did not open its socket within {} s: {}",
+                    START_LIMIT.as_secs(),
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// The agent's log so far (its stderr).
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// kill -9, and reap: the agent gets no chance to clean up.
+    pub fn kill9(mut self) {
+        cmd::kill_and_reap(&mut self.child);
+    }
+
+    /// The agent's process id (`ip netns exec` execs into it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Run a CLI command against this agent and return its stdout.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        cmd::output(
+            Command::new(&self.bin)
+                .arg("--socket")
+                .arg(&self.socket)
+                .args(args),
+        )
+    }
+
+    /// GET /metrics from inside the agent's namespace.
+    pub fn scrape(&self) -> Result<String> {
+        crate::netns::http_get_in(&self.ns, self.metrics, "/metrics").map_err(anyhow::Error::msg)
+    }
+
+    /// SIGINT, and wait (bounded) for a clean detach; the agent's log.
+    pub fn stop(mut self) -> Result<String> {
+        match cmd::signal_then_wait(&mut self.child, libc::SIGINT, STOP_LIMIT) {
+            Ended::Exited(st) if st.success() => Ok(self.log_text()),
+            Ended::Exited(st) => bail!("the agent exited with {st}: {}", self.log_text()),
+            Ended::Killed => bail!(
+                "the agent did not stop within {} s of SIGINT",
+                STOP_LIMIT.as_secs()
+            ),
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        cmd::signal_then_wait(&mut self.child, libc::SIGINT, DROP_LIMIT);
+    }
+}
+
+/// The agent's configuration: `o`'s tables, with the interface, the lab's
+/// ports, the metrics address and the query socket filled in.
+fn config(o: &AgentOptions, socket: &Path, metrics: SocketAddr) -> toml::Table {
+    let mut agent = o.agent.clone();
+    agent.insert(
+        "interfaces".into(),
+        toml::Value::Array(vec![o.iface.clone().into()]),
+    );
+    agent.insert(
+        "ports".into(),
+        toml::Value::Array(vec![
+            i64::from(SERVER_PORT).into(),
+            i64::from(PLAINTEXT_PORT).into(),
+        ]),
+    );
+    agent.insert(
+        "plaintext_ports".into(),
+        toml::Value::Array(vec![i64::from(PLAINTEXT_PORT).into()]),
+    );
+    let mut m = o.metrics.clone();
+    m.insert("listen".into(), metrics.to_string().into());
+    let mut q = toml::Table::new();
+    q.insert("socket".into(), socket.display().to_string().into());
+    let mut cfg = toml::Table::new();
+    cfg.insert("agent".into(), agent.into());
+    cfg.insert("detector".into(), o.detector.clone().into());
+    cfg.insert("metrics".into(), m.into());
+    cfg.insert("query".into(), q.into());
+    cfg
+}

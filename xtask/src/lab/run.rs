@@ -1,0 +1,91 @@
+//! A whole lab run: topology, agent, capture, traffic, and their teardown.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+use super::{device, Agent, Capture, Scenario, Topology, Traffic};
+
+/// A whole lab run: topology, agent, traffic. Dropping it tears everything
+/// down in the right order (traffic, capture, agent, namespaces).
+pub struct LabRun {
+    pub traffic: Option<Traffic>,
+    pub capture: Option<Capture>,
+    pub agent: Option<Agent>,
+    pub topo: Topology,
+    pub scenario: Scenario,
+}
+
+impl LabRun {
+    pub fn start(s: &Scenario, monitor_bin: &Path) -> Result<LabRun> {
+        LabRun::start_capturing(s, monitor_bin, None)
+    }
+
+    /// Also capture the server's port-443 traffic to `capture` (pcap) from
+    /// before the first device connects.
+    pub fn start_capturing(
+        s: &Scenario,
+        monitor_bin: &Path,
+        capture: Option<&Path>,
+    ) -> Result<LabRun> {
+        let topo = Topology::up(s)?;
+        let agent = Agent::start(monitor_bin, &topo, s)?;
+        let capture = match capture {
+            Some(p) => Some(Capture::start(&topo.server.name, &topo.server_if, p)?),
+            None => None,
+        };
+        let traffic = Traffic::start(&topo, s)?;
+        Ok(LabRun {
+            traffic: Some(traffic),
+            capture,
+            agent: Some(agent),
+            topo,
+            scenario: s.clone(),
+        })
+    }
+
+    /// Stop the capture (traffic goes on); the pcap's path.
+    pub fn stop_capture(&mut self) -> Result<Option<PathBuf>> {
+        self.capture.take().map(Capture::stop).transpose()
+    }
+
+    pub fn agent(&self) -> &Agent {
+        self.agent
+            .as_ref()
+            .expect("the agent runs until the lab stops")
+    }
+
+    /// `monitor report --json`, parsed.
+    pub fn report(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(
+            &self.agent().cli(&["report", "--json"])?,
+        )?)
+    }
+
+    pub fn devices(&self) -> Vec<device::DeviceReport> {
+        self.traffic
+            .as_ref()
+            .map(|t| t.device_reports())
+            .unwrap_or_default()
+    }
+
+    /// Stop traffic and the agent; returns the agent's log.
+    pub fn stop(mut self) -> Result<String> {
+        if let Some(t) = self.traffic.take() {
+            t.stop();
+        }
+        match self.agent.take() {
+            Some(a) => a.stop(),
+            None => Ok(String::new()),
+        }
+    }
+}
+
+impl Drop for LabRun {
+    fn drop(&mut self) {
+        if let Some(t) = self.traffic.take() {
+            t.stop();
+        }
+        self.agent.take();
+    }
+}
