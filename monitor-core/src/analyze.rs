@@ -18,7 +18,7 @@ use monitor_common::{
     DEFAULT_FLOW_TABLE_SIZE, MAX_PORTS, TCP_ACK, TCP_SYN,
 };
 use pcap_file::DataLink;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     detector::{self, report::Report, DetectorConfig, Verdict},
@@ -65,7 +65,7 @@ pub struct AnalyzeOptions {
 }
 
 /// What was read, and what could not be used, so nothing is silently lost.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct CaptureStats {
     /// The server ports analysed.
     pub server_ports: Vec<u16>,
@@ -124,7 +124,7 @@ impl Default for Limits {
 /// dropped retired from the detector, as the agent scans the kernel's table.
 const SWEEP_EVERY_NS: u64 = 10_000_000_000;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Analysis {
     pub capture: CaptureStats,
     pub verdicts: Vec<Verdict>,

@@ -86,13 +86,13 @@ pub struct FlowRow {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReportPayload {
     pub text: String,
-    pub report: serde_json::Value,
+    pub report: crate::detector::report::Report,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EventPayload {
     pub text: String,
-    pub verdict: serde_json::Value,
+    pub verdict: crate::detector::Verdict,
 }
 
 impl EventPayload {
@@ -100,7 +100,7 @@ impl EventPayload {
     pub fn of(v: &crate::detector::Verdict) -> EventPayload {
         EventPayload {
             text: v.to_string(),
-            verdict: serde_json::to_value(v).unwrap_or_default(),
+            verdict: v.clone(),
         }
     }
 }

@@ -113,7 +113,7 @@ async fn answer(stream: UnixStream, state: State, scans: Option<Scans>) -> anyho
             let report = lock(&state).pipeline.report();
             line(&Response::Ok(ReportPayload {
                 text: crate::render::report(&report),
-                report: serde_json::to_value(&report).unwrap_or_default(),
+                report,
             }))
         }
         Ok(Request::Events { follow }) => return stream_events(&mut w, &state, follow).await,

@@ -20,11 +20,27 @@ fn main() {
         Ok(()) => {}
         Err(e) if is_broken_pipe(&e) => {}
         Err(e) => {
-            // One line, causes included; never a backtrace.
-            eprintln!("monitor: {e:#}");
+            eprintln!("monitor: {}", one_line(&e));
             std::process::exit(1);
         }
     }
+}
+
+/// The error and its causes on one line, never a backtrace; a cause that
+/// its parent already quotes (many library errors do) is said once.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text.replace('\n', " "));
+    }
+    line
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

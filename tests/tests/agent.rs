@@ -18,23 +18,12 @@ use xtask::{
 };
 
 fn start_agent(pair: &Pair) -> Agent {
-    let mut agent = toml::Table::new();
-    agent.insert("gap_threshold_seconds".into(), 1.into());
-    let mut detector = toml::Table::new();
-    detector.insert("min_heartbeat".into(), 1.into());
-    detector.insert("max_heartbeat".into(), 60.into());
-    Agent::start_in(
-        &agent_bin(),
-        &pair.server,
-        AgentOptions {
-            iface: pair.server_if.clone(),
-            agent,
-            detector,
-            workdir: std::env::temp_dir().join(format!("agent-test-{}", pair.server.name)),
-            metrics: toml::Table::new(),
-        },
-    )
-    .expect("agent starts")
+    let workdir = std::env::temp_dir().join(format!("agent-test-{}", pair.server.name));
+    let mut o = AgentOptions::new(&pair.server_if, workdir);
+    o.config.agent.gap_threshold = Duration::from_secs(1);
+    o.config.detector.min_heartbeat = Duration::from_secs(1);
+    o.config.detector.max_heartbeat = Duration::from_secs(60);
+    Agent::start_in(&agent_bin(), &pair.server, o).expect("agent starts")
 }
 
 fn json(agent: &Agent, args: &[&str]) -> Value {
@@ -42,6 +31,46 @@ fn json(agent: &Agent, args: &[&str]) -> Value {
         .cli(args)
         .unwrap_or_else(|e| panic!("monitor {args:?}: {e}"));
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("monitor {args:?}: {e}: {out}"))
+}
+
+/// `monitor ARGS | head -1` under `pipefail`: its status is the agent CLI's.
+fn piped(agent: &Agent, args: &str) -> std::process::Child {
+    let script = format!(
+        "set -o pipefail; {} --socket {} {args} | head -1 >/dev/null",
+        agent.bin.display(),
+        agent.socket.display()
+    );
+    std::process::Command::new("bash")
+        .args(["-c", &script])
+        .spawn()
+        .expect("bash")
+}
+
+fn wait_child(mut c: std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(st) = c.try_wait().expect("wait") {
+            return st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = c.kill();
+            panic!("still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn without_an_agent_the_cli_says_so_in_one_line_and_no_backtrace() {
+    let out = std::process::Command::new(agent_bin())
+        .args(["--socket", "/nonexistent/monitor.sock", "flows"])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("monitor runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.starts_with("monitor: no agent is running"), "{err}");
 }
 
 fn approx(v: &Value, want: f64, tol: f64) -> bool {
@@ -117,8 +146,14 @@ fn cli_answers_match_the_traffic_field_by_field() {
     assert!(["native", "skb"].contains(&status["attachments"][0]["xdp_mode"].as_str().unwrap()));
     assert_eq!(status["kernel_counters"]["flows_created"], 2);
     assert_eq!(status["events_dropped"], 0);
-    // XDP, TC egress, and TC ingress (loaded, attached only with ingress = "tc").
-    assert_eq!(status["programs"].as_array().unwrap().len(), 3);
+    // Only the hooks in use are loaded: XDP ingress and TC egress.
+    let programs: Vec<&str> = status["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(programs, ["monitor_tc", "monitor_xdp"]);
     assert_eq!(status["kernel_counters"]["half_open_created"], 2);
     assert_eq!(status["half_open_capacity"], 65536);
 
@@ -160,7 +195,13 @@ fn cli_answers_match_the_traffic_field_by_field() {
     assert_eq!(v["evidence"]["server_owed_answer"], true);
     assert!(approx(&v["evidence"]["silence_seconds"], 2.0, 0.1), "{v:#}");
 
+    // A closed pipe ends `events --follow` quietly, with success, at the
+    // next verdict (the idle flow's close).
+    let follow = piped(&agent, "events --follow");
+    std::thread::sleep(Duration::from_millis(500));
     drop(idle);
+    let st = wait_child(follow, Duration::from_secs(15));
+    assert!(st.success(), "events --follow | head -1: {st:?}");
     assert_eq!(srv.join().unwrap(), 400);
     let log = agent.stop().expect("clean stop");
     assert!(!log.contains("panicked"), "{log}");
@@ -437,20 +478,9 @@ fn metrics_over_tls_with_basic_auth_from_a_prometheus_web_config() {
         ),
     )
     .unwrap();
-    let mut metrics = toml::Table::new();
-    metrics.insert("web_config_file".into(), web.display().to_string().into());
-    let agent = Agent::start_in(
-        &agent_bin(),
-        &pair.server,
-        AgentOptions {
-            iface: pair.server_if.clone(),
-            agent: toml::Table::new(),
-            detector: toml::Table::new(),
-            workdir: dir.join("agent"),
-            metrics,
-        },
-    )
-    .expect("agent starts");
+    let mut o = AgentOptions::new(&pair.server_if, dir.join("agent"));
+    o.config.metrics.web_config_file = Some(web.clone());
+    let agent = Agent::start_in(&agent_bin(), &pair.server, o).expect("agent starts");
     let url = format!("https://{}/metrics", agent.metrics);
     let ca = dir.join("tls.crt").display().to_string();
     let ns = agent.ns.clone();
@@ -530,16 +560,11 @@ fn a_kill_9_restart_keeps_the_flow_table_and_counters_and_measures_a_silence_acr
     let bpffs = BpfFs::mount(&format!("/run/mt-bpffs-{}", pair.server.name));
     let pins = bpffs.0.join("activesync-monitor");
     let opts = |dir: &str| {
-        let mut agent = toml::Table::new();
-        agent.insert("gap_threshold_seconds".into(), 1.into());
-        agent.insert("pin_path".into(), pins.display().to_string().into());
-        AgentOptions {
-            iface: pair.server_if.clone(),
-            agent,
-            detector: toml::Table::new(),
-            workdir: std::env::temp_dir().join(format!("restart-{}-{dir}", pair.server.name)),
-            metrics: toml::Table::new(),
-        }
+        let workdir = std::env::temp_dir().join(format!("restart-{}-{dir}", pair.server.name));
+        let mut o = AgentOptions::new(&pair.server_if, workdir);
+        o.config.agent.gap_threshold = Duration::from_secs(1);
+        o.config.agent.pin_path = Some(pins.clone());
+        o
     };
     let first = Agent::start_in(&agent_bin(), &pair.server, opts("a")).expect("agent starts");
     let (tx, rx) = mpsc::channel();
@@ -649,21 +674,11 @@ fn detach_on_exit_removes_every_pin_and_attachment() {
     let pair = Pair::new();
     let bpffs = BpfFs::mount(&format!("/run/mt-bpffs-{}", pair.server.name));
     let pins = bpffs.0.join("activesync-monitor");
-    let mut agent = toml::Table::new();
-    agent.insert("pin_path".into(), pins.display().to_string().into());
-    agent.insert("detach_on_exit".into(), true.into());
-    let a = Agent::start_in(
-        &agent_bin(),
-        &pair.server,
-        AgentOptions {
-            iface: pair.server_if.clone(),
-            agent,
-            detector: toml::Table::new(),
-            workdir: std::env::temp_dir().join(format!("detach-{}", pair.server.name)),
-            metrics: toml::Table::new(),
-        },
-    )
-    .expect("agent starts");
+    let workdir = std::env::temp_dir().join(format!("detach-{}", pair.server.name));
+    let mut o = AgentOptions::new(&pair.server_if, workdir);
+    o.config.agent.pin_path = Some(pins.clone());
+    o.config.agent.detach_on_exit = true;
+    let a = Agent::start_in(&agent_bin(), &pair.server, o).expect("agent starts");
     assert_eq!(
         attached_programs(&pair.server.name, &pair.server_if),
         (1, 1)
@@ -694,23 +709,13 @@ fn a_flows_query_on_a_million_entry_table_answers_within_100_ms_and_drops_no_eve
     let pair = Pair::new();
     let bpffs = BpfFs::mount(&format!("/run/mt-bpffs-{}", pair.server.name));
     let pins = bpffs.0.join("activesync-monitor");
-    let mut agent_cfg = toml::Table::new();
-    agent_cfg.insert("gap_threshold_seconds".into(), 1.into());
-    agent_cfg.insert("flow_table_size".into(), i64::from(ENTRIES).into());
-    agent_cfg.insert("pin_path".into(), pins.display().to_string().into());
-    agent_cfg.insert("detach_on_exit".into(), true.into());
-    let agent = Agent::start_in(
-        &agent_bin(),
-        &pair.server,
-        AgentOptions {
-            iface: pair.server_if.clone(),
-            agent: agent_cfg,
-            detector: toml::Table::new(),
-            workdir: std::env::temp_dir().join(format!("flows-1m-{}", pair.server.name)),
-            metrics: toml::Table::new(),
-        },
-    )
-    .expect("agent starts");
+    let workdir = std::env::temp_dir().join(format!("flows-1m-{}", pair.server.name));
+    let mut o = AgentOptions::new(&pair.server_if, workdir);
+    o.config.agent.gap_threshold = Duration::from_secs(1);
+    o.config.agent.flow_table_size = ENTRIES;
+    o.config.agent.pin_path = Some(pins.clone());
+    o.config.agent.detach_on_exit = true;
+    let agent = Agent::start_in(&agent_bin(), &pair.server, o).expect("agent starts");
     // Fill the kernel table through its pin: flows nobody sends on.
     let data = MapData::from_pin(pins.join("FLOWS")).expect("the pinned flow table");
     let mut table: BpfHashMap<MapData, FlowKey, Flow> =
@@ -819,6 +824,10 @@ fn a_flows_query_on_a_million_entry_table_answers_within_100_ms_and_drops_no_eve
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Thousands of rows into a pipe closed after the first: a quiet success.
+    let head = piped(&agent, "flows --limit 5000");
+    let st = wait_child(head, Duration::from_secs(30));
+    assert!(st.success(), "flows | head -1: {st:?}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let made = churn.join().unwrap();
     let served = server.join().unwrap();

@@ -4,6 +4,13 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
+use monitor::{
+    analyze::Analysis,
+    detector::{
+        report::{PathReport, Report},
+        Ending, Estimate,
+    },
+};
 use monitor_tests::agent_bin;
 use serde_json::Value;
 use xtask::lab::{LabRun, Scenario};
@@ -13,41 +20,49 @@ fn scenario() -> Scenario {
     Scenario::load(&root.join("xtask/scenarios/demo.toml")).expect("demo scenario")
 }
 
-fn path<'a>(report: &'a Value, name: &str) -> Option<&'a Value> {
-    ["killing_paths", "quiet_paths"]
+fn path<'a>(report: &'a Report, name: &str) -> Option<&'a PathReport> {
+    report
+        .killing_paths
         .iter()
-        .flat_map(|k| report[*k].as_array().into_iter().flatten())
-        .find(|p| p["path"] == name)
+        .chain(&report.quiet_paths)
+        .find(|p| p.path == name)
 }
 
-fn killing<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["killing_paths"]
-        .as_array()
-        .and_then(|a| a.iter().find(|p| p["path"] == name))
-        .unwrap_or_else(|| panic!("{name} should be a killing path: {report:#}"))
+fn killing<'a>(report: &'a Report, name: &str) -> &'a PathReport {
+    report
+        .killing_paths
+        .iter()
+        .find(|p| p.path == name)
+        .unwrap_or_else(|| panic!("{name} should be a killing path: {report:#?}"))
 }
 
-fn assert_point_near(p: &Value, t: f64) {
-    assert_eq!(p["estimate"]["kind"], "point", "{p:#}");
-    let s = p["estimate"]["seconds"].as_f64().unwrap();
+fn assert_point_near(p: &PathReport, t: f64) {
+    let Some(Estimate::Point { seconds: s, .. }) = p.estimate else {
+        panic!("a point estimate: {p:#?}")
+    };
     assert!(
         (s - t).abs() < 1.0,
-        "estimate {s} should be within 1 s of {t}: {p:#}"
+        "estimate {s} should be within 1 s of {t}: {p:#?}"
     );
 }
 
-fn assert_bracket_holds(p: &Value, t: f64, step: f64) {
-    assert_eq!(p["estimate"]["kind"], "bracket", "{p:#}");
-    let lo = p["estimate"]["low_seconds"].as_f64().unwrap();
-    let hi = p["estimate"]["high_seconds"].as_f64().unwrap();
+fn assert_bracket_holds(p: &PathReport, t: f64, step: f64) {
+    let Some(Estimate::Bracket {
+        low_seconds: lo,
+        high_seconds: hi,
+        ..
+    }) = p.estimate
+    else {
+        panic!("a bracket: {p:#?}")
+    };
     assert!(
         lo < t && t <= hi,
-        "bracket ({lo}, {hi}] should contain {t}: {p:#}"
+        "bracket ({lo}, {hi}] should contain {t}: {p:#?}"
     );
     // The device's heartbeat step, plus timing slack of the lab.
     assert!(
         hi - lo <= step + 0.5,
-        "bracket ({lo}, {hi}] wider than the step {step}: {p:#}"
+        "bracket ({lo}, {hi}] wider than the step {step}: {p:#?}"
     );
 }
 
@@ -145,47 +160,46 @@ fn referenced_metrics() -> Vec<String> {
 /// Every killing path the live agent reported, offline analysis reports
 /// too: the same kill class, the same estimate within 0.2 s, the same number
 /// of kills give or take one (the capture and the report end a moment apart).
-fn compare_live_and_offline(live: &Value, offline: &Value) {
-    let close = |a: &Value, b: &Value| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() <= 0.2;
-    for l in live["killing_paths"].as_array().unwrap() {
-        let name = l["path"].as_str().unwrap();
+fn compare_live_and_offline(live: &Report, offline: &Report) {
+    let close = |a: f64, b: f64| (a - b).abs() <= 0.2;
+    for l in &live.killing_paths {
+        let name = &l.path;
         let o = killing(offline, name);
-        assert_eq!(o["how"], l["how"], "{name}: offline {o:#} live {l:#}");
-        let (lk, ok) = (
-            l["premature_kills"].as_i64().unwrap(),
-            o["premature_kills"].as_i64().unwrap(),
-        );
+        assert_eq!(o.how, l.how, "{name}: offline {o:#?} live {l:#?}");
+        let (lk, ok) = (l.premature_kills as i64, o.premature_kills as i64);
         assert!((lk - ok).abs() <= 1, "{name}: {lk} live, {ok} offline");
-        let (le, oe) = (&l["estimate"], &o["estimate"]);
-        assert_eq!(oe["kind"], le["kind"], "{name}");
-        if le["kind"] == "point" {
-            assert!(
-                close(&le["seconds"], &oe["seconds"]),
-                "{name}: {le} vs {oe}"
-            );
-        } else {
-            assert!(
-                close(&le["high_seconds"], &oe["high_seconds"]),
-                "{name}: {le} vs {oe}"
-            );
-            assert!(
-                close(&le["low_seconds"], &oe["low_seconds"]),
-                "{name}: {le} vs {oe}"
-            );
-        }
+        let same = match (&l.estimate, &o.estimate) {
+            (
+                Some(Estimate::Point { seconds: a, .. }),
+                Some(Estimate::Point { seconds: b, .. }),
+            ) => close(*a, *b),
+            (
+                Some(Estimate::Bracket {
+                    low_seconds: la,
+                    high_seconds: ha,
+                    ..
+                }),
+                Some(Estimate::Bracket {
+                    low_seconds: lb,
+                    high_seconds: hb,
+                    ..
+                }),
+            ) => close(*la, *lb) && close(*ha, *hb),
+            _ => false,
+        };
+        assert!(same, "{name}: {:?} vs {:?}", l.estimate, o.estimate);
     }
-    for q in live["quiet_paths"].as_array().unwrap() {
-        let name = q["path"].as_str().unwrap();
-        let offline_kills = offline["killing_paths"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["path"] == name);
-        assert!(!offline_kills, "{name} is quiet live but killing offline");
+    for q in &live.quiet_paths {
+        let offline_kills = offline.killing_paths.iter().any(|p| p.path == q.path);
+        assert!(
+            !offline_kills,
+            "{} is quiet live but killing offline",
+            q.path
+        );
     }
     println!(
         "offline analysis matched the live agent on {} killing paths",
-        live["killing_paths"].as_array().unwrap().len()
+        live.killing_paths.len()
     );
 }
 
@@ -217,31 +231,33 @@ fn lab_classifies_every_middlebox_side_by_side() {
 
     // Reset at expiry (F5-like injector, T = 20 s, heartbeat 40 s).
     let f5 = killing(&report, "100.64.1.0/24:443");
-    assert_eq!(f5["how"], "injected_reset", "{f5:#}");
-    assert!(f5["premature_kills"].as_u64().unwrap() >= 2);
+    assert_eq!(f5.how, Some(Ending::InjectedReset), "{f5:#?}");
+    assert!(f5.premature_kills >= 2);
     assert_point_near(f5, 20.0);
-    assert_eq!(
-        f5["likely_devices"].as_array().unwrap().len(),
-        0,
+    assert!(
+        f5.likely_devices.is_empty(),
         "scaled numbers match no default"
     );
     assert!(text.contains("no known default matches"));
 
     // Reset on the next packet (conntrack + reject), Windows Mobile-like step 4 s.
     let nat = killing(&report, "100.64.2.0/24:443");
-    assert_eq!(nat["how"], "reset_on_next_packet", "{nat:#}");
+    assert_eq!(nat.how, Some(Ending::ResetOnNextPacket), "{nat:#?}");
     assert_bracket_holds(nat, 20.0, 4.0);
 
     // Black hole (conntrack + drop): IPv6 Windows Mobile-like devices, IPv4 fixed.
     let bh6 = killing(&report, "[2001:db8:3::/56]:443");
-    assert_eq!(bh6["how"], "black_hole", "{bh6:#}");
+    assert_eq!(bh6.how, Some(Ending::BlackHole), "{bh6:#?}");
     assert_bracket_holds(bh6, 20.0, 4.0);
-    assert!(bh6["reconnect_churn"].as_u64().unwrap() > 0, "{bh6:#}");
-    assert_eq!(killing(&report, "100.64.3.0/24:443")["how"], "black_hole");
+    assert!(bh6.reconnect_churn > 0, "{bh6:#?}");
+    assert_eq!(
+        killing(&report, "100.64.3.0/24:443").how,
+        Some(Ending::BlackHole)
+    );
 
     // Full proxy (HAProxy, timeout 20 s): the server sees the proxy's address.
     let proxy = killing(&report, "192.0.2.0/24:443");
-    assert_eq!(proxy["how"], "proxy_timeout", "{proxy:#}");
+    assert_eq!(proxy.how, Some(Ending::ProxyTimeout), "{proxy:#?}");
     assert_point_near(proxy, 20.0);
 
     // Control paths and a timeout longer than the heartbeat: no premature kills.
@@ -250,39 +266,43 @@ fn lab_classifies_every_middlebox_side_by_side() {
         "100.64.6.0/24:443",
         "[2001:db8:6::/56]:443",
     ] {
-        let p = path(&report, name).unwrap_or_else(|| panic!("{name} seen: {report:#}"));
-        assert_eq!(p["premature_kills"], 0, "{name}: {p:#}");
+        let p = path(&report, name).unwrap_or_else(|| panic!("{name} seen: {report:#?}"));
+        assert_eq!(p.premature_kills, 0, "{name}: {p:#?}");
     }
 
     // Behind a TLS-terminating load balancer (plaintext port 8080) the agent
     // reads the heartbeat from each Ping: exact where inference cannot see
     // it (the proxy closes at 20 s, before any 40 s Ping is answered).
     let offload = killing(&report, "192.0.2.0/24:8080");
-    assert_eq!(offload["how"], "proxy_timeout", "{offload:#}");
+    assert_eq!(offload.how, Some(Ending::ProxyTimeout), "{offload:#?}");
     assert_point_near(offload, 20.0);
-    assert!(offload["pings_read"].as_u64().unwrap() >= 4, "{offload:#}");
-    assert_eq!(offload["requested_heartbeat_seconds"], 40.0, "{offload:#}");
+    assert!(offload.pings_read >= 4, "{offload:#?}");
+    assert_eq!(
+        offload.requested_heartbeat_seconds,
+        Some(40.0),
+        "{offload:#?}"
+    );
     assert!(text.contains("read from"), "{text}");
-    let inferred_here = offload["median_heartbeat_seconds"].as_f64();
+    let inferred_here = offload.median_heartbeat_seconds;
     assert!(
         inferred_here.is_none_or(|h| h < 30.0),
-        "only the short Pings that beat the proxy leave a hold time: {offload:#}"
+        "only the short Pings that beat the proxy leave a hold time: {offload:#?}"
     );
     // Where Pings survive, inference and the exact value agree.
     let calm = path(&report, "100.64.8.0/24:8080").expect("offload control path");
-    assert_eq!(calm["premature_kills"], 0, "{calm:#}");
+    assert_eq!(calm.premature_kills, 0, "{calm:#?}");
     let (exact, inferred) = (
-        calm["requested_heartbeat_seconds"].as_f64().unwrap(),
-        calm["median_heartbeat_seconds"].as_f64().unwrap(),
+        calm.requested_heartbeat_seconds.expect("read from Pings"),
+        calm.median_heartbeat_seconds.expect("inferred"),
     );
     assert!(
         (exact - inferred).abs() < 1.0,
         "exact {exact} vs inferred {inferred}"
     );
     println!(
-        "heartbeat on 192.0.2.0/24:8080: read from Pings {}, inferred {}; \
+        "heartbeat on 192.0.2.0/24:8080: read from Pings {:?}, inferred {:?}; \
          on 100.64.8.0/24:8080: read {exact}, inferred {inferred}",
-        offload["requested_heartbeat_seconds"], offload["median_heartbeat_seconds"],
+        offload.requested_heartbeat_seconds, offload.median_heartbeat_seconds,
     );
 
     // The Android-like device backs off on the killing path, not on the control path.
@@ -294,10 +314,12 @@ fn lab_classifies_every_middlebox_side_by_side() {
             .unwrap_or_else(|| panic!("device {name}"))
     };
     assert!(last("nat-reset-next-packet-3") < last("control-1"));
-    let here = nat["median_heartbeat_seconds"].as_f64().unwrap();
-    let elsewhere = report["median_heartbeat_elsewhere_seconds"]
-        .as_f64()
-        .unwrap();
+    let here = nat
+        .median_heartbeat_seconds
+        .expect("hold times on the NAT path");
+    let elsewhere = report
+        .median_heartbeat_elsewhere_seconds
+        .expect("hold times elsewhere");
     assert!(here < 0.9 * elsewhere, "{here} vs {elsewhere}");
     assert!(
         text.contains("devices here use shorter heartbeats"),
@@ -380,21 +402,17 @@ fn lab_classifies_every_middlebox_side_by_side() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let offline: Value = serde_json::from_slice(&out.stdout).expect("analyze JSON");
-    assert_eq!(
-        offline["capture"]["truncated"], 0,
-        "{:#}",
-        offline["capture"]
-    );
+    let offline: Analysis = serde_json::from_slice(&out.stdout).expect("analyze JSON");
+    assert_eq!(offline.capture.truncated, 0, "{:#?}", offline.capture);
     assert!(
-        offline["capture"]["cut_by_snaplen"].as_u64().unwrap() > 0,
+        offline.capture.cut_by_snaplen > 0,
         "snaplen 400 cut some packets"
     );
-    compare_live_and_offline(&report, &offline["report"]);
+    compare_live_and_offline(&report, &offline.report);
     // The exact heartbeat, from the capture too.
-    let o = killing(&offline["report"], "192.0.2.0/24:8080");
-    assert_eq!(o["requested_heartbeat_seconds"], 40.0, "{o:#}");
-    assert!(o["pings_read"].as_u64().unwrap() >= 4, "{o:#}");
+    let o = killing(&offline.report, "192.0.2.0/24:8080");
+    assert_eq!(o.requested_heartbeat_seconds, Some(40.0), "{o:#?}");
+    assert!(o.pings_read >= 4, "{o:#?}");
 
     println!(
         "alerts firing: {}",

@@ -77,17 +77,15 @@ pub fn default_scenario() -> PathBuf {
 
 /// Plot every verdict of the run: silence before the ending against time,
 /// one series per ending, the middleboxes' 20 s timeout as a line.
-fn plot(events_json: &str, png: &Path, t0_ns: u64) -> Result<()> {
+fn plot(verdicts: &[monitor_core::detector::Verdict], png: &Path, t0_ns: u64) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("demo-plot-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut series: std::collections::BTreeMap<String, String> = Default::default();
-    for line in events_json.lines() {
-        let v: serde_json::Value = serde_json::from_str(line)?;
-        let at = v["at_ns"].as_u64().unwrap_or(0).saturating_sub(t0_ns) as f64 / 1e9;
-        let silence = v["evidence"]["silence_seconds"].as_f64().unwrap_or(0.0);
-        let ending = v["ending"].as_str().unwrap_or("?").to_string();
+    for v in verdicts {
+        let at = v.at_ns.saturating_sub(t0_ns) as f64 / 1e9;
+        let silence = v.evidence.silence_seconds;
         series
-            .entry(ending)
+            .entry(v.ending.to_string())
             .or_default()
             .push_str(&format!("{at:.1} {silence:.3}\n"));
     }
@@ -136,7 +134,7 @@ pub fn run(scenario: &Path, seconds: Option<u64>, png: Option<&Path>) -> Result<
     wait_with_progress(&lab, Duration::from_secs(s.duration_seconds));
     print_results(&lab)?;
     if let Some(png) = png {
-        plot(&lab.agent().cli(&["events", "--json"])?, png, t0_ns)?;
+        plot(&lab.agent().verdicts()?, png, t0_ns)?;
     }
     lab.stop()?;
     println!("\ndemo: lab torn down");
@@ -168,14 +166,14 @@ fn wait_with_progress(lab: &LabRun, total: Duration) {
     while start.elapsed() < total && !interrupted() {
         std::thread::sleep(Duration::from_millis(200));
         if start.elapsed() >= next_print {
-            let st = lab.agent().cli(&["status", "--json"]).unwrap_or_default();
-            let v: serde_json::Value = serde_json::from_str(&st).unwrap_or_default();
-            println!(
-                "demo: {:>3} s: {} flows followed, {} events from the kernel",
-                start.elapsed().as_secs(),
-                v["flows_followed"],
-                v["kernel_counters"]["events_sent"]
-            );
+            if let Ok(st) = lab.agent().status() {
+                println!(
+                    "demo: {:>3} s: {} flows followed, {} events from the kernel",
+                    start.elapsed().as_secs(),
+                    st.flows_followed,
+                    st.kernel_counters.get("events_sent").copied().unwrap_or(0)
+                );
+            }
             next_print += Duration::from_secs(30);
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod cmd;
+pub mod contract;
 pub mod demo;
 pub mod lab;
 pub mod netns;

@@ -98,6 +98,7 @@ fn test() -> Result<()> {
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     cargo(&["build", "--bins"])?;
     cargo(&["test"])?;
+    xtask::contract::check_ebpf_rebuilds_on_shared_change()?;
     xtask::setup::fuzz(60)
 }
 

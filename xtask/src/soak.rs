@@ -7,7 +7,6 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
 
 use crate::lab::{LabRun, Scenario};
 
@@ -73,23 +72,17 @@ pub fn run(s: &Scenario, bin: &Path, seconds: u64, every: Duration) -> Result<So
         std::thread::sleep(
             every.min(Duration::from_secs(seconds).saturating_sub(started.elapsed())),
         );
-        let st: Value = serde_json::from_str(&lab.agent().cli(&["status", "--json"])?)
-            .context("status JSON")?;
-        let report: Value = lab.report()?;
-        let ended: u64 = report["endings"]
-            .as_object()
-            .map(|m| m.values().filter_map(Value::as_u64).sum())
-            .unwrap_or(0);
-        decode_errors = st["event_decode_errors"].as_u64().unwrap_or(0);
+        let st = lab.agent().status().context("the agent's status")?;
+        let report = lab.report()?;
+        decode_errors = st.event_decode_errors;
+        let counter = |name: &str| st.kernel_counters.get(name).copied().unwrap_or(0);
         samples.push(Sample {
             at_seconds: started.elapsed().as_secs_f64(),
             rss_bytes: rss_bytes(pid),
-            events_sent: st["kernel_counters"]["events_sent"].as_u64().unwrap_or(0),
-            events_dropped: st["kernel_counters"]["events_dropped"]
-                .as_u64()
-                .unwrap_or(0),
-            flows_followed: st["flows_followed"].as_u64().unwrap_or(0),
-            flows_ended: ended,
+            events_sent: counter("events_sent"),
+            events_dropped: st.events_dropped,
+            flows_followed: st.flows_followed as u64,
+            flows_ended: report.endings.values().sum(),
         });
     }
     let devices = lab.devices();

@@ -36,7 +36,7 @@ pub(super) enum Record<'a> {
 }
 
 /// Where a capture ends inside a record, and what is missing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct CutRecord {
     /// Byte offset of the record that was cut (everything before it was read).
     pub offset: u64,

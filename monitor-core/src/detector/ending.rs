@@ -102,7 +102,7 @@ impl fmt::Display for Ending {
 }
 
 /// Why a verdict was reached: the numbers behind it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Evidence {
     /// The silence the middlebox timed out on (seconds).
     pub silence_seconds: f64,
@@ -118,11 +118,11 @@ pub struct Evidence {
     pub after_server_send_seconds: Option<f64>,
     /// The server still owed an answer to a client request.
     pub server_owed_answer: bool,
-    pub note: Option<&'static str>,
+    pub note: Option<std::borrow::Cow<'static, str>>,
 }
 
 /// How the heartbeat in force was known.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HeartbeatSource {
     /// Read from the device's Ping request (plaintext port): exact.
@@ -132,7 +132,7 @@ pub enum HeartbeatSource {
 }
 
 /// The detector's word on one ended flow.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
     pub client: SocketAddr,
     pub server: SocketAddr,

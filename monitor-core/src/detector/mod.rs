@@ -349,7 +349,7 @@ impl Detector {
                     continue;
                 }
                 let evidence = Evidence {
-                    note: Some("no FIN or RST was seen"),
+                    note: Some("no FIN or RST was seen".into()),
                     ..Evidence::default()
                 };
                 let v = self.verdict(&f, Ending::Vanished, false, now_ns, evidence);
@@ -494,7 +494,7 @@ impl Detector {
             silence_seconds: s.silence_s,
             after_server_send_seconds: Some(now.saturating_sub(s.since_ns) as f64 / NS),
             server_owed_answer: true,
-            note: Some(note),
+            note: Some(note.into()),
             ..Evidence::default()
         };
         let v = self.verdict(&f, Ending::BlackHole, true, now, evidence);
@@ -690,7 +690,7 @@ fn classify_close(c: &CloseFacts, evidence: &mut Evidence) -> Ending {
         // It died while the server's retransmission went unanswered.
         evidence.silence_seconds = s.silence_s;
         evidence.server_owed_answer = true;
-        evidence.note = Some("closed while a retransmission was unanswered");
+        evidence.note = Some("closed while a retransmission was unanswered".into());
         return Ending::BlackHole;
     }
     match (c.dir, c.rst) {
@@ -709,12 +709,12 @@ fn classify_client_side_reset(c: &CloseFacts, evidence: &mut Evidence) -> Ending
         }
         evidence.server_owed_answer = true;
         if c.ttl_is_clients.is_none() {
-            evidence.note = Some("no client TTL baseline; timing only");
+            evidence.note = Some("no client TTL baseline; timing only".into());
         }
         Ending::ResetOnNextPacket
     } else if c.ttl_is_clients == Some(false) {
         if c.silence < c.min_silence {
-            evidence.note = Some("foreign TTL but no silence before it");
+            evidence.note = Some("foreign TTL but no silence before it".into());
         }
         Ending::InjectedReset
     } else if c.owed {

@@ -56,18 +56,8 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 pub fn run(agent_bin: &Path, rates: &[u32], seconds: f64) -> Vec<Step> {
     let pair = Pair::new();
     let workdir = std::env::temp_dir().join(format!("bench-events-{}", std::process::id()));
-    let agent = Agent::start_in(
-        agent_bin,
-        &pair.server,
-        AgentOptions {
-            iface: pair.server_if.clone(),
-            agent: toml::Table::new(),
-            detector: toml::Table::new(),
-            workdir: workdir.clone(),
-            metrics: toml::Table::new(),
-        },
-    )
-    .expect("agent starts");
+    let o = AgentOptions::new(&pair.server_if, workdir.clone());
+    let agent = Agent::start_in(agent_bin, &pair.server, o).expect("agent starts");
     let server: IpAddr = SERVER_V4.parse().expect("address");
     let client = sender_in(&pair.client, &pair.client_if);
     let server_side = sender_in(&pair.server, &pair.server_if);

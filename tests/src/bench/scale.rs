@@ -54,20 +54,9 @@ fn status(agent: &Agent) -> Value {
 pub fn run(agent_bin: &Path, flows: u32) -> Scale {
     let pair = Pair::new();
     let workdir = std::env::temp_dir().join(format!("bench-scale-{}", std::process::id()));
-    let mut agent_keys = toml::Table::new();
-    agent_keys.insert("flow_table_size".into(), i64::from(flows).into());
-    let agent = Agent::start_in(
-        agent_bin,
-        &pair.server,
-        AgentOptions {
-            iface: pair.server_if.clone(),
-            agent: agent_keys,
-            detector: toml::Table::new(),
-            workdir: workdir.clone(),
-            metrics: toml::Table::new(),
-        },
-    )
-    .expect("agent starts");
+    let mut o = AgentOptions::new(&pair.server_if, workdir.clone());
+    o.config.agent.flow_table_size = flows;
+    let agent = Agent::start_in(agent_bin, &pair.server, o).expect("agent starts");
     let first = agent.scrape().expect("scrape");
     let mut s = Scale {
         flows_sent: flows,

@@ -177,25 +177,14 @@ pub fn run(agent_bin: &Path, rounds: usize, seconds: u32) -> Vec<Round> {
             let (pid, guard): (Option<u32>, Box<dyn FnOnce()>) = match mode {
                 Mode::None => (None, Box::new(|| {})),
                 Mode::Ours | Mode::OursGeneric | Mode::OursTc => {
-                    let mut keys = toml::Table::new();
+                    let mut o = AgentOptions::new(&pair.server_if, workdir.clone());
                     if mode == Mode::OursGeneric {
-                        keys.insert("xdp_mode".into(), "skb".into());
+                        o.config.agent.xdp_mode = monitor::XdpModeSetting::Skb;
                     }
                     if mode == Mode::OursTc {
-                        keys.insert("ingress".into(), "tc".into());
+                        o.config.agent.ingress = monitor::config::IngressHook::Tc;
                     }
-                    let a = Agent::start_in(
-                        agent_bin,
-                        &pair.server,
-                        AgentOptions {
-                            iface: pair.server_if.clone(),
-                            agent: keys,
-                            detector: toml::Table::new(),
-                            workdir: workdir.clone(),
-                            metrics: toml::Table::new(),
-                        },
-                    )
-                    .expect("agent starts");
+                    let a = Agent::start_in(agent_bin, &pair.server, o).expect("agent starts");
                     (
                         Some(a.pid()),
                         Box::new(move || {

@@ -9,6 +9,11 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use monitor_core::{
+    api::Status,
+    detector::{report::Report, Verdict},
+    FileConfig,
+};
 
 use super::{addressing::*, Scenario, Topology};
 use crate::{
@@ -38,12 +43,21 @@ pub struct Agent {
 /// Where and how to run the agent.
 pub struct AgentOptions {
     pub iface: String,
-    /// Extra `[agent]` keys (e.g. gap_threshold_seconds).
-    pub agent: toml::Table,
-    pub detector: toml::Table,
     pub workdir: PathBuf,
-    /// Extra `[metrics]` keys (e.g. web_config_file).
-    pub metrics: toml::Table,
+    /// The agent's configuration; interfaces, ports, the /metrics address
+    /// and the socket are set from the lab's.
+    pub config: FileConfig,
+}
+
+impl AgentOptions {
+    /// Defaults but for the interface and working directory.
+    pub fn new(iface: &str, workdir: PathBuf) -> AgentOptions {
+        AgentOptions {
+            iface: iface.to_string(),
+            workdir,
+            config: FileConfig::default(),
+        }
+    }
 }
 
 impl Agent {
@@ -53,10 +67,11 @@ impl Agent {
             &topo.server,
             AgentOptions {
                 iface: topo.server_if.clone(),
-                agent: toml::Table::new(),
-                detector: s.detector.clone(),
                 workdir: topo.workdir.clone(),
-                metrics: toml::Table::new(),
+                config: FileConfig {
+                    detector: s.detector.clone(),
+                    ..FileConfig::default()
+                },
             },
         )
     }
@@ -127,6 +142,24 @@ impl Agent {
     }
 
     /// Run a CLI command against this agent and return its stdout.
+    /// `monitor status --json`, as the type the agent answers with.
+    pub fn status(&self) -> Result<Status> {
+        Ok(serde_json::from_str(&self.cli(&["status", "--json"])?)?)
+    }
+
+    /// `monitor report --json`.
+    pub fn report(&self) -> Result<Report> {
+        Ok(serde_json::from_str(&self.cli(&["report", "--json"])?)?)
+    }
+
+    /// `monitor events --json`: the recent verdicts.
+    pub fn verdicts(&self) -> Result<Vec<Verdict>> {
+        self.cli(&["events", "--json"])?
+            .lines()
+            .map(|l| Ok(serde_json::from_str(l)?))
+            .collect()
+    }
+
     pub fn cli(&self, args: &[&str]) -> Result<String> {
         cmd::output(
             Command::new(&self.bin)
@@ -162,31 +195,12 @@ impl Drop for Agent {
 
 /// The agent's configuration: `o`'s tables, with the interface, the lab's
 /// ports, the metrics address and the query socket filled in.
-fn config(o: &AgentOptions, socket: &Path, metrics: SocketAddr) -> toml::Table {
-    let mut agent = o.agent.clone();
-    agent.insert(
-        "interfaces".into(),
-        toml::Value::Array(vec![o.iface.clone().into()]),
-    );
-    agent.insert(
-        "ports".into(),
-        toml::Value::Array(vec![
-            i64::from(SERVER_PORT).into(),
-            i64::from(PLAINTEXT_PORT).into(),
-        ]),
-    );
-    agent.insert(
-        "plaintext_ports".into(),
-        toml::Value::Array(vec![i64::from(PLAINTEXT_PORT).into()]),
-    );
-    let mut m = o.metrics.clone();
-    m.insert("listen".into(), metrics.to_string().into());
-    let mut q = toml::Table::new();
-    q.insert("socket".into(), socket.display().to_string().into());
-    let mut cfg = toml::Table::new();
-    cfg.insert("agent".into(), agent.into());
-    cfg.insert("detector".into(), o.detector.clone().into());
-    cfg.insert("metrics".into(), m.into());
-    cfg.insert("query".into(), q.into());
-    cfg
+fn config(o: &AgentOptions, socket: &Path, metrics: SocketAddr) -> FileConfig {
+    let mut c = o.config.clone();
+    c.agent.interfaces = vec![o.iface.clone()];
+    c.agent.ports = vec![SERVER_PORT, PLAINTEXT_PORT];
+    c.agent.plaintext_ports = vec![PLAINTEXT_PORT];
+    c.metrics.listen = metrics;
+    c.query.socket = socket.to_path_buf();
+    c
 }

@@ -55,11 +55,9 @@ impl LabRun {
             .expect("the agent runs until the lab stops")
     }
 
-    /// `monitor report --json`, parsed.
-    pub fn report(&self) -> Result<serde_json::Value> {
-        Ok(serde_json::from_str(
-            &self.agent().cli(&["report", "--json"])?,
-        )?)
+    /// The agent's report.
+    pub fn report(&self) -> Result<monitor_core::detector::report::Report> {
+        self.agent().report()
     }
 
     pub fn devices(&self) -> Vec<device::DeviceReport> {

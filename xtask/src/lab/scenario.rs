@@ -81,7 +81,7 @@ pub struct Scenario {
     pub device_grace_seconds: u64,
     /// Detector settings for the agent, scaled to the lab ([detector] keys).
     #[serde(default)]
-    pub detector: toml::Table,
+    pub detector: monitor_core::detector::DetectorConfig,
     #[serde(rename = "path")]
     pub paths: Vec<PathSpec>,
 }
