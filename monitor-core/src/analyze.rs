@@ -345,17 +345,7 @@ fn resolve_ports(
 
 /// The settings the kernel programs would be loaded with.
 fn kernel_config(opts: &AnalyzeOptions) -> Config {
-    let mut kcfg = Config::DEFAULT;
-    kcfg.ports = [0; MAX_PORTS];
-    kcfg.ports[..opts.ports.len()].copy_from_slice(&opts.ports);
-    kcfg.port_count = opts.ports.len() as u32;
-    for (i, p) in opts.ports.iter().enumerate() {
-        if opts.plaintext_ports.contains(p) {
-            kcfg.plaintext_mask |= 1 << i;
-        }
-    }
-    kcfg.gap_threshold_ns = opts.gap_threshold.as_nanos() as u64;
-    kcfg
+    crate::config::kernel_config(&opts.ports, &opts.plaintext_ports, opts.gap_threshold)
 }
 
 /// As [`analyze`], with the memory bounds given.
@@ -435,70 +425,6 @@ impl Engine<'_> {
             verdicts: self.verdicts,
             report,
         })
-    }
-}
-
-impl CaptureStats {
-    /// One paragraph on what was read and what was not.
-    pub fn summary(&self) -> String {
-        let span = match (self.first_seconds, self.last_seconds) {
-            (Some(a), Some(b)) => format!("{:.1} s", b - a),
-            _ => "no time".into(),
-        };
-        let mut s = format!(
-            "capture: {} packets over {span}; {} tracked, {} not ours",
-            self.packets, self.tracked, self.not_ours
-        );
-        if let Some(found) = &self.inferred_ports {
-            let list: Vec<String> = found
-                .iter()
-                .map(|(p, n)| format!("{p} ({n} SYNs)"))
-                .collect();
-            s.push_str(&format!(
-                "; server ports inferred from SYNs: {}",
-                list.join(", ")
-            ));
-        }
-        if self.cut_by_snaplen > 0 {
-            s.push_str(&format!(
-                ", {} cut by snaplen (headers whole, used)",
-                self.cut_by_snaplen
-            ));
-        }
-        if self.truncated > 0 {
-            s.push_str(&format!(
-                ", {} with headers cut short (skipped)",
-                self.truncated
-            ));
-        }
-        if self.malformed > 0 {
-            s.push_str(&format!(", {} malformed (skipped)", self.malformed));
-        }
-        if self.out_of_order > 0 {
-            s.push_str(&format!(
-                ", {} with timestamps going backwards (clamped: gaps near them are approximate)",
-                self.out_of_order
-            ));
-        }
-        for (link, n) in &self.unsupported_link {
-            s.push_str(&format!(", {n} of unsupported link type {link} (skipped)"));
-        }
-        if self.flows_evicted > 0 {
-            s.push_str(&format!(
-                ", {} open flows evicted from the full flow table (vanished)",
-                self.flows_evicted
-            ));
-        }
-        if self.verdicts_not_listed > 0 {
-            s.push_str(&format!(
-                "; {} verdict(s) not listed (the report counts them)",
-                self.verdicts_not_listed
-            ));
-        }
-        if let Some(c) = &self.cut_at_end {
-            s.push_str(&format!("; {}", c.describe()));
-        }
-        s
     }
 }
 

@@ -65,24 +65,6 @@ pub struct Status {
     pub metrics_listen: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FlowRow {
-    pub client: String,
-    pub server: String,
-    pub path: String,
-    pub age_seconds: f64,
-    /// Silence now, both directions.
-    pub silence_seconds: f64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub packets_in: u32,
-    pub packets_out: u32,
-    pub heartbeat_seconds: Option<f64>,
-    pub state: crate::flows::FlowState,
-    /// First seen mid-connection (it predates the agent or its table entry).
-    pub midstream: bool,
-}
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReportPayload {
     pub text: String,

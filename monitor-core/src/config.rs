@@ -235,21 +235,26 @@ impl AgentConfig {
 
     /// The settings the kernel programs read.
     pub fn kernel_config(&self) -> Config {
-        let mut c = Config::DEFAULT;
-        c.ports = [0; MAX_PORTS];
-        for (slot, &port) in c.ports.iter_mut().zip(&self.ports) {
-            *slot = port;
-        }
-        c.port_count = self.ports.len().min(MAX_PORTS) as u32;
-        c.plaintext_mask = 0;
-        for (i, port) in self.ports.iter().take(MAX_PORTS).enumerate() {
-            if self.plaintext_ports.contains(port) {
-                c.plaintext_mask |= 1 << i;
-            }
-        }
-        c.gap_threshold_ns = self.gap_threshold.as_nanos().min(u64::MAX as u128) as u64;
-        c
+        kernel_config(&self.ports, &self.plaintext_ports, self.gap_threshold)
     }
+}
+
+/// What the kernel programs are told (the agent's, and offline replay's).
+pub fn kernel_config(ports: &[u16], plaintext_ports: &[u16], gap_threshold: Duration) -> Config {
+    let mut c = Config::DEFAULT;
+    c.ports = [0; MAX_PORTS];
+    for (slot, &port) in c.ports.iter_mut().zip(ports) {
+        *slot = port;
+    }
+    c.port_count = ports.len().min(MAX_PORTS) as u32;
+    c.plaintext_mask = 0;
+    for (i, port) in ports.iter().take(MAX_PORTS).enumerate() {
+        if plaintext_ports.contains(port) {
+            c.plaintext_mask |= 1 << i;
+        }
+    }
+    c.gap_threshold_ns = gap_threshold.as_nanos().min(u64::MAX as u128) as u64;
+    c
 }
 
 impl FileConfig {

@@ -10,7 +10,6 @@ use monitor_common::{state, Flow, FlowKey, FAMILY_V4};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    api::FlowRow,
     detector::{path::BadPath, PathKey},
     event::{client_of, key_addr, server_of},
 };
@@ -76,6 +75,25 @@ impl std::fmt::Display for FlowState {
             FlowState::Closed => "closed",
         })
     }
+}
+
+/// One live flow as `monitor flows` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlowRow {
+    pub client: String,
+    pub server: String,
+    pub path: String,
+    pub age_seconds: f64,
+    /// Silence now, both directions.
+    pub silence_seconds: f64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub packets_in: u32,
+    pub packets_out: u32,
+    pub heartbeat_seconds: Option<f64>,
+    pub state: FlowState,
+    /// First seen mid-connection (it predates the agent or its table entry).
+    pub midstream: bool,
 }
 
 /// The answer: the rows, and how old the table walk behind them is.

@@ -144,6 +144,54 @@ macro_rules! reg {
     }};
 }
 
+/// The metric name and help of a kernel counter. Metric names are
+/// Prometheus' (`_total`, what they count), kept apart from the counters'
+/// short names so dashboards do not break when a counter is renamed.
+fn kernel_metric(c: Counter) -> (&'static str, &'static str) {
+    match c {
+        Counter::PacketsSeen => (
+            "kernel_packets_seen_total",
+            "Packets the kernel programs saw.",
+        ),
+        Counter::PacketsTracked => (
+            "kernel_packets_tracked_total",
+            "Packets of tracked TCP flows.",
+        ),
+        Counter::ParseFailures => (
+            "kernel_parse_failures_total",
+            "IP/TCP packets too short or malformed to parse (passed untouched).",
+        ),
+        Counter::FlowInsertFailed => (
+            "kernel_flow_insert_failures_total",
+            "Flow table inserts the kernel refused.",
+        ),
+        Counter::EventsDropped => (
+            "kernel_ring_buffer_drops_total",
+            "Events lost because the ring buffer was full.",
+        ),
+        Counter::FlowsCreated => (
+            "kernel_flows_created_total",
+            "Flows established (handshake completed) and entered into the kernel flow table.",
+        ),
+        Counter::EventsSent => (
+            "kernel_events_total",
+            "Events the kernel wrote to the ring buffer.",
+        ),
+        Counter::SamplesSent => (
+            "kernel_request_samples_total",
+            "First bytes of plaintext client requests copied to user space.",
+        ),
+        Counter::SamplesDropped => (
+            "kernel_request_samples_dropped_total",
+            "Plaintext request samples lost (ring buffer full or copy failed).",
+        ),
+        Counter::HalfOpenCreated => (
+            "kernel_half_open_created_total",
+            "Connections entered into the half-open table (handshake not yet complete).",
+        ),
+    }
+}
+
 impl Metrics {
     pub fn new(top_paths: usize, client_addresses: bool) -> Result<Self, prometheus::Error> {
         let r = Registry::new();
@@ -164,51 +212,9 @@ impl Metrics {
             )?
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let kernel_help = |c: Counter| match c {
-            Counter::PacketsSeen => (
-                "kernel_packets_seen_total",
-                "Packets the kernel programs saw.",
-            ),
-            Counter::PacketsTracked => (
-                "kernel_packets_tracked_total",
-                "Packets of tracked TCP flows.",
-            ),
-            Counter::ParseFailures => (
-                "kernel_parse_failures_total",
-                "IP/TCP packets too short or malformed to parse (passed untouched).",
-            ),
-            Counter::FlowInsertFailed => (
-                "kernel_flow_insert_failures_total",
-                "Flow table inserts the kernel refused.",
-            ),
-            Counter::EventsDropped => (
-                "kernel_ring_buffer_drops_total",
-                "Events lost because the ring buffer was full.",
-            ),
-            Counter::FlowsCreated => (
-                "kernel_flows_created_total",
-                "Flows established (handshake completed) and entered into the kernel flow table.",
-            ),
-            Counter::EventsSent => (
-                "kernel_events_total",
-                "Events the kernel wrote to the ring buffer.",
-            ),
-            Counter::SamplesSent => (
-                "kernel_request_samples_total",
-                "First bytes of plaintext client requests copied to user space.",
-            ),
-            Counter::SamplesDropped => (
-                "kernel_request_samples_dropped_total",
-                "Plaintext request samples lost (ring buffer full or copy failed).",
-            ),
-            Counter::HalfOpenCreated => (
-                "kernel_half_open_created_total",
-                "Connections entered into the half-open table (handshake not yet complete).",
-            ),
-        };
         let mut kernel = Vec::new();
         for c in Counter::ALL {
-            let (n, h) = kernel_help(c);
+            let (n, h) = kernel_metric(c);
             kernel.push((c, reg!(r, IntCounter::new(name(n), h)?)));
         }
         let client_premature = if client_addresses {
@@ -374,7 +380,7 @@ impl Metrics {
                 self.path_estimate.with_label_values(&[&l]).set(e.seconds());
                 self.path_recommended
                     .with_label_values(&[&l])
-                    .set(cover + 120.0);
+                    .set(cover + crate::detector::CURE_MARGIN_SECONDS);
             }
         }
         let w = det.window();

@@ -136,8 +136,9 @@ fn killing_path(s: &mut String, p: &PathReport, r: &Report) {
     if let Some(t) = p.recommended_idle_timeout_seconds {
         let _ = writeln!(
             s,
-            "  cure: set its idle timeout to at least {t:.0} s (heartbeat {:.0} s + 120 s)",
-            r.heartbeat_to_cover_seconds
+            "  cure: set its idle timeout to at least {t:.0} s (heartbeat {:.0} s + {:.0} s)",
+            r.heartbeat_to_cover_seconds,
+            crate::detector::CURE_MARGIN_SECONDS
         );
     }
     path_heartbeats(s, p, r);
@@ -284,5 +285,69 @@ impl Report {
     /// The diagnosis in plain words (see [`report`]).
     pub fn to_text(&self) -> String {
         report(self)
+    }
+}
+
+impl crate::analyze::CaptureStats {
+    /// One paragraph on what was read and what was not.
+    pub fn summary(&self) -> String {
+        let span = match (self.first_seconds, self.last_seconds) {
+            (Some(a), Some(b)) => format!("{:.1} s", b - a),
+            _ => "no time".into(),
+        };
+        let mut s = format!(
+            "capture: {} packets over {span}; {} tracked, {} not ours",
+            self.packets, self.tracked, self.not_ours
+        );
+        if let Some(found) = &self.inferred_ports {
+            let list: Vec<String> = found
+                .iter()
+                .map(|(p, n)| format!("{p} ({n} SYNs)"))
+                .collect();
+            s.push_str(&format!(
+                "; server ports inferred from SYNs: {}",
+                list.join(", ")
+            ));
+        }
+        if self.cut_by_snaplen > 0 {
+            s.push_str(&format!(
+                ", {} cut by snaplen (headers whole, used)",
+                self.cut_by_snaplen
+            ));
+        }
+        if self.truncated > 0 {
+            s.push_str(&format!(
+                ", {} with headers cut short (skipped)",
+                self.truncated
+            ));
+        }
+        if self.malformed > 0 {
+            s.push_str(&format!(", {} malformed (skipped)", self.malformed));
+        }
+        if self.out_of_order > 0 {
+            s.push_str(&format!(
+                ", {} with timestamps going backwards (clamped: gaps near them are approximate)",
+                self.out_of_order
+            ));
+        }
+        for (link, n) in &self.unsupported_link {
+            s.push_str(&format!(", {n} of unsupported link type {link} (skipped)"));
+        }
+        if self.flows_evicted > 0 {
+            s.push_str(&format!(
+                ", {} open flows evicted from the full flow table (vanished)",
+                self.flows_evicted
+            ));
+        }
+        if self.verdicts_not_listed > 0 {
+            s.push_str(&format!(
+                "; {} verdict(s) not listed (the report counts them)",
+                self.verdicts_not_listed
+            ));
+        }
+        if let Some(c) = &self.cut_at_end {
+            s.push_str(&format!("; {}", c.describe()));
+        }
+        s
     }
 }

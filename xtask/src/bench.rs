@@ -8,7 +8,7 @@ use crate::cmd::cargo;
 
 pub fn run() -> Result<()> {
     crate::setup::setup()?;
-    let out = crate::demo::workspace_root().join("BENCHMARKS.md");
+    let out = crate::cmd::workspace_root().join("BENCHMARKS.md");
     let out = out.to_string_lossy();
     // The agent binary the throughput, scale and event benchmarks run.
     cargo(&["build", "--release", "--bins"])?;

@@ -4,6 +4,7 @@
 
 use std::{
     ffi::OsStr,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus},
     time::{Duration, Instant},
 };
@@ -154,6 +155,14 @@ pub fn signal_then_wait(child: &mut Child, signal: libc::c_int, limit: Duration)
 /// SIGKILL `child` at once and reap it (no chance to clean up).
 pub fn kill_and_reap(child: &mut Child) {
     signal_then_wait(child, libc::SIGKILL, Duration::ZERO);
+}
+
+/// The repository's top directory (the parent of xtask's).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cmd, demo::workspace_root};
+use crate::cmd::{self, workspace_root};
 
 /// The file whose change must reach the kernel object.
 const SHARED: &str = "monitor-common/src/flow.rs";

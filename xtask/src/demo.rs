@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, Result};
 
 use crate::{
-    cmd,
+    cmd::{self, workspace_root},
     lab::{LabRun, Scenario},
 };
 
@@ -43,13 +43,6 @@ fn boot_ns() -> u64 {
     // SAFETY: valid pointer; CLOCK_BOOTTIME always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// Build the agent (release) and return its path.

@@ -220,7 +220,7 @@ pub fn ensure_cargo_fuzz() -> Result<()> {
 /// AddressSanitizer, from the committed seeds). A crash fails with its input
 /// saved under `fuzz/artifacts/`.
 pub fn fuzz(seconds: u64) -> Result<()> {
-    let dir = crate::demo::workspace_root().join("fuzz");
+    let dir = crate::cmd::workspace_root().join("fuzz");
     std::fs::create_dir_all(dir.join("corpus/packets"))?;
     println!("fuzz: the packets target for {seconds} s");
     run(Command::new("cargo")

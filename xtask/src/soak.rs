@@ -49,7 +49,7 @@ pub fn run_and_check(seconds: u64) -> Result<()> {
     crate::setup::setup()?;
     crate::demo::catch_interrupts();
     let bin = crate::demo::build_agent()?;
-    let s = Scenario::load(&crate::demo::workspace_root().join("xtask/scenarios/soak.toml"))?;
+    let s = Scenario::load(&crate::cmd::workspace_root().join("xtask/scenarios/soak.toml"))?;
     let soak = run(&s, &bin, seconds, Duration::from_secs(30))?;
     print!("{}", soak.markdown());
     let dropped = soak.samples.last().map_or(0, |x| x.events_dropped);

@@ -138,6 +138,11 @@ pub struct Detector {
     pub stats: DetectorStats,
 }
 
+/// Above the heartbeat, what a middlebox's idle timeout should allow (the
+/// server answers a Ping up to one store poll late; Microsoft: 28-min
+/// heartbeat, 30-min timeout).
+pub const CURE_MARGIN_SECONDS: f64 = 120.0;
+
 /// Idle clients and devices are forgotten after hours: looking for them
 /// once a minute is enough (every tick, it cost a day-long capture's
 /// analysis a fifth of its time).
@@ -629,6 +634,12 @@ impl Detector {
 
     /// The heartbeat the recommendation must cover: the largest seen, or
     /// configured (`max_heartbeat`), whichever is larger.
+    /// The idle timeout a killing path's middlebox needs: the heartbeat to
+    /// cover plus [`CURE_MARGIN_SECONDS`].
+    pub fn recommended_idle_timeout(&self) -> f64 {
+        self.heartbeat_to_cover() + CURE_MARGIN_SECONDS
+    }
+
     pub fn heartbeat_to_cover(&self) -> f64 {
         self.max_heartbeat_seen_s
             .max(self.cfg.max_heartbeat.as_secs_f64())

@@ -211,7 +211,8 @@ pub const HEARTBEATS_KEPT: usize = 256;
 /// Clients whose latest heartbeat a path remembers.
 pub const CLIENTS_KEPT: usize = 1024;
 
-fn median(v: &mut [f64]) -> f64 {
+/// The median (0 for none: callers check for emptiness where it matters).
+pub(super) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     if n == 0 {

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     middlebox,
-    path::{Confidence, PathKey, PathStats},
+    path::{median, Confidence, PathKey, PathStats},
     Detector, Ending, Estimate,
 };
 
@@ -64,19 +64,6 @@ pub struct Report {
     pub window: WindowReport,
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
-}
-
 impl Detector {
     pub fn report(&self) -> Report {
         let mut killing = Vec::new();
@@ -106,7 +93,8 @@ impl Detector {
                 .collect(),
             premature_kills: self.stats.premature,
             reconnect_churn: self.stats.churn,
-            median_heartbeat_elsewhere_seconds: median(quiet_heartbeats),
+            median_heartbeat_elsewhere_seconds: (!quiet_heartbeats.is_empty())
+                .then(|| median(&mut quiet_heartbeats)),
             heartbeat_to_cover_seconds: self.heartbeat_to_cover(),
             killing_paths: killing,
             quiet_paths: quiet,
@@ -138,7 +126,7 @@ impl Detector {
             estimate,
             longest_survived_seconds: p.longest_survived_s,
             recommended_idle_timeout_seconds: (p.premature > 0)
-                .then_some(self.heartbeat_to_cover() + 120.0),
+                .then(|| self.recommended_idle_timeout()),
             median_heartbeat_seconds: p.median_heartbeat(),
             requested_heartbeat_seconds: p.median_requested_heartbeat(),
             pings_read: p.pings_read,

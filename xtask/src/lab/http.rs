@@ -55,7 +55,8 @@ pub fn read_message<S: Read>(s: &mut S) -> io::Result<Option<Message>> {
 }
 
 /// The base64 query value (MS-ASHTTP 2.2.1.1.1.1): protocol 14.1, command
-/// Ping (18), locale en-US, DeviceId, no policy key, DeviceType.
+/// Ping (18), locale en-US, DeviceId, no policy key, DeviceType. Apart from
+/// the monitor's decoder on purpose (see `wbxml`).
 fn base64_query(device: &str) -> String {
     use base64::Engine as _;
     let mut b = vec![141, 18, 0x09, 0x04, device.len() as u8];

@@ -1,5 +1,8 @@
 //! Just enough WBXML for ActiveSync Ping (MS-ASWBXML code page 13): the
 //! request with its HeartbeatInterval, and the response with its Status.
+//! Written apart from the monitor's reader (`monitor_core::ping::wbxml`) on
+//! purpose: the lab's devices are a second implementation, so a misreading
+//! of the spec in one shows up as a disagreement instead of hiding in both.
 
 const HEADER: [u8; 4] = [0x03, 0x01, 0x6a, 0x00]; // WBXML 1.3, public id 1, UTF-8, no string table
 const SWITCH_PAGE: u8 = 0x00;
