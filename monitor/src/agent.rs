@@ -38,6 +38,21 @@ const SCAN_MAX_PAUSE: Duration = Duration::from_secs(15);
 /// How long a `flows --fresh` query waits for its scan.
 const FRESH_SCAN_WAIT: Duration = Duration::from_secs(30);
 
+/// Why a `flows` query could not be answered.
+#[derive(Debug, thiserror::Error)]
+enum FlowsError {
+    #[error(transparent)]
+    Path(#[from] crate::detector::path::BadPath),
+    #[error("no table scanner: --fresh is unavailable")]
+    NoScanner,
+    #[error("the table scanner stopped")]
+    ScannerStopped,
+    #[error("no table scan finished within {} s", FRESH_SCAN_WAIT.as_secs())]
+    ScanTimeout,
+    #[error("selecting flows: {0}")]
+    Select(#[from] tokio::task::JoinError),
+}
+
 /// Asks the scanner for a walk now, and tells when walks end (their time).
 #[derive(Clone)]
 struct Scans {
@@ -107,7 +122,7 @@ async fn answer(stream: UnixStream, state: State, scans: Option<Scans>) -> anyho
         Ok(Request::Status) => line(&Response::Ok(lock(&state).status())),
         Ok(Request::Flows(q)) => match list_flows(&state, scans.as_ref(), q).await {
             Ok(list) => line(&Response::Ok(list)),
-            Err(e) => line::<()>(&Response::Error(e)),
+            Err(e) => line::<()>(&Response::Error(e.to_string())),
         },
         Ok(Request::Report) => {
             let report = lock(&state).pipeline.report();
@@ -167,10 +182,9 @@ async fn list_flows(
     state: &State,
     scans: Option<&Scans>,
     q: FlowQuery,
-) -> Result<FlowList, String> {
+) -> Result<FlowList, FlowsError> {
     if q.fresh {
-        let scans = scans.ok_or("no table scanner: --fresh is unavailable")?;
-        wait_for_scan(scans).await?;
+        wait_for_scan(scans.ok_or(FlowsError::NoScanner)?).await?;
     }
     let (snap, paths) = {
         let s = lock(state);
@@ -178,12 +192,11 @@ async fn list_flows(
     };
     let now = clock::boot_ns();
     let (matching, picked) = tokio::task::spawn_blocking(move || {
-        let sel = flows::select(&snap, &q, now, paths).map_err(|e| e.to_string())?;
+        let sel = flows::select(&snap, &q, now, paths)?;
         let picked: Vec<_> = sel.rows.into_iter().copied().collect();
-        Ok::<_, String>(((sel.matching, snap.taken_ns, snap.len()), picked))
+        Ok::<_, FlowsError>(((sel.matching, snap.taken_ns, snap.len()), picked))
     })
-    .await
-    .map_err(|e| format!("selecting flows: {e}"))??;
+    .await??;
     let (matching, taken_ns, total) = matching;
     let s = lock(state);
     let rows = picked
@@ -202,18 +215,15 @@ async fn list_flows(
 }
 
 /// Ask for a scan and wait until one that started after now has ended.
-async fn wait_for_scan(scans: &Scans) -> Result<(), String> {
+async fn wait_for_scan(scans: &Scans) -> Result<(), FlowsError> {
     let asked = clock::boot_ns();
     let mut done = scans.done.clone();
     scans.wake.notify_one();
     let wait = async { done.wait_for(|taken| *taken > asked).await.map(|_| ()) };
     match tokio::time::timeout(FRESH_SCAN_WAIT, wait).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err("the table scanner stopped".into()),
-        Err(_) => Err(format!(
-            "no table scan finished within {} s",
-            FRESH_SCAN_WAIT.as_secs()
-        )),
+        Ok(Err(_)) => Err(FlowsError::ScannerStopped),
+        Err(_) => Err(FlowsError::ScanTimeout),
     }
 }
 

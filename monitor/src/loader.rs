@@ -639,7 +639,7 @@ fn attach_tc(
         match tc::qdisc_add_clsact(iface) {
             Ok(()) => attached.clsact_added.push(iface.to_string()),
             // Already there (someone else's): use it, leave it.
-            Err(tc::TcError::NetlinkError(e)) if e.to_string().contains("exists") => {}
+            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(source) => {
                 return Err(LoadError::Clsact {
                     iface: iface.to_string(),
