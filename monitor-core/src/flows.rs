@@ -115,22 +115,38 @@ pub struct FlowSnapshot {
     pub taken_ns: u64,
     /// Sorted by key.
     entries: Vec<(FlowKey, Flow)>,
-    /// Indexes of `entries`, longest silence first: the default query
-    /// (`--sort silence`, with or without `--min-silence`) reads its rows
-    /// straight off the front.
-    by_silence: Vec<u32>,
+    /// Indexes of `entries` in each sort order (by [`FlowSort`] as usize),
+    /// sorted by the scanner: a query without `--path` reads its rows off
+    /// the front of one, and counts `--min-silence` matches by binary search
+    /// in the silence order. 4 bytes an entry an order.
+    orders: [Vec<u32>; FlowSort::ALL.len()],
+}
+
+impl FlowSort {
+    pub const ALL: [FlowSort; 4] = [
+        FlowSort::Silence,
+        FlowSort::Age,
+        FlowSort::Bytes,
+        FlowSort::Client,
+    ];
 }
 
 impl FlowSnapshot {
     /// Sorts the walk's entries (on the scanning thread, off the lock).
     pub fn new(taken_ns: u64, mut entries: Vec<(FlowKey, Flow)>) -> FlowSnapshot {
         entries.sort_unstable_by_key(|e| e.0);
-        let mut by_silence: Vec<u32> = (0..entries.len() as u32).collect();
-        by_silence.sort_unstable_by_key(|&i| last_seen(&entries[i as usize].1));
+        let orders = FlowSort::ALL.map(|sort| {
+            let mut idx: Vec<u32> = (0..entries.len() as u32).collect();
+            idx.sort_unstable_by_key(|&i| {
+                let (k, f) = &entries[i as usize];
+                sort_key(sort, k, f)
+            });
+            idx
+        });
         FlowSnapshot {
             taken_ns,
             entries,
-            by_silence,
+            orders,
         }
     }
 
@@ -185,8 +201,8 @@ fn sort_key(sort: FlowSort, k: &FlowKey, f: &Flow) -> (u64, u128, u16) {
 }
 
 /// The entries matching `q`, in its order, cut to its limit; and how many
-/// matched. One pass, keeping the best `limit` in a heap: no copy of a
-/// million-entry table, no sort of it.
+/// matched. Without `--path`, from the snapshot's index of that order;
+/// with it, one pass keeping the best `limit` in a heap.
 pub fn select<'a>(
     snap: &'a FlowSnapshot,
     q: &FlowQuery,
@@ -196,8 +212,8 @@ pub fn select<'a>(
     let min_silence_ns = q.min_silence.map(|s| (s.max(0.0) * 1e9) as u64);
     let path: Option<PathKey> = q.path.as_deref().map(str::parse).transpose()?;
     let limit = if q.limit == 0 { usize::MAX } else { q.limit };
-    if q.sort == FlowSort::Silence && path.is_none() {
-        return Ok(by_silence(snap, now_ns, min_silence_ns, limit));
+    if path.is_none() {
+        return Ok(from_index(snap, q.sort, now_ns, min_silence_ns, limit));
     }
     let mut best: BinaryHeap<((u64, u128, u16), usize)> = BinaryHeap::new();
     let mut matching = 0;
@@ -225,25 +241,27 @@ pub fn select<'a>(
     Ok(Selection { matching, rows })
 }
 
-/// The default query, from the index: a binary search and `limit` rows.
-fn by_silence(
+/// A query without `--path`: the matches are counted by a binary search in
+/// the silence order, and the rows are the first matches of the query's order.
+fn from_index(
     snap: &FlowSnapshot,
+    sort: FlowSort,
     now_ns: u64,
     min_ns: Option<u64>,
     limit: usize,
 ) -> Selection<'_> {
-    let idx = &snap.by_silence;
-    let matching = match min_ns {
-        // Silent at least m: last seen at or before now - m.
-        Some(m) => {
-            let cutoff = now_ns.saturating_sub(m);
-            idx.partition_point(|&i| last_seen(&snap.entries[i as usize].1) <= cutoff)
-        }
-        None => idx.len(),
+    // Silent at least m: last seen at or before now - m.
+    let cutoff = min_ns.map(|m| now_ns.saturating_sub(m));
+    let matching = match cutoff {
+        Some(c) => snap.orders[FlowSort::Silence as usize]
+            .partition_point(|&i| last_seen(&snap.entries[i as usize].1) <= c),
+        None => snap.entries.len(),
     };
-    let rows = idx[..matching.min(limit)]
+    let rows = snap.orders[sort as usize]
         .iter()
         .map(|&i| &snap.entries[i as usize])
+        .filter(|(_, f)| cutoff.is_none_or(|c| last_seen(f) <= c))
+        .take(matching.min(limit))
         .collect();
     Selection { matching, rows }
 }
@@ -346,6 +364,43 @@ mod tests {
         };
         let fast = select(&snap, &silent, 10_000_000_000, PATHS).unwrap();
         assert_eq!((fast.matching, fast.rows[0].0.client_port), (1, 2));
+    }
+
+    /// Every order's index answers as the full pass (the `--path` route) does.
+    #[test]
+    fn the_indexes_agree_with_a_full_pass_in_every_order() {
+        let entries: Vec<_> = (0..500u64)
+            .map(|i| {
+                entry(
+                    (i * 7919 % 500) as u16,
+                    (i * 104_729 % 997) * 1_000_000,
+                    i * 31 % 113,
+                )
+            })
+            .collect();
+        let snap = FlowSnapshot::new(0, entries);
+        let now = 2_000_000_000;
+        for sort in FlowSort::ALL {
+            for min_silence in [None, Some(1.5)] {
+                let q = FlowQuery {
+                    sort,
+                    min_silence,
+                    limit: 20,
+                    ..FlowQuery::default()
+                };
+                let on_path = FlowQuery {
+                    path: Some("198.51.100.0/24:443".into()),
+                    ..q.clone()
+                };
+                let fast = select(&snap, &q, now, PATHS).unwrap();
+                let slow = select(&snap, &on_path, now, PATHS).unwrap();
+                let keys = |s: &Selection| -> Vec<_> {
+                    s.rows.iter().map(|(k, f)| sort_key(sort, k, f)).collect()
+                };
+                assert_eq!(fast.matching, slow.matching, "{sort:?} {min_silence:?}");
+                assert_eq!(keys(&fast), keys(&slow), "{sort:?} {min_silence:?}");
+            }
+        }
         let bad = FlowQuery {
             path: Some("nowhere".into()),
             ..FlowQuery::default()

@@ -84,27 +84,6 @@ pub struct SyntheticError {
     message: String,
 }
 
-/// SplitMix64: tiny, fast, and the same sequence everywhere for a seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-    /// True with probability `pct` percent (tenths allowed: `per_mille`).
-    fn per_mille(&mut self, n: u64) -> bool {
-        self.next() % 1000 < n
-    }
-}
-
 const MS: u64 = 1_000_000;
 const S: u64 = 1_000_000_000;
 /// The capture's first packet: a plausible wall-clock time.
@@ -182,7 +161,8 @@ impl Conn {
 /// time order by a heap of (next packet time, slot).
 struct Gen {
     spec: Spec,
-    rng: Rng,
+    /// Seeded: the same capture for the same seed.
+    rng: fastrand::Rng,
     scripts: Vec<(Vec<Pkt>, usize, [u8; 4], u16)>,
     ports: Vec<u16>,
     heap: BinaryHeap<Reverse<(u64, usize)>>,
@@ -207,7 +187,7 @@ impl Gen {
     fn new(spec: Spec) -> Gen {
         Gen {
             spec,
-            rng: Rng(spec.seed),
+            rng: fastrand::Rng::with_seed(spec.seed),
             scripts: (0..spec.concurrent)
                 .map(|_| (Vec::new(), 0, [0; 4], 0))
                 .collect(),
@@ -219,22 +199,22 @@ impl Gen {
 
     /// Script a new connection in `slot`, starting after a pause from `now`.
     fn start(&mut self, slot: usize, now: u64) {
-        let c = self.rng.next() as u32 % self.spec.clients.max(1);
+        let c = self.rng.u32(0..self.spec.clients.max(1));
         let n = &mut self.ports[c as usize];
         *n = n.wrapping_add(1);
         let mut conn = Conn {
             client: client_addr(c),
             port: 32768 + *n % 28_000,
             ttl: 40 + (c % 20) as u8,
-            cseq: self.rng.next() as u32,
-            sseq: self.rng.next() as u32,
-            t: now + self.rng.range(0, 30 * S),
+            cseq: self.rng.u32(..),
+            sseq: self.rng.u32(..),
+            t: now + self.rng.u64(0..=30 * S),
         };
-        let rtt = self.rng.range(10, 200) * MS;
+        let rtt = self.rng.u64(10..=200) * MS;
         let mut out = std::mem::take(&mut self.scripts[slot].0);
         out.clear();
         conn.handshake(&mut out, rtt);
-        if self.rng.per_mille(600) {
+        if self.rng.u64(0..1000) < 600 {
             self.short(&mut conn, &mut out, rtt);
         } else {
             self.pings(&mut conn, &mut out, rtt, c);
@@ -247,22 +227,22 @@ impl Gen {
 
     /// A few HTTPS requests and answers, then a close.
     fn short(&mut self, c: &mut Conn, out: &mut Vec<Pkt>, rtt: u64) {
-        for _ in 0..self.rng.range(1, 3) {
-            let think = self.rng.range(10, 2000) * MS;
+        for _ in 0..self.rng.u64(1..=3) {
+            let think = self.rng.u64(10..=2000) * MS;
             c.push(
                 out,
                 think,
                 true,
                 TCP_PSH | TCP_ACK,
-                self.rng.range(200, 900) as u16,
+                self.rng.u64(200..=900) as u16,
             );
-            let work = self.rng.range(5, 50) * MS;
+            let work = self.rng.u64(5..=50) * MS;
             c.push(
                 out,
                 rtt / 2 + work,
                 false,
                 TCP_PSH | TCP_ACK,
-                self.rng.range(300, 1400) as u16,
+                self.rng.u64(300..=1400) as u16,
             );
             c.push(out, rtt / 2, true, TCP_ACK, 0);
         }
@@ -271,7 +251,7 @@ impl Gen {
 
     /// FIN from either side, RST from either side, or (rarely) nothing.
     fn close(&mut self, c: &mut Conn, out: &mut Vec<Pkt>, rtt: u64) {
-        match self.rng.range(0, 999) {
+        match self.rng.u64(0..=999) {
             0..=549 => c.fin(out, rtt, true),
             550..=799 => c.fin(out, rtt, false),
             800..=899 => c.push(out, MS, true, TCP_RST | TCP_ACK, 0),
@@ -285,14 +265,14 @@ impl Gen {
     /// close, a middlebox's reset at its idle timeout, or a black hole.
     fn pings(&mut self, c: &mut Conn, out: &mut Vec<Pkt>, rtt: u64, client: u32) {
         let h = heartbeat_of(client) * S;
-        for _ in 0..self.rng.range(1, 6) {
-            let pause = self.rng.range(100, 1000) * MS;
+        for _ in 0..self.rng.u64(1..=6) {
+            let pause = self.rng.u64(100..=1000) * MS;
             c.push(
                 out,
                 pause,
                 true,
                 TCP_PSH | TCP_ACK,
-                self.rng.range(400, 700) as u16,
+                self.rng.u64(400..=700) as u16,
             );
             c.push(out, rtt / 2, false, TCP_ACK, 0);
             if behind_middlebox(client) && h > MIDDLEBOX_IDLE_NS {
@@ -301,7 +281,7 @@ impl Gen {
                 c.push(out, 0, true, TCP_RST, 0);
                 return;
             }
-            if self.rng.per_mille(20) {
+            if self.rng.u64(0..1000) < 20 {
                 self.black_hole(c, out, h);
                 return;
             }
@@ -310,7 +290,7 @@ impl Gen {
                 h,
                 false,
                 TCP_PSH | TCP_ACK,
-                self.rng.range(100, 300) as u16,
+                self.rng.u64(100..=300) as u16,
             );
             c.push(out, rtt / 2, true, TCP_ACK, 0);
         }
@@ -319,7 +299,7 @@ impl Gen {
 
     /// The server answers into the void, retransmits, and gives up.
     fn black_hole(&mut self, c: &mut Conn, out: &mut Vec<Pkt>, h: u64) {
-        let len = self.rng.range(100, 300) as u16;
+        let len = self.rng.u64(100..=300) as u16;
         let seq = c.sseq;
         c.push(out, h, false, TCP_PSH | TCP_ACK, len);
         for backoff in [1, 2, 4, 8] {

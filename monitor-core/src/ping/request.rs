@@ -38,8 +38,8 @@ impl Head {
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
-    #[error("reading an HTTP request: not a request line ({0})")]
-    NotHttp(&'static str),
+    #[error("reading an HTTP request: {0}")]
+    NotHttp(httparse::Error),
     #[error(
         "reading an HTTP request: not an ActiveSync request (no /Microsoft-Server-ActiveSync)"
     )]
@@ -52,75 +52,60 @@ pub enum RequestError {
     ContentLength,
     #[error("reading an HTTP request: head longer than {MAX_HEAD} bytes")]
     HeadTooLong,
+    #[error("reading an HTTP request: a method longer than {MAX_METHOD} letters")]
+    MethodTooLong,
 }
 
-/// `Ok(None)`: the head is not complete yet.
+/// Longest method taken for one (ActiveSync uses POST, OPTIONS and GET): a
+/// longer run of capitals is refused before its head could complete.
+const MAX_METHOD: usize = 16;
+
+/// Headers read at most (ActiveSync clients send about a dozen).
+const MAX_HEADERS: usize = 64;
+
+/// `Ok(None)`: the head is not complete yet. httparse reads the head; it
+/// fails at the first byte no HTTP/1 request can have, so a TLS record or
+/// garbage is refused at once, whole or cut.
 pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, RequestError> {
-    // Check the request line as soon as it is there, so garbage fails early.
-    let line_end = buf.windows(2).position(|w| w == b"\r\n");
-    let line = match line_end {
-        Some(n) => &buf[..n],
-        None => {
-            if buf.len() > MAX_HEAD {
-                return Err(RequestError::HeadTooLong);
-            }
-            plausible_start(buf)?;
-            return Ok(None);
-        }
-    };
-    let (command, form, device_id) = request_line(line)?;
-    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+    if buf.iter().take_while(|c| c.is_ascii_uppercase()).count() > MAX_METHOD {
+        return Err(RequestError::MethodTooLong);
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let status = req.parse(buf).map_err(RequestError::NotHttp)?;
+    let httparse::Status::Complete(body_offset) = status else {
         if buf.len() > MAX_HEAD {
             return Err(RequestError::HeadTooLong);
         }
+        // The request line is whole: refuse what is not ActiveSync early.
+        if let (Some(target), Some(_)) = (req.path, req.version) {
+            request_target(target)?;
+        }
         return Ok(None);
     };
-    let mut content_length = None;
-    for h in buf[..end].split(|&c| c == b'\n').skip(1) {
-        let h = std::str::from_utf8(h).unwrap_or("");
-        if let Some((k, v)) = h.split_once(':') {
-            if k.trim().eq_ignore_ascii_case("content-length") {
-                content_length = Some(
-                    v.trim()
-                        .parse::<usize>()
-                        .map_err(|_| RequestError::ContentLength)?,
-                );
-            }
-        }
-    }
+    let (command, form, device_id) = request_target(req.path.unwrap_or(""))?;
+    let content_length = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map(|h| {
+            std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or(RequestError::ContentLength)
+        })
+        .transpose()?;
     Ok(Some(Head {
         command,
         form,
         device_id,
         content_length,
-        body_offset: end + 4,
+        body_offset,
     }))
 }
 
-/// Could `buf` be the start of a request line? (Method token, then a space.)
-fn plausible_start(buf: &[u8]) -> Result<(), RequestError> {
-    let method_len = buf.iter().take_while(|c| c.is_ascii_uppercase()).count();
-    if method_len > 16 {
-        return Err(RequestError::NotHttp("method too long"));
-    }
-    match buf.get(method_len) {
-        None => Ok(()),
-        Some(b' ') if method_len > 0 => Ok(()),
-        Some(_) => Err(RequestError::NotHttp("no method")),
-    }
-}
-
-fn request_line(line: &[u8]) -> Result<(String, QueryForm, Option<String>), RequestError> {
-    plausible_start(line)?;
-    let line = std::str::from_utf8(line).map_err(|_| RequestError::NotHttp("not text"))?;
-    let mut parts = line.split(' ');
-    let (_method, target, version) = match (parts.next(), parts.next(), parts.next()) {
-        (Some(m), Some(t), Some(v)) => (m, t, v),
-        _ => return Err(RequestError::NotHttp("not three parts")),
-    };
-    if !version.starts_with("HTTP/") {
-        return Err(RequestError::NotHttp("no HTTP version"));
-    }
+/// The command, query form and device of a request target.
+fn request_target(target: &str) -> Result<(String, QueryForm, Option<String>), RequestError> {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if !path
         .to_ascii_lowercase()
@@ -300,9 +285,6 @@ mod tests {
         )
         .is_err());
         assert!(parse_head(&[b'A'; MAX_HEAD + 10]).is_err());
-        assert_eq!(
-            parse_head(&[b'A'; 40]),
-            Err(RequestError::NotHttp("method too long"))
-        );
+        assert_eq!(parse_head(&[b'A'; 40]), Err(RequestError::MethodTooLong));
     }
 }

@@ -23,21 +23,6 @@ pub struct ServerStats {
     pub answered_early: AtomicU64,
 }
 
-/// A small deterministic generator (xorshift), so runs are reproducible.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.max(1))
-    }
-    pub fn next_f64(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// Sleep up to `d`, waking early when `stop` is set.
 pub fn sleep_until_stopped(d: Duration, stop: &AtomicBool) {
     let end = Instant::now() + d;
@@ -80,7 +65,8 @@ fn serve_pings<S: std::io::Read + std::io::Write>(
     stop: Arc<AtomicBool>,
     stats: Arc<ServerStats>,
 ) {
-    let mut rng = Rng::new(seed);
+    // Seeded, so runs are reproducible.
+    let mut rng = fastrand::Rng::with_seed(seed);
     while !stop.load(Ordering::Relaxed) {
         let msg = match http::read_message(&mut s) {
             Ok(Some(m)) => m,
@@ -95,9 +81,9 @@ fn serve_pings<S: std::io::Read + std::io::Write>(
         let hb = wbxml::heartbeat_of(&msg.body).unwrap_or(60);
         let hold = Duration::from_secs(u64::from(hb));
         // New mail arrives during this Ping with some probability: answer early.
-        let (wait, status) = if rng.next_f64() < mail_probability {
+        let (wait, status) = if rng.f64() < mail_probability {
             stats.answered_early.fetch_add(1, Ordering::Relaxed);
-            (hold.mul_f64(0.2 + 0.5 * rng.next_f64()), 2)
+            (hold.mul_f64(0.2 + 0.5 * rng.f64()), 2)
         } else {
             stats.answered_at_heartbeat.fetch_add(1, Ordering::Relaxed);
             (hold, 1)
