@@ -191,13 +191,14 @@ async fn list_flows(
         (s.snapshot.clone(), s.paths())
     };
     let now = clock::boot_ns();
+    let (taken_ns, total) = (snap.taken_ns, snap.len());
+    // Off the event loop: a `--path` filter is a pass over the whole snapshot.
     let (matching, picked) = tokio::task::spawn_blocking(move || {
         let sel = flows::select(&snap, &q, now, paths)?;
         let picked: Vec<_> = sel.rows.into_iter().copied().collect();
-        Ok::<_, FlowsError>(((sel.matching, snap.taken_ns, snap.len()), picked))
+        Ok::<_, FlowsError>((sel.matching, picked))
     })
     .await??;
-    let (matching, taken_ns, total) = matching;
     let s = lock(state);
     let rows = picked
         .iter()
