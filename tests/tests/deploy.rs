@@ -176,9 +176,7 @@ fn start_with_args(pair: &Pair, caps: &[String], extra: &[&str]) -> Result<Vec<S
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let _ = child.wait();
+    xtask::cmd::signal_then_wait(&mut child, libc::SIGINT, Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&dir);
     result
 }

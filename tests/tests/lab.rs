@@ -123,8 +123,7 @@ impl Prometheus {
 
 impl Drop for Prometheus {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        xtask::cmd::kill_and_reap(&mut self.child);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

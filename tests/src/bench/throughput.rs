@@ -196,10 +196,7 @@ pub fn run(agent_bin: &Path, rounds: usize, seconds: u32) -> Vec<Round> {
                     let mut c = tcpdump(&pair);
                     (
                         Some(c.id()),
-                        Box::new(move || {
-                            let _ = c.kill();
-                            let _ = c.wait();
-                        }),
+                        Box::new(move || xtask::cmd::kill_and_reap(&mut c)),
                     )
                 }
             };
@@ -221,8 +218,7 @@ pub fn run(agent_bin: &Path, rounds: usize, seconds: u32) -> Vec<Round> {
             out.push(round);
         }
     }
-    let _ = server.kill();
-    let _ = server.wait();
+    xtask::cmd::kill_and_reap(&mut server);
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
     let _ = std::fs::remove_dir_all(&workdir);
     out
