@@ -1,6 +1,6 @@
 //! Loading the kernel programs and attaching them: XDP (or TC) on ingress, TC
 //! on egress. Only the programs the configuration uses are loaded, chosen for
-//! the running kernel's features (`plan`; docs/kernel-support.md).
+//! the running kernel's features (`plan`; README "Kernel support").
 //! Detaching is dropping: aya closes the links, and `Attached` removes a clsact
 //! qdisc if (and only if) it added one.
 
