@@ -756,24 +756,37 @@ fn a_flows_query_on_a_million_entry_table_answers_within_100_ms_and_drops_no_eve
 
     // Connections open and close all through the queries.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let server = pair.server.spawn(|| {
-        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 443)).expect("bind 443");
-        l.set_nonblocking(true).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let mut n = 0usize;
-        while std::time::Instant::now() < deadline {
-            match l.accept() {
-                Ok((mut s, _)) => {
-                    s.set_nonblocking(false).unwrap();
-                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                    let _ = s.read_to_end(&mut Vec::new());
-                    n += 1;
+    let server = {
+        let stop = stop.clone();
+        pair.server.spawn(move || {
+            let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 443)).expect("bind 443");
+            l.set_nonblocking(true).unwrap();
+            // Until told to stop and a second passes with nothing to accept
+            // (bounded: a few minutes at most on a busy machine).
+            let deadline = std::time::Instant::now() + Duration::from_secs(300);
+            let mut idle_since = std::time::Instant::now();
+            let mut n = 0usize;
+            while std::time::Instant::now() < deadline {
+                match l.accept() {
+                    Ok((mut s, _)) => {
+                        s.set_nonblocking(false).unwrap();
+                        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        let _ = s.read_to_end(&mut Vec::new());
+                        n += 1;
+                        idle_since = std::time::Instant::now();
+                    }
+                    Err(_)
+                        if stop.load(std::sync::atomic::Ordering::Relaxed)
+                            && idle_since.elapsed() > Duration::from_secs(1) =>
+                    {
+                        break
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(1)),
             }
-        }
-        n
-    });
+            n
+        })
+    };
     let churn = {
         let stop = stop.clone();
         pair.client.spawn(move || {

@@ -49,6 +49,21 @@ struct Gap {
     silence_s: f64,
     dir: Dir,
     payload: bool,
+    /// When the packet that ended it was seen (boot-time ns).
+    end_ns: u64,
+}
+
+impl Gap {
+    /// Survival is proven by the client: a silence survived when the client
+    /// was heard after it (it ended the silence itself, or spoke after the
+    /// server's send that did). A server send alone proves nothing: a
+    /// middlebox that forgot the flow drops or resets what follows.
+    fn proven_by(&self, ev: &FlowEvent) -> bool {
+        let heard_after = |since: std::time::Duration| {
+            since.as_nanos() < u128::from(ev.raw.ts_ns.saturating_sub(self.end_ns))
+        };
+        self.dir == Dir::In || ev.dir == Dir::In || ev.since_client().is_some_and(heard_after)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -253,11 +268,12 @@ impl Detector {
                     return out;
                 }
                 let path = f.path;
-                let survived = f.pending_gap.take();
+                let survived = f.pending_gap.take().filter(|g| g.proven_by(ev));
                 f.pending_gap = Some(Gap {
                     silence_s: ev.silence().as_secs_f64(),
                     dir: ev.dir,
                     payload: ev.has_payload(),
+                    end_ns: now,
                 });
                 // The server answering a client request after a silence: a hold time.
                 let hold = (ev.dir == Dir::Out
@@ -523,7 +539,7 @@ impl Detector {
         let mut evidence = facts.evidence(ev);
         let ending = classify_close(&facts, &mut evidence);
         if !ending.is_kill() {
-            if let Some(g) = f.pending_gap {
+            if let Some(g) = f.pending_gap.filter(|g| g.proven_by(ev)) {
                 self.path_mut(f.path, now).record_survival(g.silence_s);
             }
         }

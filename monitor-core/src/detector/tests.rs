@@ -707,3 +707,45 @@ fn a_bracket_without_a_survived_silence_gives_only_its_upper_bound() {
     );
     assert!(!text.contains("between 0.0 s"), "{text}");
 }
+
+/// The longest silence the path has proven to survive (quiet or killing).
+fn longest_survived(lab: &Lab) -> f64 {
+    let r = lab.det.report();
+    r.killing_paths
+        .iter()
+        .chain(&r.quiet_paths)
+        .map(|p| p.longest_survived_seconds)
+        .fold(0.0, f64::max)
+}
+
+/// Issue 13's first flaw: a server send after a silence is no proof the
+/// silence survived; only the client heard after it is.
+#[test]
+fn a_silence_the_client_is_never_heard_after_has_not_survived() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    // 20 s: answered, and the client speaks after it (its next Ping, 12 s on).
+    let t = cycle(&mut lab, &mut c, S, 20 * S);
+    lab.ping(&mut c, t + 12 * S);
+    // 24 s: the server's answer goes out, the client is never heard again,
+    // and the server gives up with a FIN (a normal ending, not a kill).
+    let answered = t + 12 * S + 24 * S;
+    lab.send(&mut c, answered, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
+    lab.send(
+        &mut c,
+        answered + 10 * S,
+        Dir::Out,
+        TCP_FIN | TCP_ACK,
+        0,
+        64,
+        None,
+    );
+    assert_eq!(lab.last().ending, Ending::ServerFin);
+    let survived = longest_survived(&lab);
+    assert!(
+        survived < 21.0,
+        "the 24 s silence was never acknowledged by the client: {survived}"
+    );
+    // The 20 s silence the client spoke after did survive.
+    assert!(survived > 19.0, "{survived}");
+}
