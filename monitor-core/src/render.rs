@@ -125,13 +125,9 @@ fn killing_path(s: &mut String, p: &PathReport, r: &Report) {
             estimate(e)
         );
     }
-    if p.likely_devices.is_empty() {
-        let _ = writeln!(
-            s,
-            "  likely device: no known default matches (a custom timeout, or a scaled lab)"
-        );
-    } else {
-        let _ = writeln!(s, "  likely device: {}", p.likely_devices.join("; or "));
+    likely_device(s, p);
+    if let Some(l) = p.box_location {
+        let _ = writeln!(s, "  where: {}", l.describe());
     }
     if let Some(t) = p.recommended_idle_timeout_seconds {
         let _ = writeln!(
@@ -157,6 +153,26 @@ fn killing_path(s: &mut String, p: &PathReport, r: &Report) {
         );
     }
     histogram(s, &p.kill_silence_histogram);
+}
+
+/// A device only where the estimate pins one; else the defaults it fits.
+fn likely_device(s: &mut String, p: &PathReport) {
+    if !p.likely_devices.is_empty() {
+        let _ = writeln!(s, "  likely device: {}", p.likely_devices.join("; or "));
+    } else if !p.defaults_in_range.is_empty() {
+        let n = p.defaults_in_range.len();
+        let plural = if n == 1 { "" } else { "s" };
+        let _ = writeln!(
+            s,
+            "  likely device: not pinned; a bracket this wide fits {n} known default{plural}: {}",
+            p.defaults_in_range.join("; ")
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "  likely device: no known default matches (a custom timeout, or a scaled lab)"
+        );
+    }
 }
 
 /// An estimate of the idle timeout, saying only what the evidence pins.

@@ -101,6 +101,78 @@ impl fmt::Display for Ending {
     }
 }
 
+/// Where the box that sent a reset sits, from its TTL against the client's
+/// (only the timing says whether it was a kill; the TTL only says where).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BoxLocation {
+    /// A TTL off the client's: a box between the client and the server
+    /// (nearer the server than the client, or a stack of its own).
+    OnThePath,
+    /// The client's own TTL: a carrier NAT, the client's own router, or the
+    /// device itself lost the connection's state.
+    AtOrNextToClient,
+}
+
+impl BoxLocation {
+    pub fn describe(self) -> &'static str {
+        match self {
+            BoxLocation::OnThePath => "on the path (its RSTs' TTL is not the client's)",
+            BoxLocation::AtOrNextToClient => {
+                "at or next to the client (its RSTs carry the client's TTL): a carrier NAT, the client's own router, or the device lost its state"
+            }
+        }
+    }
+}
+
+/// One observation about a client-side RST that tells a forged one from the
+/// client's own (Weaver, Sommer, Paxson, NDSS 2009; Cloudflare, SIGCOMM
+/// 2023). Each verdict lists those that were present.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Signal {
+    /// The TTL is off the client's baseline by more than the tolerance.
+    ForeignTtl,
+    /// The TTL is within the client's baseline: the TTL cannot tell.
+    ClientTtl,
+    /// No client TTL baseline to compare with.
+    NoTtlBaseline,
+    /// It came within the next-packet window after the server's first send
+    /// following a silence: state was forgotten before that send.
+    NextPacketTiming,
+    /// It came after a silence with nothing sent since: a timer expired.
+    AfterSilence,
+    /// IPv4 ID 0 where the client's packets carry IDs.
+    IpIdZero,
+    /// IPv4 ID far from the client's last one.
+    IpIdOffPattern,
+    /// TCP window different from the client's last one.
+    WindowOffClient,
+    /// RST without ACK (a stack resetting its own established connection
+    /// acknowledges; a box answering a packet need not).
+    RstWithoutAck,
+    /// The silence was shorter than the heartbeat in force: the client had
+    /// no reason to give up.
+    BeforeHeartbeat,
+}
+
+impl Signal {
+    pub fn label(self) -> &'static str {
+        match self {
+            Signal::ForeignTtl => "foreign_ttl",
+            Signal::ClientTtl => "client_ttl",
+            Signal::NoTtlBaseline => "no_ttl_baseline",
+            Signal::NextPacketTiming => "next_packet_timing",
+            Signal::AfterSilence => "after_silence",
+            Signal::IpIdZero => "ip_id_zero",
+            Signal::IpIdOffPattern => "ip_id_off_pattern",
+            Signal::WindowOffClient => "window_off_client",
+            Signal::RstWithoutAck => "rst_without_ack",
+            Signal::BeforeHeartbeat => "before_heartbeat",
+        }
+    }
+}
+
 /// Why a verdict was reached: the numbers behind it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Evidence {
@@ -118,6 +190,16 @@ pub struct Evidence {
     pub after_server_send_seconds: Option<f64>,
     /// The server still owed an answer to a client request.
     pub server_owed_answer: bool,
+    /// Where the box that reset sits (resets only, when a TTL baseline exists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<BoxLocation>,
+    /// The observations that decided a client-side RST's class.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signals: Vec<Signal>,
+    /// The next-packet window used for this flow (seconds): from its RTT
+    /// where measured, else the configured one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_packet_window_seconds: Option<f64>,
     pub note: Option<std::borrow::Cow<'static, str>>,
 }
 
@@ -179,6 +261,13 @@ impl fmt::Display for Verdict {
             self.evidence.client_ttl_max,
         ) {
             write!(f, " rst ttl {t} vs client {lo}..{hi}")?;
+        }
+        match self.evidence.location {
+            Some(BoxLocation::OnThePath) => f.write_str(" (box on the path)")?,
+            Some(BoxLocation::AtOrNextToClient) => {
+                f.write_str(" (box at or next to the client)")?
+            }
+            None => {}
         }
         Ok(())
     }

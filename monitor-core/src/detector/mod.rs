@@ -2,6 +2,7 @@
 //! Pure logic, no I/O: the agent feeds it live events, offline analysis feeds
 //! it events from a capture, tests feed it scripted events.
 
+mod close;
 pub mod config;
 pub mod ending;
 pub mod middlebox;
@@ -17,7 +18,7 @@ use std::{
 use monitor_common::{state, Dir, EventKind, FlowKey};
 
 pub use config::{DetectorConfig, DetectorConfigError};
-pub use ending::{Ending, Evidence, HeartbeatSource, Verdict};
+pub use ending::{BoxLocation, Ending, Evidence, HeartbeatSource, Signal, Verdict};
 pub use path::{Estimate, PathKey, PathStats};
 pub use window::{HbiAlert, HbiWindow};
 
@@ -25,6 +26,7 @@ use crate::{
     event::FlowEvent,
     ping::{Heartbeat, PingRequest},
 };
+use close::{classify_close, is_premature, CloseFacts, ServerSend};
 use path::Kill;
 
 const NS: f64 = 1e9;
@@ -78,14 +80,15 @@ struct FlowTrack {
     server: SocketAddr,
     path: PathKey,
     opened_ns: u64,
-    /// Longest hold time seen on this flow: the heartbeat in force (seconds).
-    max_hold_s: Option<f64>,
     /// The heartbeat the flow's latest Ping asked for (plaintext ports): exact.
     ping_heartbeat_s: Option<f64>,
     /// The last idle gap, not yet known to have survived.
     pending_gap: Option<Gap>,
     /// An unanswered server retransmission after a silence.
     suspect: Option<Suspect>,
+    /// Round-trip time measured at the handshake (SYN-ACK to the client's
+    /// ACK), seconds: sizes the next-packet window.
+    rtt_s: Option<f64>,
     /// A verdict was already given (black hole by timeout); ignore the rest.
     finalized: bool,
     /// The kernel lost an event of this flow (ring buffer full): what we
@@ -93,10 +96,24 @@ struct FlowTrack {
     incomplete: bool,
 }
 
-/// Heartbeat samples per client that its estimate is the maximum of: one
-/// early answer (new mail) must not pass for a device backing off, which
-/// shows in every sample after a kill.
-const CLIENT_SAMPLES: usize = 3;
+/// Heartbeat samples per client that its estimate is the maximum of: early
+/// answers (new mail) come before the heartbeat, so the largest recent
+/// sample is a no-change answer unless every one of them was early.
+const CLIENT_SAMPLES: usize = 5;
+
+/// Two answers this close (relative) are the same heartbeat: no-change
+/// answers repeat the device's interval, early answers fall at random.
+const SAME_HEARTBEAT: f64 = 0.02;
+
+/// The handshake's round trip, from the event of the client's ACK that
+/// completed it: the time since the server's SYN-ACK.
+fn handshake_rtt(ev: &FlowEvent) -> Option<f64> {
+    let joined_late = ev.raw.flow_state & state::MIDSTREAM != 0;
+    (ev.kind == EventKind::Opened && ev.dir == Dir::In && !joined_late)
+        .then(|| ev.since_server())
+        .flatten()
+        .map(|d| d.as_secs_f64())
+}
 
 #[derive(Clone, Copy, Debug, Default)]
 struct ClientTrack {
@@ -109,11 +126,19 @@ struct ClientTrack {
 }
 
 impl ClientTrack {
+    /// A hold time of at least the minimum heartbeat. The estimate is the
+    /// largest recent sample (early answers are shorter than the device's
+    /// no-change answers), unless the last two agree below it: a device
+    /// that backed off repeats its new, shorter interval.
     fn sample(&mut self, h: f64) -> f64 {
+        let previous = (self.samples > 0)
+            .then(|| self.recent[(self.samples + CLIENT_SAMPLES - 1) % CLIENT_SAMPLES]);
         self.recent[self.samples % CLIENT_SAMPLES] = h;
         self.samples += 1;
         let n = self.samples.min(CLIENT_SAMPLES);
-        let est = self.recent[..n].iter().copied().fold(0.0, f64::max);
+        let largest = self.recent[..n].iter().copied().fold(0.0, f64::max);
+        let repeated = previous.is_some_and(|p| (p - h).abs() <= SAME_HEARTBEAT * h.max(p));
+        let est = if repeated { h } else { largest };
         self.heartbeat_s = Some(est);
         est
     }
@@ -282,9 +307,6 @@ impl Detector {
                     .then(|| ev.since_payload())
                     .flatten()
                     .map(|d| d.as_secs_f64());
-                if let Some(h) = hold {
-                    f.max_hold_s = Some(f.max_hold_s.map_or(h, |m: f64| m.max(h)));
-                }
                 if let Some(g) = survived {
                     self.path_mut(path, now).record_survival(g.silence_s);
                 }
@@ -422,10 +444,10 @@ impl Detector {
                 } else {
                     ev.raw.first_seen_ns
                 },
-                max_hold_s: None,
                 ping_heartbeat_s: None,
                 pending_gap: None,
                 suspect: None,
+                rtt_s: handshake_rtt(ev),
                 finalized: false,
                 incomplete: ev.raw.flow_state & state::EVENT_LOST != 0,
             },
@@ -493,13 +515,16 @@ impl Detector {
         }
     }
 
-    /// The Ping's own heartbeat where it was read; else the inferred one.
+    /// The Ping's own heartbeat where it was read; else the client's
+    /// inferred one. Never a single flow's hold time: that may be an early
+    /// answer (new mail), shorter than the heartbeat.
     fn heartbeat_in_force(&self, f: &FlowTrack) -> Option<(f64, HeartbeatSource)> {
         if let Some(h) = f.ping_heartbeat_s {
             return Some((h, HeartbeatSource::Ping));
         }
-        f.max_hold_s
-            .or_else(|| self.clients.get(&f.client.ip()).and_then(|c| c.heartbeat_s))
+        self.clients
+            .get(&f.client.ip())
+            .and_then(|c| c.heartbeat_s)
             .map(|h| (h, HeartbeatSource::HoldTimes))
     }
 
@@ -554,24 +579,29 @@ impl Detector {
         let silence = ev.silence().as_secs_f64();
         let min_silence = self.cfg.min_silence.as_secs_f64();
         let tol = self.cfg.ttl_tolerance;
-        let baseline = ev.ttl_baseline();
         let ttl = ev.raw.ttl;
-        let since_server = ev.since_server().map(|d| d.as_secs_f64());
-        let after_server_gap = f.pending_gap.filter(|g| g.dir == Dir::Out && g.payload);
+        let configured = self.cfg.next_packet_window.as_secs_f64();
         CloseFacts {
             dir: ev.dir,
             rst: ev.is_rst(),
             silence,
             min_silence,
-            since_server,
+            since_server: ev.since_server().map(|d| d.as_secs_f64()),
             owed: ev.raw.last_payload_dir == Dir::In as u8 && silence >= min_silence,
             // None: no baseline to compare with.
-            ttl_is_clients: baseline
+            ttl_is_clients: ev
+                .ttl_baseline()
                 .map(|(lo, hi)| ttl.saturating_add(tol) >= lo && ttl <= hi.saturating_add(tol)),
-            after_server_gap,
-            next_packet: after_server_gap.is_some()
-                && since_server.is_some_and(|s| s <= self.cfg.next_packet_window.as_secs_f64()),
-            suspect: f.suspect,
+            after_server_gap: f
+                .pending_gap
+                .filter(|g| g.dir == Dir::Out && g.payload)
+                .map(|g| ServerSend {
+                    silence_s: g.silence_s,
+                }),
+            window_s: close::next_packet_window(f.rtt_s, configured),
+            suspect_silence: f.suspect.map(|s| s.silence_s),
+            heartbeat: self.heartbeat_in_force(f).map(|h| h.0),
+            forged: close::forged_signals(ev),
         }
     }
 
@@ -616,6 +646,9 @@ impl Detector {
             p.by_ending[v.ending as usize] += 1;
             if v.premature {
                 p.premature += 1;
+            }
+            if let (true, Some(l)) = (v.ending.is_kill(), v.evidence.location) {
+                p.record_location(l);
             }
             if counts_for_estimate {
                 p.record_kill(Kill {
@@ -663,105 +696,6 @@ impl Detector {
 
     pub fn middleboxes(&self) -> &[middlebox::Middlebox] {
         &self.table
-    }
-}
-
-/// The facts a flow's close is judged on.
-#[derive(Clone, Copy, Debug)]
-struct CloseFacts {
-    dir: Dir,
-    rst: bool,
-    /// Silence before the closing packet, seconds.
-    silence: f64,
-    min_silence: f64,
-    /// Seconds since the server last sent.
-    since_server: Option<f64>,
-    /// The client's request was unanswered across a silence.
-    owed: bool,
-    /// Whether the RST's TTL is the client's (None: no baseline).
-    ttl_is_clients: Option<bool>,
-    /// The server's send that ended the last silence, if it was the last gap.
-    after_server_gap: Option<Gap>,
-    /// The close came within the next-packet window of that send.
-    next_packet: bool,
-    /// An unanswered retransmission was pending.
-    suspect: Option<Suspect>,
-}
-
-impl CloseFacts {
-    fn evidence(&self, ev: &FlowEvent) -> Evidence {
-        let mut e = Evidence {
-            silence_seconds: self.silence,
-            after_server_send_seconds: self.since_server,
-            server_owed_answer: self.owed,
-            ..Evidence::default()
-        };
-        if ev.dir == Dir::In && ev.is_rst() {
-            let baseline = ev.ttl_baseline();
-            e.rst_ttl = Some(ev.raw.ttl);
-            e.client_ttl_min = baseline.map(|b| b.0);
-            e.client_ttl_max = baseline.map(|b| b.1);
-            e.rst_ip_id = Some(ev.raw.ip_id);
-            e.client_ip_id = Some(ev.raw.base_ip_id);
-            e.rst_window = Some(ev.raw.window);
-            e.client_window = Some(ev.raw.base_window);
-        }
-        e
-    }
-}
-
-/// How a flow ended, from the facts of its close (pure: no detector state).
-/// Adjusts the evidence to what decided it.
-fn classify_close(c: &CloseFacts, evidence: &mut Evidence) -> Ending {
-    if let Some(s) = c.suspect {
-        // It died while the server's retransmission went unanswered.
-        evidence.silence_seconds = s.silence_s;
-        evidence.server_owed_answer = true;
-        evidence.note = Some("closed while a retransmission was unanswered".into());
-        return Ending::BlackHole;
-    }
-    match (c.dir, c.rst) {
-        (Dir::Out, true) => Ending::ServerReset,
-        (Dir::Out, false) => Ending::ServerFin,
-        (Dir::In, false) if c.owed => Ending::ProxyTimeout,
-        (Dir::In, false) => Ending::ClientFin,
-        (Dir::In, true) => classify_client_side_reset(c, evidence),
-    }
-}
-
-fn classify_client_side_reset(c: &CloseFacts, evidence: &mut Evidence) -> Ending {
-    if c.next_packet && c.ttl_is_clients != Some(true) {
-        if let Some(g) = c.after_server_gap {
-            evidence.silence_seconds = g.silence_s;
-        }
-        evidence.server_owed_answer = true;
-        if c.ttl_is_clients.is_none() {
-            evidence.note = Some("no client TTL baseline; timing only".into());
-        }
-        Ending::ResetOnNextPacket
-    } else if c.ttl_is_clients == Some(false) {
-        if c.silence < c.min_silence {
-            evidence.note = Some("foreign TTL but no silence before it".into());
-        }
-        Ending::InjectedReset
-    } else if c.owed {
-        Ending::ProxyTimeout
-    } else {
-        Ending::ClientReset
-    }
-}
-
-/// Killed before the heartbeat: forgetting kills always are; kills at
-/// expiry are when the server owed an answer or the silence was shorter
-/// than the heartbeat in force.
-fn is_premature(ending: Ending, e: &Evidence, heartbeat: Option<f64>, min_silence: f64) -> bool {
-    match ending {
-        Ending::ResetOnNextPacket | Ending::BlackHole => true,
-        Ending::InjectedReset | Ending::ProxyTimeout => {
-            e.silence_seconds >= min_silence
-                && (e.server_owed_answer || heartbeat.is_some_and(|h| e.silence_seconds < h))
-        }
-        _ => false,
     }
 }
 

@@ -10,7 +10,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::ending::Ending;
+use super::ending::{BoxLocation, Ending};
 
 /// Client prefix (address masked, as 16 bytes) + prefix length + server port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -194,6 +194,9 @@ pub struct PathStats {
     pub incomplete: u64,
     /// Longest silence that survived (seconds).
     pub longest_survived_s: f64,
+    /// Reset kills by where their TTL put the box.
+    pub on_the_path: u64,
+    pub at_or_next_to_client: u64,
     pub kills: VecDeque<Kill>,
     /// Recent heartbeat samples (hold times), most recent last.
     pub heartbeats: VecDeque<f64>,
@@ -228,6 +231,22 @@ impl PathStats {
     pub fn record_survival(&mut self, silence_s: f64) {
         if silence_s > self.longest_survived_s {
             self.longest_survived_s = silence_s;
+        }
+    }
+
+    pub fn record_location(&mut self, location: BoxLocation) {
+        match location {
+            BoxLocation::OnThePath => self.on_the_path += 1,
+            BoxLocation::AtOrNextToClient => self.at_or_next_to_client += 1,
+        }
+    }
+
+    /// Where most of the path's reset kills put the box.
+    pub fn box_location(&self) -> Option<BoxLocation> {
+        match (self.on_the_path, self.at_or_next_to_client) {
+            (0, 0) => None,
+            (a, b) if b > a => Some(BoxLocation::AtOrNextToClient),
+            _ => Some(BoxLocation::OnThePath),
         }
     }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     middlebox,
     path::{median, Confidence, PathKey, PathStats},
-    Detector, Ending, Estimate,
+    BoxLocation, Detector, Ending, Estimate,
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -26,7 +26,13 @@ pub struct PathReport {
     pub estimate: Option<Estimate>,
     pub confidence: Option<Confidence>,
     pub longest_survived_seconds: f64,
+    /// Where the box sits, from its resets' TTL (reset kills only).
+    pub box_location: Option<BoxLocation>,
+    /// Known defaults the estimate pins: a point near one, or a bracket
+    /// closed on both sides that holds exactly one.
     pub likely_devices: Vec<String>,
+    /// Where the estimate pins no device: the known defaults it still fits.
+    pub defaults_in_range: Vec<String>,
     pub recommended_idle_timeout_seconds: Option<f64>,
     /// Inferred from hold times: median over clients of their estimate.
     pub median_heartbeat_seconds: Option<f64>,
@@ -122,7 +128,9 @@ impl Detector {
                 .filter(|e| p.by_ending[*e as usize] > 0)
                 .max_by_key(|e| p.by_ending[*e as usize]),
             confidence: estimate.as_ref().map(|e| e.confidence()),
+            box_location: p.box_location(),
             likely_devices: self.likely_devices(estimate.as_ref()),
+            defaults_in_range: self.defaults_in_range(estimate.as_ref()),
             estimate,
             longest_survived_seconds: p.longest_survived_s,
             recommended_idle_timeout_seconds: (p.premature > 0)
@@ -134,9 +142,12 @@ impl Detector {
         }
     }
 
-    /// Known middlebox defaults that fit the estimate, in words.
+    /// Known middlebox defaults the estimate pins, in words: a point within
+    /// tolerance of a default, or a bracket with a lower bound that holds
+    /// one default and no other. A bracket open below (no silence has
+    /// survived) pins nothing: its top is only the server's own answer time.
     fn likely_devices(&self, estimate: Option<&Estimate>) -> Vec<String> {
-        match estimate {
+        let found = match estimate {
             Some(Estimate::Point { seconds, .. }) => {
                 middlebox::near(&self.table, *seconds, self.cfg.device_match_tolerance)
             }
@@ -144,17 +155,36 @@ impl Detector {
                 low_seconds,
                 high_seconds,
                 ..
-            }) => middlebox::within(&self.table, *low_seconds, *high_seconds),
-            None => Vec::new(),
+            }) if *low_seconds > 0.0 => {
+                let inside = middlebox::within(&self.table, *low_seconds, *high_seconds);
+                if inside.len() == 1 {
+                    inside
+                } else {
+                    Vec::new()
+                }
+            }
+            _ => Vec::new(),
+        };
+        found.into_iter().map(describe).collect()
+    }
+
+    /// A bracket that pins no device: the known defaults it holds.
+    fn defaults_in_range(&self, estimate: Option<&Estimate>) -> Vec<String> {
+        let Some(Estimate::Bracket {
+            low_seconds,
+            high_seconds,
+            ..
+        }) = estimate
+        else {
+            return Vec::new();
+        };
+        if !self.likely_devices(estimate).is_empty() {
+            return Vec::new();
         }
-        .into_iter()
-        .map(|m| {
-            format!(
-                "{} ({} s default; {})",
-                m.name, m.idle_timeout_seconds, m.at_expiry
-            )
-        })
-        .collect()
+        middlebox::within(&self.table, *low_seconds, *high_seconds)
+            .into_iter()
+            .map(describe)
+            .collect()
     }
 
     fn window_report(&self) -> WindowReport {
@@ -173,4 +203,11 @@ impl Detector {
                 .collect(),
         }
     }
+}
+
+fn describe(m: &middlebox::Middlebox) -> String {
+    format!(
+        "{} ({} s default; {})",
+        m.name, m.idle_timeout_seconds, m.at_expiry
+    )
 }

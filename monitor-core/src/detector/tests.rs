@@ -43,6 +43,8 @@ struct Lab {
     next_port: u16,
     /// Mark every event as the kernel does after losing one of the flow's.
     lose_events: bool,
+    /// (window, IP ID) of the next packet sent, once (a forged RST's).
+    forge_next: Option<(u16, u16)>,
 }
 
 impl Lab {
@@ -55,6 +57,7 @@ impl Lab {
             out: Vec::new(),
             next_port: 40000,
             lose_events: false,
+            forge_next: None,
         }
     }
 
@@ -84,6 +87,10 @@ impl Lab {
         t.flags = flags;
         t.payload = payload;
         t.ttl = ttl;
+        if let Some((window, ip_id)) = self.forge_next.take() {
+            t.window = window;
+            t.ip_id = ip_id;
+        }
         let own = match dir {
             Dir::In => &mut c.cseq,
             Dir::Out => &mut c.sseq,
@@ -104,6 +111,11 @@ impl Lab {
 
     /// Handshake at `at`; the connection is then ready for pings.
     fn connect(&mut self, client: &str, at: u64) -> Conn {
+        self.connect_rtt(client, at, MS)
+    }
+
+    /// Handshake at `at` over a path of round-trip time `rtt`.
+    fn connect_rtt(&mut self, client: &str, at: u64, rtt: u64) -> Conn {
         self.next_port += 1;
         let mut c = Conn {
             client: client.parse().unwrap(),
@@ -113,7 +125,7 @@ impl Lab {
         };
         self.send(&mut c, at, Dir::In, TCP_SYN, 0, CLIENT_TTL, None);
         self.send(&mut c, at + MS, Dir::Out, TCP_SYN | TCP_ACK, 0, 64, None);
-        self.send(&mut c, at + 2 * MS, Dir::In, TCP_ACK, 0, CLIENT_TTL, None);
+        self.send(&mut c, at + MS + rtt, Dir::In, TCP_ACK, 0, CLIENT_TTL, None);
         c
     }
 
@@ -275,17 +287,83 @@ fn rst_one_rtt_after_the_servers_answer_is_reset_on_next_packet_ten_seconds_afte
     }
 }
 
+/// Issue 13's second flaw: the TTL vetoed the timing. A box next to the
+/// client (a carrier NAT) resets with the client's own TTL.
 #[test]
-fn reset_on_next_packet_from_the_clients_own_ttl_is_the_clients_reset() {
+fn reset_on_next_packet_with_the_clients_own_ttl_is_a_kill_at_or_next_to_the_client() {
+    for (ttl, location) in [
+        (CLIENT_TTL, BoxLocation::AtOrNextToClient),
+        (CLIENT_TTL + 1, BoxLocation::AtOrNextToClient),
+        (64, BoxLocation::OnThePath),
+    ] {
+        let mut lab = Lab::new(cfg());
+        let mut c = lab.connect("198.51.100.7", 0);
+        lab.ping(&mut c, S);
+        lab.send(&mut c, 41 * S, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
+        lab.send(&mut c, 41 * S + 30 * MS, Dir::In, TCP_RST, 0, ttl, None);
+        let v = lab.last();
+        assert_eq!(v.ending, Ending::ResetOnNextPacket, "ttl {ttl}");
+        assert!(v.premature);
+        assert_eq!(v.evidence.location, Some(location), "ttl {ttl}");
+        assert!(v.evidence.signals.contains(&Signal::NextPacketTiming));
+        let r = lab.det.report();
+        assert_eq!(r.killing_paths[0].box_location, Some(location));
+        let text = crate::render::report(&r);
+        assert!(text.contains("where: "), "{text}");
+    }
+}
+
+#[test]
+fn the_next_packet_window_follows_the_handshake_rtt() {
+    // 1 ms RTT: the window is ~0.25 s, so an RST 0.6 s after the answer is
+    // not its answer; over a 400 ms path it is.
+    for (rtt, ending) in [
+        (MS, Ending::ClientReset),
+        (400 * MS, Ending::ResetOnNextPacket),
+    ] {
+        let mut lab = Lab::new(cfg());
+        let mut c = lab.connect_rtt("198.51.100.7", 0, rtt);
+        lab.ping(&mut c, S);
+        lab.send(&mut c, 41 * S, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
+        lab.send(
+            &mut c,
+            41 * S + 600 * MS,
+            Dir::In,
+            TCP_RST,
+            0,
+            CLIENT_TTL,
+            None,
+        );
+        let v = lab.last();
+        assert_eq!(v.ending, ending, "rtt {rtt}");
+        let w = v.evidence.next_packet_window_seconds.unwrap();
+        assert!((w - (2.0 * rtt as f64 / 1e9 + 0.25)).abs() < 1e-6, "{w}");
+    }
+}
+
+#[test]
+fn where_the_ttl_is_silent_an_rst_with_window_and_ip_id_off_the_clients_is_injected() {
     let mut lab = Lab::new(cfg());
     let mut c = lab.connect("198.51.100.7", 0);
-    lab.ping(&mut c, S);
-    lab.send(&mut c, 41 * S, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
+    let t = cycle(&mut lab, &mut c, S, 40 * S);
+    // 20 s of silence, then an RST with the client's TTL but window 0 and IP ID 0.
+    lab.forge_next = Some((0, 0));
+    lab.send(&mut c, t + 20 * S, Dir::In, TCP_RST, 0, CLIENT_TTL, None);
+    let v = lab.last();
+    assert_eq!(v.ending, Ending::InjectedReset, "{v:?}");
+    assert_eq!(v.evidence.location, Some(BoxLocation::AtOrNextToClient));
+    for s in [Signal::ClientTtl, Signal::WindowOffClient, Signal::IpIdZero] {
+        assert!(v.evidence.signals.contains(&s), "{s:?} in {v:?}");
+    }
+    // The client's own RST (its window and IP ID) after the same silence is its own.
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    let t = cycle(&mut lab, &mut c, S, 40 * S);
     lab.send(
         &mut c,
-        41 * S + 30 * MS,
+        t + 20 * S,
         Dir::In,
-        TCP_RST,
+        TCP_RST | TCP_ACK,
         0,
         CLIENT_TTL,
         None,
@@ -748,4 +826,111 @@ fn a_silence_the_client_is_never_heard_after_has_not_survived() {
     );
     // The 20 s silence the client spoke after did survive.
     assert!(survived > 19.0, "{survived}");
+}
+
+/// Issue 13's first flaw, with a device raising its heartbeat step by step:
+/// the answer at the new, longer heartbeat falls into a black hole; the
+/// bracket lies between the last answered silence and that one.
+#[test]
+fn a_black_hole_under_a_rising_heartbeat_brackets_between_the_last_answered_and_the_killed() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    let mut t = S;
+    for hb in [11, 15, 19] {
+        t = cycle(&mut lab, &mut c, t, hb * S);
+    }
+    // 23 s: the answer and its retransmission vanish; the device reconnects.
+    lab.ping(&mut c, t);
+    let seq = c.sseq;
+    let answered = t + MS + 23 * S;
+    lab.send(&mut c, answered, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
+    let resent = answered + 200 * MS;
+    lab.send(
+        &mut c,
+        resent,
+        Dir::Out,
+        TCP_ACK | TCP_PSH,
+        200,
+        64,
+        Some(seq),
+    );
+    let _c2 = lab.connect("198.51.100.7", answered + 5 * S);
+    let p = &lab.det.report().killing_paths[0];
+    assert_eq!(p.how, Some(Ending::BlackHole));
+    let Some(Estimate::Bracket {
+        low_seconds,
+        high_seconds,
+        ..
+    }) = p.estimate
+    else {
+        panic!("{p:?}")
+    };
+    assert!((low_seconds - 19.0).abs() < 0.1, "{p:?}");
+    assert!((high_seconds - 23.0).abs() < 0.1, "{p:?}");
+    assert!((p.longest_survived_seconds - 19.0).abs() < 0.1, "{p:?}");
+}
+
+/// Real-scale black holes killing 60 s answers: with no survival below
+/// them the bracket is open below and pins no device; once a 50 s silence
+/// survives, (50, 60] holds one known default and names it.
+#[test]
+fn a_bracket_names_a_device_only_when_closed_below_and_holding_one_default() {
+    let real = || DetectorConfig {
+        black_hole_after: Duration::from_secs(30),
+        ..DetectorConfig::default()
+    };
+    let kill = |lab: &mut Lab, at: u64| {
+        let mut c = lab.connect("198.51.100.7", at);
+        lab.ping(&mut c, at + S);
+        let seq = c.sseq;
+        let answered = at + S + MS + 60 * S;
+        lab.send(&mut c, answered, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
+        let resent = answered + 200 * MS;
+        lab.send(
+            &mut c,
+            resent,
+            Dir::Out,
+            TCP_ACK | TCP_PSH,
+            200,
+            64,
+            Some(seq),
+        );
+        lab.out.extend(lab.det.tick(resent + 31 * S));
+    };
+    let mut lab = Lab::new(real());
+    kill(&mut lab, 0);
+    let r = lab.det.report();
+    let p = &r.killing_paths[0];
+    assert!(p.likely_devices.is_empty(), "{p:?}");
+    assert_eq!(p.defaults_in_range.len(), 1, "{p:?}");
+    let text = crate::render::report(&r);
+    assert!(text.contains("fits 1 known default"), "{text}");
+    // A 50 s silence that survives (answered and acknowledged) closes the bracket.
+    let mut c = lab.connect("198.51.100.7", 200 * S);
+    let _ = cycle(&mut lab, &mut c, 201 * S, 50 * S);
+    lab.ping(&mut c, 300 * S);
+    let p = &lab.det.report().killing_paths[0];
+    assert_eq!(p.likely_devices.len(), 1, "{p:?}");
+    assert!(p.likely_devices[0].contains("60 s"), "{p:?}");
+    assert!(p.defaults_in_range.is_empty(), "{p:?}");
+}
+
+/// Issue 13's third flaw: a flow's early answer (new mail) was taken for
+/// the heartbeat in force when that flow was later killed.
+#[test]
+fn an_early_answer_on_the_killed_flow_is_not_its_heartbeat() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    let mut t = S;
+    for _ in 0..2 {
+        t = cycle(&mut lab, &mut c, t, 40 * S);
+    }
+    // A new flow: new mail answers after 12 s, then the next Ping is killed at 20 s.
+    let mut c = lab.connect("198.51.100.7", t);
+    let t = cycle(&mut lab, &mut c, t + S, 12 * S);
+    lab.ping(&mut c, t);
+    lab.send(&mut c, t + MS + 20 * S, Dir::In, TCP_RST, 0, 64, None);
+    let v = lab.last();
+    assert_eq!(v.ending, Ending::InjectedReset);
+    assert_eq!(v.heartbeat_seconds.map(f64::round), Some(40.0), "{v:?}");
 }
