@@ -4,7 +4,7 @@
 //! Ethernet, one optional 802.1Q tag, IPv4 (options skipped) or IPv6 (a bounded
 //! chain of extension headers skipped), then TCP. Anything else is "not ours".
 
-use crate::types::{FAMILY_V4, FAMILY_V6};
+use crate::types::{Config, FAMILY_V4, FAMILY_V6};
 
 /// A source of packet bytes. Reads take a whole fixed-size header at once,
 /// bounds-checked, and return `None` past the end. One check per header keeps
@@ -145,6 +145,106 @@ pub fn glance<F: Frame + ?Sized>(f: &F, ingress: bool) -> Glance {
     })
 }
 
+/// What the kernel's one pass over a frame says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quick {
+    /// Not TCP to a tracked port, settled without a failure to count.
+    Pass,
+    /// TCP to the tracked port at this index, parsed in full: what
+    /// [`parse_ethernet`] returns for the frame.
+    Tracked(Packet, u32),
+    /// Not settled here (VLAN tags, IPv6 extension headers, short or
+    /// malformed headers): [`glance`] then [`parse_ethernet`] decide.
+    Unsure,
+}
+
+/// The common frames in one pass: plain IPv4 or IPv6 (no VLAN tag, no
+/// extension headers) with a whole TCP header. Reads each header once,
+/// checks the local port against `cfg` as soon as it is known, and for a
+/// tracked port finishes the parse from the headers already read. Any frame
+/// it cannot settle exactly as [`glance`] and [`parse_ethernet`] would is
+/// [`Quick::Unsure`] (a property test holds it to that).
+#[inline(always)]
+pub fn quick<F: Frame + ?Sized>(f: &F, ingress: bool, cfg: &Config) -> Quick {
+    // Ethernet and a 20-byte IPv4 header (or the start of IPv6) in one read.
+    let Some(h): Option<[u8; ETH_HLEN + 20]> = f.read(0) else {
+        return Quick::Unsure;
+    };
+    match be16(&h, 12) {
+        ETH_P_IP => quick_v4(f, ingress, cfg, &h),
+        ETH_P_IPV6 => quick_v6(f, ingress, cfg),
+        ETH_P_8021Q | ETH_P_8021AD => Quick::Unsure,
+        _ => Quick::Pass,
+    }
+}
+
+#[inline(always)]
+fn quick_v4<F: Frame + ?Sized>(f: &F, ingress: bool, cfg: &Config, h: &[u8; 34]) -> Quick {
+    let vihl = h[ETH_HLEN];
+    if vihl >> 4 != 4 || vihl & 0x0f < 5 {
+        return Quick::Unsure;
+    }
+    // Non-first fragments and other protocols: "not TCP", never a failure.
+    if h[23] != IPPROTO_TCP || be16(h, 20) & 0x1fff != 0 {
+        return Quick::Pass;
+    }
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    let l4 = ETH_HLEN + ihl;
+    let Some(t): Option<[u8; 20]> = f.read(l4) else {
+        return Quick::Unsure;
+    };
+    let Some(index) = cfg.port_index(local_port(&t, ingress)) else {
+        return Quick::Pass;
+    };
+    let mut ip = [0u8; 20];
+    ip.copy_from_slice(&h[ETH_HLEN..]);
+    let total_len = be16(&ip, 2) as u32;
+    if total_len < ihl as u32 {
+        return Quick::Unsure;
+    }
+    match tcp_fields(&t, l4, total_len - ihl as u32, v4_packet(&ip)) {
+        Ok(p) => Quick::Tracked(p, index),
+        Err(_) => Quick::Unsure,
+    }
+}
+
+#[inline(always)]
+fn quick_v6<F: Frame + ?Sized>(f: &F, ingress: bool, cfg: &Config) -> Quick {
+    let Some(ip): Option<[u8; IPV6_HLEN]> = f.read(ETH_HLEN) else {
+        return Quick::Unsure;
+    };
+    if ip[0] >> 4 != 6 {
+        return Quick::Unsure;
+    }
+    match ip[6] {
+        IPPROTO_TCP => {}
+        // Extension headers: the full parse walks them.
+        0 | 43 | 44 | 60 => return Quick::Unsure,
+        _ => return Quick::Pass,
+    }
+    let l4 = ETH_HLEN + IPV6_HLEN;
+    let Some(t): Option<[u8; 20]> = f.read(l4) else {
+        return Quick::Unsure;
+    };
+    let Some(index) = cfg.port_index(local_port(&t, ingress)) else {
+        return Quick::Pass;
+    };
+    match tcp_fields(&t, l4, be16(&ip, 4) as u32, v6_packet(&ip)) {
+        Ok(p) => Quick::Tracked(p, index),
+        Err(_) => Quick::Unsure,
+    }
+}
+
+/// The destination port for ingress, the source port for egress.
+#[inline(always)]
+fn local_port(t: &[u8; 20], ingress: bool) -> u16 {
+    if ingress {
+        be16(t, 2)
+    } else {
+        be16(t, 0)
+    }
+}
+
 /// Parse an Ethernet frame down to TCP.
 #[inline(always)]
 pub fn parse_ethernet<F: Frame + ?Sized>(f: &F) -> Result<Packet, ParseError> {
@@ -193,16 +293,22 @@ fn parse_ipv4<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Packet, ParseError>
     if total_len < ihl as u32 {
         return Err(ParseError::Malformed);
     }
+    parse_tcp(f, l3 + ihl, total_len - ihl as u32, v4_packet(&h))
+}
+
+/// The IPv4 header's share of a [`Packet`].
+#[inline(always)]
+fn v4_packet(h: &[u8; 20]) -> Packet {
     let mut p = Packet {
         family: FAMILY_V4,
         ttl: h[8],
-        ip_id: be16(&h, 4),
-        ip_len: total_len,
+        ip_id: be16(h, 4),
+        ip_len: be16(h, 2) as u32,
         ..Packet::default()
     };
     p.src_addr[..4].copy_from_slice(&h[12..16]);
     p.dst_addr[..4].copy_from_slice(&h[16..20]);
-    parse_tcp(f, l3 + ihl, total_len - ihl as u32, p)
+    p
 }
 
 #[inline(always)]
@@ -247,15 +353,21 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Packet, ParseError>
     if payload_len < ext_len {
         return Err(ParseError::Malformed);
     }
+    parse_tcp(f, off, payload_len - ext_len, v6_packet(&h))
+}
+
+/// The IPv6 header's share of a [`Packet`].
+#[inline(always)]
+fn v6_packet(h: &[u8; IPV6_HLEN]) -> Packet {
     let mut p = Packet {
         family: FAMILY_V6,
         ttl: h[7],
-        ip_len: payload_len + IPV6_HLEN as u32,
+        ip_len: be16(h, 4) as u32 + IPV6_HLEN as u32,
         ..Packet::default()
     };
     p.src_addr.copy_from_slice(&h[8..24]);
     p.dst_addr.copy_from_slice(&h[24..40]);
-    parse_tcp(f, off, payload_len - ext_len, p)
+    p
 }
 
 /// `l4_len`: TCP header plus payload, as the IP header states.
@@ -264,16 +376,22 @@ fn parse_tcp<F: Frame + ?Sized>(
     f: &F,
     l4: usize,
     l4_len: u32,
-    mut p: Packet,
+    p: Packet,
 ) -> Result<Packet, ParseError> {
     let t: [u8; 20] = f.read(l4).ok_or(ParseError::Truncated)?;
-    p.src_port = be16(&t, 0);
-    p.dst_port = be16(&t, 2);
-    p.seq = be32(&t, 4);
-    p.ack = be32(&t, 8);
+    tcp_fields(&t, l4, l4_len, p)
+}
+
+/// The TCP header's share of a [`Packet`]; `t` read at `l4`.
+#[inline(always)]
+fn tcp_fields(t: &[u8; 20], l4: usize, l4_len: u32, mut p: Packet) -> Result<Packet, ParseError> {
+    p.src_port = be16(t, 0);
+    p.dst_port = be16(t, 2);
+    p.seq = be32(t, 4);
+    p.ack = be32(t, 8);
     let doff = ((t[12] >> 4) as u32) * 4;
     p.tcp_flags = t[13];
-    p.window = be16(&t, 14);
+    p.window = be16(t, 14);
     if doff < 20 || doff > l4_len {
         return Err(ParseError::Malformed);
     }

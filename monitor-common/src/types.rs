@@ -61,7 +61,12 @@ impl Config {
     pub fn port_index(&self, port: u16) -> Option<u32> {
         let mut i = 0;
         while i < MAX_PORTS {
-            if (i as u32) < self.port_count && self.ports[i] == port {
+            // Stop at the last configured port: an untracked port costs
+            // `port_count` comparisons, not MAX_PORTS.
+            if i as u32 >= self.port_count {
+                return None;
+            }
+            if self.ports[i] == port {
                 return Some(i as u32);
             }
             i += 1;
@@ -316,7 +321,10 @@ const _: () = assert!(size_of::<Sample>() != size_of::<Event>());
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Every packet either program saw.
+    /// Packets either program parsed in full: TCP to a tracked port, and
+    /// packets a first glance could not settle. Not TCP, or TCP to another
+    /// port, is not counted (a counter update on every packet of the host
+    /// was most of their cost).
     PacketsSeen = 0,
     /// Packets of tracked flows (TCP, tracked local port).
     PacketsTracked = 1,

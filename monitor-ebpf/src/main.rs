@@ -24,6 +24,8 @@ use monitor_common::{
     EVENT_RING_BYTES, SAMPLE_BYTES,
 };
 
+mod floor;
+
 /// Written by the agent at load time (ports, gap threshold). `mut` so the
 /// compiler reads it where it lies (the loader rewrites it) instead of
 /// folding the default in or copying it to the 512-byte stack.
@@ -202,9 +204,11 @@ fn track<C: Payload, const STOP: u8>(ctx: &C, bytes: &Bytes, dir: Dir, more: boo
     }
     let mut pkt = Packet::default();
     match parse(bytes.start, bytes.end, &mut pkt) {
-        Ok(()) => {}
+        Ok(()) => count(Counter::PacketsSeen),
+        // Counted when called again on the pulled headers.
         Err(ParseError::Truncated) if more => return false,
         Err(e) => {
+            count(Counter::PacketsSeen);
             if e.is_failure() {
                 count(Counter::ParseFailures);
             }
@@ -354,7 +358,6 @@ pub fn monitor_xdp_nofrags(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn xdp_track<C: Payload, const STOP: u8>(ctx: &C, xdp: &XdpContext) -> u32 {
-    count(Counter::PacketsSeen);
     let bytes = Bytes {
         start: xdp.data(),
         end: xdp.data_end(),
@@ -384,7 +387,6 @@ pub fn monitor_tc_ingress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn tc_track(ctx: TcContext, dir: Dir) -> i32 {
-    count(Counter::PacketsSeen);
     // An skb's headers are usually linear already (locally built, or after
     // GRO): parse in place, and pull (a copy) only if they run past it.
     let bytes = Bytes {

@@ -204,7 +204,14 @@ fn crafted_frames_through(ebpf: &mut Ebpf, program: &str, dir: Dir, pass: u32) {
         assert_eq!(out, frame, "{program}, {name}: handed on unchanged");
         let after = counters(ebpf);
         let delta = |c| after.get(c) - before.get(c);
-        assert_eq!(delta(Counter::PacketsSeen), 1, "{name}: seen");
+        // Packets settled at the glance (not TCP, or another port) are not
+        // counted as seen (issue 18: no counter on the untracked path);
+        // every other packet is, once.
+        let seen = delta(Counter::PacketsSeen);
+        assert!(
+            seen <= 1 && seen >= u64::from(expect != Expect::Untracked),
+            "{name}: seen {seen}"
+        );
         assert_eq!(
             delta(Counter::PacketsTracked),
             u64::from(expect == Expect::Tracked),
@@ -578,7 +585,7 @@ fn connection_to_port_8080_is_not_tracked() {
     let mut evs = Vec::new();
     m.drain(|e| evs.push(e));
     assert!(evs.is_empty(), "no events for port 8080: {evs:?}");
-    assert!(after.get(Counter::PacketsSeen) - before.get(Counter::PacketsSeen) >= 6);
+    // Not counted as seen either: settled at the glance (issue 18).
     assert_eq!(
         after.get(Counter::PacketsTracked),
         before.get(Counter::PacketsTracked)
@@ -652,41 +659,81 @@ fn flow_table_memory_is_reported_from_the_kernels_accounting() {
     println!("flow table memory at 262,144 entries: {bytes} bytes");
 }
 
-/// Regression check, not a benchmark: bounds are about twice the median
-/// ratios measured when this was written (BENCHMARKS.md), so a change that
-/// doubles the per-packet cost fails here. On this shared 2-core machine one
-/// run in four put some case over its bound on noise alone, so a case passes
-/// if any of three runs is within its bound: a real doubling fails all three.
+/// Regression check, not a benchmark. Instructions executed (an
+/// interpreter over the object: no timing noise) must stay within 1.3x of
+/// the counts recorded in BENCHMARKS.md; the quick cases' cost over the
+/// floors measured in the same run (far steadier than over an empty
+/// program) within 1.3x of the recorded ratios; the event and flow-creating
+/// cases within about twice their recorded ratio to the empty program. On
+/// this shared 2-core machine noise alone can put a timed case over its
+/// bound, so a case passes if any of three runs is within it.
 #[test]
-fn per_packet_cost_has_not_doubled() {
+fn per_packet_cost_has_not_regressed() {
     require_root();
-    let bounds = [
-        ("(a) non-TCP packet", 3.5),
-        ("(b) TCP to an untracked port", 4.5),
-        ("(c) packet of an established tracked flow", 34.0),
+    // (hook, case, instructions recorded, ours / floor recorded)
+    let recorded = [
+        ("XDP", "(a) non-TCP packet", 29, 1.22),
+        ("XDP", "(b) TCP to an untracked port", 51, 1.22),
+        ("XDP", "(c) packet of an established tracked flow", 793, 2.0),
+        ("TC", "(a) non-TCP packet", 31, 1.22),
+        ("TC", "(b) TCP to an untracked port", 52, 1.22),
+        ("TC", "(c) packet of an established tracked flow", 800, 1.7),
+    ];
+    for (hook, progs, dir) in monitor_tests::bench::hooks() {
+        let counts = monitor_tests::bench::count_quick_cases(progs, dir).expect("interpreter");
+        for (name, n) in monitor_tests::bench::QUICK_CASES.iter().zip(counts) {
+            let r = recorded
+                .iter()
+                .find(|r| (r.0, r.1) == (hook, *name))
+                .unwrap();
+            assert!(
+                n.ours as f64 <= r.2 as f64 * 1.3,
+                "{hook} {name}: {} instructions, recorded {}",
+                n.ours,
+                r.2
+            );
+        }
+    }
+    let empty_bounds = [
         ("(d) SYN creating a half-open entry", 24.0),
         ("(f) ACK establishing a flow (Opened event)", 32.0),
         ("(e) packet ending an idle gap (event)", 50.0),
     ];
-    let bound = |name: &str| bounds.iter().find(|b| b.0 == name).map(|b| b.1).unwrap();
-    // (hook, case, the best ratio so far)
-    let mut best: Vec<(&str, &str, f64)> = Vec::new();
+    let bound = |hook: &str, name: &str| -> Option<(f64, bool)> {
+        if let Some(r) = recorded.iter().find(|r| (r.0, r.1) == (hook, name)) {
+            return Some((r.3 * 1.3, true));
+        }
+        empty_bounds
+            .iter()
+            .find(|b| b.0 == name)
+            .map(|b| (b.1, false))
+    };
+    // (hook, case, the best ratio so far, its bound)
+    let mut best: Vec<(&str, &str, f64, f64)> = Vec::new();
     for attempt in 1..=3 {
         let cases = monitor_tests::bench::per_packet(100_000, 15, 300);
         println!("run {attempt}:\n{}", monitor_tests::bench::table(&cases));
         for c in &cases {
+            let Some((limit, to_floor)) = bound(c.hook, c.name) else {
+                continue;
+            };
+            let ratio = if to_floor {
+                c.floor_ratio().expect("floor measured")
+            } else {
+                c.ratio()
+            };
             match best.iter_mut().find(|b| (b.0, b.1) == (c.hook, c.name)) {
-                Some(b) => b.2 = b.2.min(c.ratio()),
-                None => best.push((c.hook, c.name, c.ratio())),
+                Some(b) => b.2 = b.2.min(ratio),
+                None => best.push((c.hook, c.name, ratio, limit)),
             }
         }
-        let over: Vec<_> = best.iter().filter(|b| b.2 > bound(b.1)).collect();
+        let over: Vec<_> = best.iter().filter(|b| b.2 > b.3).collect();
         if over.is_empty() {
             return;
         }
         assert!(
             attempt < 3,
-            "over their bounds in all three runs: {over:?} (bounds {bounds:?})"
+            "over their bounds in all three runs (hook, case, ratio, bound): {over:?}"
         );
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod events;
 pub mod frames;
+pub mod insns;
 pub mod scale;
 pub mod throughput;
 
@@ -20,6 +21,13 @@ use monitor_common::{craft::Tcp, Dir, TCP_ACK, TCP_SYN};
 
 pub const BASELINE_XDP: &str = "baseline_xdp";
 pub const BASELINE_TC: &str = "baseline_tc";
+/// The floors (monitor-ebpf/src/floor.rs): the leanest programs doing the
+/// necessary work, with our key, table and clock, and with the cheapest
+/// (16-byte IPv4 key, coarse clock).
+pub const FLOOR_XDP: &str = "floor_xdp";
+pub const FLOOR_TC: &str = "floor_tc";
+pub const CHEAPEST_XDP: &str = "floor_cheapest_xdp";
+pub const CHEAPEST_TC: &str = "floor_cheapest_tc";
 /// The XDP program cut short after each stage of its packet path, in order.
 pub const STAGES: [(&str, &str); 3] = [
     ("stage_parse_xdp", "count, glance, full header parse"),
@@ -39,13 +47,54 @@ pub struct Case {
     pub ours_min_ns: f64,
     pub empty_min_ns: f64,
     pub method: &'static str,
-    /// The target ratio, if the issue sets one.
-    pub target: Option<f64>,
+    /// The target ratio, if the issue sets one, and what it divides by.
+    pub target: Option<(f64, Versus)>,
+    /// The floors, same method, same rounds (repeat cases only): our key,
+    /// table and clock; the cheapest ones.
+    pub floor_ns: Option<f64>,
+    pub cheapest_ns: Option<f64>,
+    /// Instructions executed for this case's frame (interpreter over the
+    /// object), ours, the floor and the cheapest floor.
+    pub insns: Option<Insns>,
+}
+
+/// What a target ratio divides by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Versus {
+    Empty,
+    Floor,
+    Cheapest,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Insns {
+    pub ours: u64,
+    pub floor: u64,
+    pub cheapest: u64,
 }
 
 impl Case {
     pub fn ratio(&self) -> f64 {
         self.ours_ns / self.empty_ns.max(0.001)
+    }
+
+    /// Ours over the floor with our key, table and clock.
+    pub fn floor_ratio(&self) -> Option<f64> {
+        self.floor_ns.map(|f| self.ours_ns / f.max(0.001))
+    }
+
+    /// Ours over the cheapest floor.
+    pub fn cheapest_ratio(&self) -> Option<f64> {
+        self.cheapest_ns.map(|f| self.ours_ns / f.max(0.001))
+    }
+
+    /// The ratio the target is set on.
+    pub fn target_ratio(&self) -> Option<f64> {
+        match self.target?.1 {
+            Versus::Empty => Some(self.ratio()),
+            Versus::Floor => self.floor_ratio(),
+            Versus::Cheapest => self.cheapest_ratio(),
+        }
     }
 
     /// Ratio of the least costs: what a regression check compares.
@@ -66,6 +115,14 @@ fn load() -> Ebpf {
     x.load().expect("baseline xdp");
     let t: &mut SchedClassifier = ebpf.program_mut(BASELINE_TC).unwrap().try_into().unwrap();
     t.load().expect("baseline tc");
+    for name in [FLOOR_XDP, CHEAPEST_XDP] {
+        let x: &mut Xdp = ebpf.program_mut(name).unwrap().try_into().unwrap();
+        x.load().expect("floor xdp");
+    }
+    for name in [FLOOR_TC, CHEAPEST_TC] {
+        let t: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+        t.load().expect("floor tc");
+    }
     for (name, _) in STAGES {
         let x: &mut Xdp = ebpf.program_mut(name).unwrap().try_into().unwrap();
         x.load().expect("stage program");
@@ -93,6 +150,8 @@ fn run(ebpf: &mut Ebpf, prog: &str, frame: &[u8], repeat: u32) -> Duration {
 struct Timings {
     ours: Vec<f64>,
     empty: Vec<f64>,
+    floor: Vec<f64>,
+    cheapest: Vec<f64>,
 }
 
 impl Timings {
@@ -101,8 +160,9 @@ impl Timings {
         hook: &'static str,
         name: &'static str,
         method: &'static str,
-        target: Option<f64>,
+        target: Option<(f64, Versus)>,
     ) -> Case {
+        let opt = |v: &[f64]| (!v.is_empty()).then(|| median(v));
         Case {
             hook,
             name,
@@ -112,6 +172,9 @@ impl Timings {
             empty_min_ns: least(&self.empty),
             method,
             target,
+            floor_ns: opt(&self.floor),
+            cheapest_ns: opt(&self.cheapest),
+            insns: None,
         }
     }
 }
@@ -126,22 +189,31 @@ fn least(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
-/// Mean ns per run over `repeat` runs, median of `rounds`, ours and empty
-/// interleaved round by round.
-fn repeated(
-    ebpf: &mut Ebpf,
-    ours: &str,
-    empty: &str,
-    frame: &[u8],
-    repeat: u32,
-    rounds: usize,
-) -> Timings {
-    let (mut a, mut b) = (Vec::new(), Vec::new());
+/// The programs one hook's cases compare.
+#[derive(Clone, Copy)]
+pub struct Programs {
+    pub ours: &'static str,
+    pub empty: &'static str,
+    pub floor: &'static str,
+    pub cheapest: &'static str,
+}
+
+/// Mean ns per run over `repeat` runs, median of `rounds`: ours, the empty
+/// program and both floors interleaved round by round.
+fn repeated(ebpf: &mut Ebpf, p: Programs, frame: &[u8], repeat: u32, rounds: usize) -> Timings {
+    let mut ns: [Vec<f64>; 4] = Default::default();
     for _ in 0..rounds {
-        a.push(run(ebpf, ours, frame, repeat).as_nanos() as f64);
-        b.push(run(ebpf, empty, frame, repeat).as_nanos() as f64);
+        for (i, prog) in [p.ours, p.empty, p.floor, p.cheapest].iter().enumerate() {
+            ns[i].push(run(ebpf, prog, frame, repeat).as_nanos() as f64);
+        }
     }
-    Timings { ours: a, empty: b }
+    let [ours, empty, floor, cheapest] = ns;
+    Timings {
+        ours,
+        empty,
+        floor,
+        cheapest,
+    }
 }
 
 /// One run per distinct frame (each one creates a flow or ends a gap), the
@@ -162,7 +234,12 @@ fn single_runs(
         a.push(run(ebpf, ours, f, 1).as_nanos() as f64);
         b.push(run(ebpf, empty, f, 1).as_nanos() as f64);
     }
-    Timings { ours: a, empty: b }
+    Timings {
+        ours: a,
+        empty: b,
+        floor: Vec::new(),
+        cheapest: Vec::new(),
+    }
 }
 
 fn drain(ebpf: &mut Ebpf) {
@@ -267,31 +344,119 @@ pub fn profile_table(stages: &[Stage]) -> String {
     s
 }
 
+/// Each hook's programs and the direction its packets go.
+const HOOKS: [(&str, Programs, Dir); 2] = [
+    (
+        "XDP",
+        Programs {
+            ours: loader::XDP_PROGRAM,
+            empty: BASELINE_XDP,
+            floor: FLOOR_XDP,
+            cheapest: CHEAPEST_XDP,
+        },
+        Dir::In,
+    ),
+    (
+        "TC",
+        Programs {
+            ours: loader::TC_PROGRAM,
+            empty: BASELINE_TC,
+            floor: FLOOR_TC,
+            cheapest: CHEAPEST_TC,
+        },
+        Dir::Out,
+    ),
+];
+
+/// Each hook's programs and direction, for callers outside.
+pub fn hooks() -> [(&'static str, Programs, Dir); 2] {
+    HOOKS
+}
+
+/// The cases `count_quick_cases` counts, in its order.
+pub const QUICK_CASES: [&str; 3] = [
+    "(a) non-TCP packet",
+    "(b) TCP to an untracked port",
+    "(c) packet of an established tracked flow",
+];
+
+const CLIENT: &str = "192.0.2.2";
+const SERVER: &str = "192.0.2.1";
+
+/// Cases (a) and (b): a non-TCP packet (the IPv4 protocol set to UDP) and
+/// TCP to an untracked port, as `dir` sees them.
+fn quick_frames(dir: Dir) -> [Vec<u8>; 2] {
+    let (c, s): (IpAddr, IpAddr) = (CLIENT.parse().unwrap(), SERVER.parse().unwrap());
+    let mut udp = oriented(Tcp::syn(c, s), dir).frame();
+    udp[14 + 9] = 17;
+    let mut other = Tcp::syn(c, s);
+    other.dport = 8080;
+    [udp, oriented(other, dir).frame()]
+}
+
+/// Instructions executed for cases (a), (b) and (c) on one hook: ours and
+/// both floors, by the interpreter over the object (see `insns`). The
+/// handshake runs through our programs first, as in the timed runs.
+pub fn count_quick_cases(p: Programs, dir: Dir) -> Result<[Insns; 3], String> {
+    let mut m = insns::Machine::new(monitor::EBPF_OBJECT)?;
+    let (c, s): (IpAddr, IpAddr) = (CLIENT.parse().unwrap(), SERVER.parse().unwrap());
+    let mut syn = Tcp::syn(c, s);
+    syn.sport = 50000;
+    let mut synack = Tcp::syn(s, c).flags(TCP_SYN | TCP_ACK);
+    synack.sport = 443;
+    synack.dport = 50000;
+    m.run(loader::XDP_PROGRAM, &syn.frame())?;
+    m.run(loader::TC_PROGRAM, &synack.frame())?;
+    m.run(loader::XDP_PROGRAM, &syn.clone().flags(TCP_ACK).frame())?;
+    let ack = oriented(syn.flags(TCP_ACK), dir).frame();
+    let [udp, other] = quick_frames(dir);
+    let mut out = [Insns {
+        ours: 0,
+        floor: 0,
+        cheapest: 0,
+    }; 3];
+    for (i, frame) in [udp, other, ack].iter().enumerate() {
+        // Twice each: the cheapest floor enters its flow on its first packet.
+        let mut n = [0u64; 3];
+        for _ in 0..2 {
+            for (k, prog) in [p.ours, p.floor, p.cheapest].iter().enumerate() {
+                n[k] = m.run(prog, frame)?.1;
+            }
+        }
+        out[i] = Insns {
+            ours: n[0],
+            floor: n[1],
+            cheapest: n[2],
+        };
+    }
+    Ok(out)
+}
+
 /// All cases for both hooks. `repeat` runs per round, `rounds` rounds,
 /// `singles` frames for the flow-creating and gap-ending cases.
 pub fn per_packet(repeat: u32, rounds: usize, singles: usize) -> Vec<Case> {
     let mut ebpf = load();
-    let c: IpAddr = "192.0.2.2".parse().unwrap();
-    let s: IpAddr = "192.0.2.1".parse().unwrap();
+    let c: IpAddr = CLIENT.parse().unwrap();
+    let s: IpAddr = SERVER.parse().unwrap();
     let mut out = Vec::new();
-    for (hook, ours, empty, dir) in [
-        ("XDP", loader::XDP_PROGRAM, BASELINE_XDP, Dir::In),
-        ("TC", loader::TC_PROGRAM, BASELINE_TC, Dir::Out),
-    ] {
-        let mut udp = oriented(Tcp::syn(c, s), dir).frame();
-        udp[14 + 9] = 17;
-        let mut other = Tcp::syn(c, s);
-        other.dport = 8080;
-        let other = oriented(other, dir).frame();
+    for (hook, progs, dir) in HOOKS {
+        let (ours, empty) = (progs.ours, progs.empty);
+        let [udp, other] = quick_frames(dir);
         // An established flow: hand-shake it once, then time its ACKs.
         let ack = established_ack(&mut ebpf, c, s, dir);
-        for (name, frame, target) in [
-            ("(a) non-TCP packet", &udp, Some(1.3)),
-            ("(b) TCP to an untracked port", &other, Some(1.3)),
-            ("(c) packet of an established tracked flow", &ack, Some(3.0)),
-        ] {
-            let t = repeated(&mut ebpf, ours, empty, frame, repeat, rounds);
-            out.push(t.case(hook, name, "repeat", target));
+        let counted = count_quick_cases(progs, dir);
+        for (i, (name, frame, target)) in [
+            (QUICK_CASES[0], &udp, (1.1, Versus::Floor)),
+            (QUICK_CASES[1], &other, (1.1, Versus::Floor)),
+            (QUICK_CASES[2], &ack, (1.3, Versus::Cheapest)),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let t = repeated(&mut ebpf, progs, frame, repeat, rounds);
+            let mut case = t.case(hook, name, "repeat", Some(target));
+            case.insns = counted.as_ref().ok().map(|c| c[i]);
+            out.push(case);
         }
         let base_port = if dir == Dir::In { 10000 } else { 30000 };
         let syns: Vec<Vec<u8>> = (0..singles)
@@ -342,24 +507,47 @@ pub fn per_packet(repeat: u32, rounds: usize, singles: usize) -> Vec<Case> {
     out
 }
 
-/// A Markdown table of the cases.
+/// A Markdown table of the cases: ours against the empty program and both
+/// floors, and the instructions each executes.
 pub fn table(cases: &[Case]) -> String {
-    let mut s = String::from("| hook | case | ours ns/pkt | empty ns/pkt | ratio | ratio of the least | target | |\n|---|---|---|---|---|---|---|---|\n");
+    let mut s = String::from(
+        "| hook | case | ours ns/pkt | empty | floor | cheapest floor | ours / empty | ours / floor \
+         | ours / cheapest | insns ours / floor / cheapest | target | |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let ns = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x:.1}"));
+    let x = |v: Option<f64>| v.map_or(String::new(), |r| format!("{r:.2}x"));
     for c in cases {
-        let (target, verdict) = match c.target {
-            Some(t) if c.ratio() <= t => (format!("<= {t}x"), "met"),
-            Some(t) => (format!("<= {t}x"), "MISSED"),
-            None => ("reported".to_string(), ""),
+        let (target, verdict) = match (c.target, c.target_ratio()) {
+            (Some((t, v)), Some(r)) => (
+                format!("<= {t}x {}", versus_name(v)),
+                if r <= t { "met" } else { "MISSED" },
+            ),
+            _ => ("reported".to_string(), ""),
         };
+        let insns = c.insns.map_or(String::new(), |i| {
+            format!("{} / {} / {}", i.ours, i.floor, i.cheapest)
+        });
         s.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {:.2}x | {:.2}x | {target} | {verdict} |\n",
+            "| {} | {} | {:.1} | {:.1} | {} | {} | {:.2}x | {} | {} | {insns} | {target} | {verdict} |\n",
             c.hook,
             c.name,
             c.ours_ns,
             c.empty_ns,
+            ns(c.floor_ns),
+            ns(c.cheapest_ns),
             c.ratio(),
-            c.min_ratio()
+            x(c.floor_ratio()),
+            x(c.cheapest_ratio()),
         ));
     }
     s
+}
+
+fn versus_name(v: Versus) -> &'static str {
+    match v {
+        Versus::Empty => "empty",
+        Versus::Floor => "floor",
+        Versus::Cheapest => "cheapest",
+    }
 }
