@@ -72,6 +72,31 @@ pub fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Run `cmd` with its output kept back: nothing shown when it succeeds; all
+/// of it (stdout, then stderr) when it fails, so the error is readable.
+/// `XTASK_VERBOSE=1` shows it as it comes.
+pub fn quiet(cmd: &mut Command) -> Result<()> {
+    if std::env::var_os("XTASK_VERBOSE").is_some_and(|v| v == "1") {
+        return run(cmd);
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("running `{}`", describe(cmd)))?;
+    if !out.status.success() {
+        use std::io::Write;
+        crate::progress::break_line();
+        let mut err = std::io::stderr().lock();
+        let _ = err.write_all(&out.stdout);
+        let _ = err.write_all(&out.stderr);
+        return Err(anyhow!(
+            "`{}` failed ({}): its output is above",
+            describe(cmd),
+            out.status
+        ));
+    }
+    Ok(())
+}
+
 /// `cargo <args>` in the current directory, with the terminal's output.
 pub fn cargo(args: &[&str]) -> Result<()> {
     run(Command::new("cargo").args(args))
@@ -187,6 +212,18 @@ mod tests {
         );
         assert!(run(&mut Command::new("false")).is_err());
         assert_eq!(output(Command::new("echo").arg("hi")).unwrap(), "hi\n");
+    }
+
+    #[test]
+    fn a_quiet_command_says_nothing_unless_it_fails() {
+        assert!(quiet(Command::new("sh").args(["-c", "echo chatter"])).is_ok());
+        let e = quiet(Command::new("sh").args(["-c", "echo why >&2; exit 2"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with("failed (exit status: 2): its output is above"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -15,13 +15,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what a fresh machine lacks: rust-src for nightly, bpf-linker,
-    /// Debian packages. Idempotent; checks root and the kernel first.
+    /// Install what the demo needs on a fresh machine: rust-src for nightly,
+    /// bpf-linker, the lab's Debian packages. Idempotent; checks the kernel.
     Setup {
         /// Only what building needs (rust-src, bpf-linker): no kernel checks,
         /// no lab packages. For container builds.
         #[arg(long)]
         build_only: bool,
+        /// Everything the tests, benchmark and fuzzer need too: all Debian
+        /// packages, cargo-fuzz, kubernetes-validate.
+        #[arg(long, conflicts_with = "build_only")]
+        all: bool,
     },
     /// Set up, then run every check and test: fmt, clippy, host unit tests,
     /// the kernel tests (as root, in network namespaces), and the fuzz
@@ -50,10 +54,28 @@ enum Cmd {
         /// Also plot every verdict (silence before the ending, over time) to this PNG.
         #[arg(long)]
         png: Option<PathBuf>,
+        /// The agent, built already: the lab half of a user's demo, run as root.
+        #[arg(long, hide = true)]
+        agent: Option<PathBuf>,
     },
     /// Set up, then measure per-packet cost (BPF_PROG_TEST_RUN), throughput
     /// against tcpdump, a million flows and the event rate; write BENCHMARKS.md.
     Bench,
+    /// Generated scenarios with ground truth (devices, middleboxes, paths
+    /// drawn from a seed), analysed as `monitor analyze` would, scored;
+    /// writes the accuracy table. No root needed.
+    Scenarios {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+        /// Where to write the table (e.g. ACCURACY.md).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// List every miss (the table lists the first of each figure).
+        #[arg(long)]
+        all_misses: bool,
+    },
     /// Lab housekeeping.
     Lab {
         #[command(subcommand)]
@@ -67,9 +89,20 @@ enum LabCmd {
     Down,
 }
 
-fn main() -> Result<()> {
+/// Errors on one line (their causes joined), for the person at the terminal.
+fn main() -> std::process::ExitCode {
+    match dispatch() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch() -> Result<()> {
     match Cli::parse().command {
-        Cmd::Setup { build_only } => setup(build_only),
+        Cmd::Setup { build_only, all } => setup(build_only, all),
         Cmd::Test => test(),
         Cmd::Soak { seconds } => xtask::soak::run_and_check(seconds),
         Cmd::Fuzz { seconds } => fuzz(seconds),
@@ -77,27 +110,38 @@ fn main() -> Result<()> {
             scenario,
             seconds,
             png,
-        } => demo(scenario, seconds, png),
+            agent,
+        } => demo(scenario, seconds, png, agent),
         Cmd::Bench => xtask::bench::run(),
+        Cmd::Scenarios {
+            seed,
+            count,
+            out,
+            all_misses,
+        } => xtask::scenarios::run(seed, count, out.as_deref(), all_misses),
         Cmd::Lab { cmd: LabCmd::Down } => lab_down(),
     }
 }
 
-fn setup(build_only: bool) -> Result<()> {
+fn setup(build_only: bool, all: bool) -> Result<()> {
+    use xtask::setup::{setup_build, setup_for, Needs};
     if build_only {
-        xtask::setup::setup_build()
-    } else {
-        xtask::setup::setup()
+        return setup_build();
     }
+    let needs = if all { Needs::Everything } else { Needs::Demo };
+    setup_for(needs, &xtask::elevate::detect("setup")?)
 }
 
 fn test() -> Result<()> {
-    xtask::setup::setup()?;
+    let root = xtask::elevate::detect("the tests")?;
+    root.ask_up_front("test")?;
+    xtask::setup::setup_for(xtask::setup::Needs::Everything, &root)?;
     cargo(&["fmt", "--all", "--", "--check"])?;
     // Default members: the user-space crates (the eBPF crate builds from monitor/build.rs).
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     cargo(&["build", "--bins"])?;
-    cargo(&["test"])?;
+    // Only the test binaries run as root (the kernel tests), through sudo for a user.
+    xtask::cmd::run(&mut xtask::elevate::cargo_test(&root)?)?;
     xtask::contract::check_ebpf_rebuilds_on_shared_change()?;
     xtask::setup::fuzz(60)
 }
@@ -107,9 +151,14 @@ fn fuzz(seconds: u64) -> Result<()> {
     xtask::setup::fuzz(seconds)
 }
 
-fn demo(scenario: Option<PathBuf>, seconds: Option<u64>, png: Option<PathBuf>) -> Result<()> {
+fn demo(
+    scenario: Option<PathBuf>,
+    seconds: Option<u64>,
+    png: Option<PathBuf>,
+    agent: Option<PathBuf>,
+) -> Result<()> {
     let s = scenario.unwrap_or_else(xtask::demo::default_scenario);
-    xtask::demo::run(&s, seconds, png.as_deref())
+    xtask::demo::run(&s, seconds, png.as_deref(), agent.as_deref())
 }
 
 fn lab_down() -> Result<()> {

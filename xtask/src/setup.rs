@@ -1,5 +1,7 @@
-//! `cargo xtask setup`: everything a fresh machine of this kind lacks, done
-//! idempotently (each step checks first, so a second run takes a second).
+//! `cargo xtask setup`: what a fresh machine of this kind lacks, per command
+//! (the demo needs less than the tests), done idempotently: each step checks
+//! first, so a second run takes a second. One line per step, with its
+//! duration; an installer's output only when it fails.
 
 use std::{
     fs,
@@ -9,21 +11,54 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::cmd::{output, run};
+use crate::{
+    cmd::{output, quiet, run},
+    elevate::Elevation,
+    progress::step,
+};
 
-/// Debian packages the tests, the lab and the demo use.
-pub const DEBIAN_PACKAGES: &[&str] = &[
-    "iproute2",    // ip netns, veth
-    "nftables",    // lab middleboxes
-    "conntrack",   // lab middleboxes (inspection)
-    "haproxy",     // lab full-proxy path
-    "tcpdump",     // captures for offline analysis
-    "iperf3",      // throughput benchmark
-    "procps",      // sysctl
-    "prometheus",  // promtool check metrics; the server for the alerting lab
-    "gnuplot-nox", // the demo's --png plot
-    "curl",        // the /metrics TLS and basic-auth test
+/// What a command needs set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Needs {
+    /// Building the agent: the nightly's rust-src and bpf-linker (containers).
+    Build,
+    /// The demo: building, and the lab's packages.
+    Demo,
+    /// The demo with `--png`: also gnuplot.
+    DemoPlot,
+    /// The tests, the benchmark, the soak, the fuzzer: everything.
+    Everything,
+}
+
+/// Debian packages, and whether the demo's lab uses them (the rest are for
+/// the tests, the benchmark and the plot).
+const PACKAGES: &[(&str, bool)] = &[
+    ("iproute2", true),      // ip netns, veth
+    ("nftables", true),      // lab middleboxes
+    ("conntrack", true),     // lab middleboxes (inspection)
+    ("haproxy", true),       // lab full-proxy path
+    ("procps", true),        // sysctl
+    ("tcpdump", false),      // captures for offline analysis
+    ("iperf3", false),       // throughput benchmark
+    ("prometheus", false),   // promtool check metrics; the server for the alerting lab
+    ("gnuplot-nox", false),  // the demo's --png plot
+    ("curl", false),         // the /metrics TLS and basic-auth test
+    ("python3-venv", false), // kubernetes-validate's virtualenv
 ];
+
+/// The Debian packages `needs` asks for.
+pub fn debian_packages(needs: Needs) -> Vec<&'static str> {
+    PACKAGES
+        .iter()
+        .filter(|(name, demo)| match needs {
+            Needs::Build => false,
+            Needs::Demo => *demo,
+            Needs::DemoPlot => *demo || *name == "gnuplot-nox",
+            Needs::Everything => true,
+        })
+        .map(|(name, _)| *name)
+        .collect()
+}
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -35,8 +70,9 @@ pub fn check_root() -> Result<()> {
     Ok(())
 }
 
-/// The kernel must have BTF, bpffs and be recent enough for what we use.
-pub fn check_kernel() -> Result<()> {
+/// The kernel must have BTF, bpffs and be recent enough for what we use;
+/// its release, when it does.
+pub fn check_kernel() -> Result<String> {
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         bail!("the kernel has no BTF (/sys/kernel/btf/vmlinux missing): a kernel built with CONFIG_DEBUG_INFO_BTF=y is needed");
     }
@@ -55,7 +91,7 @@ pub fn check_kernel() -> Result<()> {
     if !Path::new("/sys/fs/bpf").exists() {
         bail!("/sys/fs/bpf is missing: the kernel lacks BPF filesystem support");
     }
-    Ok(())
+    Ok(format!("Linux {}", release.trim()))
 }
 
 fn nightly_has_rust_src() -> Result<bool> {
@@ -69,21 +105,31 @@ fn nightly_has_rust_src() -> Result<bool> {
     Ok(out.lines().any(|l| l.starts_with("rust-src")))
 }
 
-pub fn ensure_rust_src() -> Result<()> {
-    if !nightly_has_rust_src().unwrap_or(false) {
-        println!("setup: adding rust-src to the nightly toolchain");
-        run(Command::new("rustup").args([
+/// The nightly toolchain with rust-src (the eBPF programs build with
+/// `-Z build-std=core`); installed with it when rustup lacks it.
+pub fn ensure_rust_src() -> Result<&'static str> {
+    match nightly_has_rust_src() {
+        Ok(true) => return Ok("already there"),
+        Ok(false) => quiet(Command::new("rustup").args([
             "component",
             "add",
             "rust-src",
             "--toolchain",
             "nightly",
-        ]))
-        .context(
-            "the eBPF programs build with nightly and -Z build-std=core, which needs rust-src",
-        )?;
+        ])),
+        // No nightly at all: a fresh rustup.
+        Err(_) => quiet(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ])),
     }
-    Ok(())
+    .context("the eBPF programs build with nightly and -Z build-std=core, which needs rust-src")?;
+    Ok("installed")
 }
 
 fn bpf_linker_ok() -> bool {
@@ -93,9 +139,9 @@ fn bpf_linker_ok() -> bool {
 
 /// bpf-linker, built against the nightly toolchain's own libLLVM (there is no
 /// prebuilt binary to download here).
-pub fn ensure_bpf_linker() -> Result<()> {
+pub fn ensure_bpf_linker() -> Result<&'static str> {
     if bpf_linker_ok() {
-        return Ok(());
+        return Ok("already there");
     }
     let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
     let lib = PathBuf::from(sysroot.trim()).join("lib");
@@ -128,33 +174,31 @@ pub fn ensure_bpf_linker() -> Result<()> {
         std::os::unix::fs::symlink(&libllvm, &link)
             .with_context(|| format!("linking {} to {}", link.display(), libllvm.display()))?;
     }
-    println!(
-        "setup: building bpf-linker {BPF_LINKER_VERSION} against {} (about a minute)",
-        libllvm.display()
-    );
-    run(Command::new("cargo")
-        .args([
-            "install",
-            "bpf-linker",
-            "--version",
-            BPF_LINKER_VERSION,
-            "--locked",
-            "--force",
-            "--no-default-features",
-            "--features",
-            &format!("llvm-{llvm_major}"),
-        ])
-        .env("LLVM_PREFIX", &prefix))?;
+    quiet(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--force",
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{llvm_major}"),
+            ])
+            .env("LLVM_PREFIX", &prefix),
+    )?;
     if !bpf_linker_ok() {
         bail!(
             "bpf-linker was installed but `bpf-linker --version` fails: is ~/.cargo/bin on PATH?"
         );
     }
-    Ok(())
+    Ok("built")
 }
 
-fn missing_packages() -> Vec<&'static str> {
-    DEBIAN_PACKAGES
+fn missing_packages(wanted: &[&'static str]) -> Vec<&'static str> {
+    wanted
         .iter()
         .copied()
         .filter(|p| {
@@ -164,56 +208,84 @@ fn missing_packages() -> Vec<&'static str> {
         .collect()
 }
 
-pub fn ensure_packages() -> Result<()> {
-    let missing = missing_packages();
+/// Install what `wanted` lacks, as root (through sudo for a user).
+pub fn ensure_packages(wanted: &[&'static str], root: &Elevation) -> Result<String> {
+    let missing = missing_packages(wanted);
     if missing.is_empty() {
-        return Ok(());
+        return Ok("already there".into());
     }
-    println!("setup: installing Debian packages {missing:?}");
-    run(Command::new("apt-get").arg("update").arg("-q"))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    Ok(())
+    quiet(root.command("apt-get").args(["update", "-q"]))?;
+    quiet(
+        root.command("env")
+            .arg("DEBIAN_FRONTEND=noninteractive")
+            .args(["apt-get", "install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing),
+    )?;
+    Ok(format!("installed {}", missing.join(" ")))
 }
 
 /// Only what building the agent needs (container builds).
 pub fn setup_build() -> Result<()> {
-    ensure_rust_src()?;
-    ensure_bpf_linker()
+    setup_for(Needs::Build, &Elevation::Root)
 }
 
 /// Python packages the deployment checks use (manifest validation).
 pub const PYTHON_PACKAGES: &[&str] = &["kubernetes-validate"];
 
-pub fn ensure_python_packages() -> Result<()> {
-    for p in PYTHON_PACKAGES {
-        let present = output(Command::new("python3").args(["-m", "pip", "show", "-q", p])).is_ok();
-        if !present {
-            println!("setup: installing the Python package {p}");
-            run(Command::new("python3").args(["-m", "pip", "install", "-q", p]))?;
-        }
+/// Our own virtualenv: Debian's Python refuses pip outside one (PEP 668).
+fn python_venv() -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    PathBuf::from(home).join(".cache/monitor-setup/venv")
+}
+
+/// Put the virtualenv's programs on this process's PATH, so the tests find
+/// `kubernetes-validate` (cargo passes PATH on; so does the sudo runner).
+fn put_venv_on_path() {
+    let bin = python_venv().join("bin");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|d| d == bin) {
+        return;
     }
-    Ok(())
+    let dirs = std::iter::once(bin).chain(std::env::split_paths(&path));
+    if let Ok(joined) = std::env::join_paths(dirs) {
+        // Single-threaded here: set-up runs before anything is spawned.
+        std::env::set_var("PATH", joined);
+    }
+}
+
+/// `kubernetes-validate` on PATH (a Python of the user's own) or in our virtualenv.
+pub fn ensure_python_packages() -> Result<&'static str> {
+    put_venv_on_path();
+    if output(Command::new("kubernetes-validate").arg("--version")).is_ok() {
+        return Ok("already there");
+    }
+    let venv = python_venv();
+    quiet(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+        .context("making a Python virtualenv (Debian package python3-venv)")?;
+    quiet(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "-q"])
+            .args(PYTHON_PACKAGES),
+    )?;
+    Ok("installed")
 }
 
 pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// cargo-fuzz, for the fuzz target (`fuzz/`).
-pub fn ensure_cargo_fuzz() -> Result<()> {
+pub fn ensure_cargo_fuzz() -> Result<&'static str> {
     let ok = output(Command::new("cargo").args(["fuzz", "--version"])).is_ok();
     if !ok {
-        println!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
-        run(Command::new("cargo").args([
+        quiet(Command::new("cargo").args([
             "install",
             "cargo-fuzz",
             "--version",
             CARGO_FUZZ_VERSION,
             "--locked",
         ]))?;
+        return Ok("installed");
     }
-    Ok(())
+    Ok("already there")
 }
 
 /// Fuzz the shared parser and state machine for `seconds` (libFuzzer under
@@ -238,14 +310,65 @@ pub fn fuzz(seconds: u64) -> Result<()> {
         .arg("-print_final_stats=1"))
 }
 
-/// Everything, in order. Fast when already done.
+/// What `needs` asks for, in order, one line per step. The per-user tools
+/// (rustup's, cargo's) install as the user; Debian packages as root.
+pub fn setup_for(needs: Needs, root: &Elevation) -> Result<()> {
+    const P: &str = "setup";
+    if needs != Needs::Build {
+        step(P, "kernel: BTF, bpffs, Linux 5.8 or newer", |_| {
+            check_kernel()
+        })?;
+    }
+    step(P, "nightly toolchain with rust-src", |s| {
+        s.update("installing");
+        ensure_rust_src()
+    })?;
+    step(P, &format!("bpf-linker {BPF_LINKER_VERSION}"), |s| {
+        s.update("building (about a minute)");
+        ensure_bpf_linker()
+    })?;
+    let packages = debian_packages(needs);
+    if !packages.is_empty() {
+        let name = format!("{} Debian packages", packages.len());
+        step(P, &name, |s| {
+            s.update("checking, installing what is missing");
+            ensure_packages(&packages, root)
+        })?;
+    }
+    if needs == Needs::Everything {
+        step(P, &format!("cargo-fuzz {CARGO_FUZZ_VERSION}"), |s| {
+            s.update("checking, building if missing (about a minute)");
+            ensure_cargo_fuzz()
+        })?;
+        step(P, "kubernetes-validate (Python)", |s| {
+            s.update("checking, installing if missing");
+            ensure_python_packages()
+        })?;
+    }
+    Ok(())
+}
+
+/// Everything, as root (the benchmark, the soak, the fuzzer).
 pub fn setup() -> Result<()> {
     check_root()?;
-    check_kernel()?;
-    ensure_rust_src()?;
-    ensure_bpf_linker()?;
-    ensure_cargo_fuzz()?;
-    ensure_packages()?;
-    ensure_python_packages()?;
-    Ok(())
+    setup_for(Needs::Everything, &Elevation::Root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_installs_neither_the_test_tools_nor_gnuplot() {
+        let demo = debian_packages(Needs::Demo);
+        for p in ["iproute2", "nftables", "haproxy"] {
+            assert!(demo.contains(&p), "{p}");
+        }
+        for p in ["gnuplot-nox", "prometheus", "iperf3", "curl", "tcpdump"] {
+            assert!(!demo.contains(&p), "{p}");
+        }
+        assert!(debian_packages(Needs::DemoPlot).contains(&"gnuplot-nox"));
+        assert_eq!(debian_packages(Needs::Everything).len(), PACKAGES.len());
+        assert!(debian_packages(Needs::Build).is_empty());
+    }
 }
