@@ -143,8 +143,16 @@ fn parse_link(link: DataLink, data: &[u8]) -> Option<Result<Packet, ParseError>>
     })
 }
 
-struct Engine<'a> {
+/// Sees every output of the pipeline and every second of capture time,
+/// with the detector as it then is: what the agent's metrics see live.
+pub trait Observer {
+    fn output(&mut self, out: &Output, det: &detector::Detector);
+    fn tick(&mut self, now_ns: u64, det: &detector::Detector);
+}
+
+struct Engine<'a, 'o> {
     opts: &'a AnalyzeOptions,
+    observer: Option<&'o mut (dyn Observer + 'o)>,
     limits: Limits,
     replay: Replay,
     pipeline: Pipeline,
@@ -160,8 +168,13 @@ struct Engine<'a> {
     dropped: Vec<FlowKey>,
 }
 
-impl Engine<'_> {
+impl Engine<'_, '_> {
     fn absorb(&mut self, out: Vec<Output>) {
+        if let Some(obs) = self.observer.as_deref_mut() {
+            for o in &out {
+                obs.output(o, self.pipeline.detector());
+            }
+        }
         for o in out {
             if let Output::Detector(detector::Output::Verdict(v)) = o {
                 self.list(v);
@@ -193,6 +206,9 @@ impl Engine<'_> {
             self.last_tick_ns = ns;
             let out = self.pipeline.tick(ns);
             self.absorb(out);
+            if let Some(obs) = self.observer.as_deref_mut() {
+                obs.tick(ns, self.pipeline.detector());
+            }
         }
         if ns.saturating_sub(self.last_sweep_ns) >= SWEEP_EVERY_NS {
             self.last_sweep_ns = ns;
@@ -354,11 +370,23 @@ pub fn analyze_within(
     opts: &AnalyzeOptions,
     limits: Limits,
 ) -> Result<Analysis, AnalyzeError> {
+    analyze_observed(path, opts, limits, None)
+}
+
+/// As [`analyze_within`], showing `observer` what the pipeline says as
+/// capture time passes.
+pub fn analyze_observed(
+    path: &Path,
+    opts: &AnalyzeOptions,
+    limits: Limits,
+    observer: Option<&mut dyn Observer>,
+) -> Result<Analysis, AnalyzeError> {
     let (opts, inferred) = resolve_ports(path, opts)?;
     let pipeline =
         Pipeline::new(opts.detector.clone()).map_err(|e| AnalyzeError::Options(e.to_string()))?;
     let mut e = Engine {
         opts: &opts,
+        observer,
         limits,
         replay: Replay::with_capacity(kernel_config(&opts), limits.flow_table),
         pipeline,
@@ -380,7 +408,7 @@ pub fn analyze_within(
     e.finish(path)
 }
 
-impl Engine<'_> {
+impl Engine<'_, '_> {
     fn record(&mut self, r: Record) {
         match r {
             Record::Packet {
@@ -418,6 +446,13 @@ impl Engine<'_> {
         // Time ends with the capture: unanswered retransmissions older than the
         // black-hole delay by then are black holes; newer ones stay open.
         let out = self.pipeline.tick(self.last_ns);
+        self.absorb(out);
+        // The capture ends before the next events that would prove the
+        // last silences survived; the table knows when clients were heard.
+        let flows = self.replay.flows();
+        let out = self
+            .pipeline
+            .settle(self.last_ns, |k| flows.get(k).map(|f| f.last_in_ns));
         self.absorb(out);
         let report = self.pipeline.report();
         Ok(Analysis {

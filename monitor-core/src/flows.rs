@@ -164,7 +164,14 @@ impl FlowSnapshot {
 
     /// Whether the walk found `key`; the entries must be sorted by key.
     pub fn contains(&self, key: &FlowKey) -> bool {
-        self.entries.binary_search_by(|e| e.0.cmp(key)).is_ok()
+        self.get(key).is_some()
+    }
+
+    pub fn get(&self, key: &FlowKey) -> Option<&Flow> {
+        self.entries
+            .binary_search_by(|e| e.0.cmp(key))
+            .ok()
+            .map(|i| &self.entries[i].1)
     }
 }
 

@@ -16,6 +16,7 @@ pub mod pipeline;
 pub mod query;
 pub mod render;
 pub mod replay;
+pub mod scenario;
 
 pub use config::{AgentConfig, ConfigError, FileConfig, XdpModeSetting};
 pub use event::FlowEvent;

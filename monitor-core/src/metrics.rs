@@ -151,7 +151,7 @@ fn kernel_metric(c: Counter) -> (&'static str, &'static str) {
     match c {
         Counter::PacketsSeen => (
             "kernel_packets_seen_total",
-            "Packets the kernel programs saw.",
+            "Packets the kernel programs parsed in full (TCP to a tracked port, or not settled by a first glance); other traffic is not counted.",
         ),
         Counter::PacketsTracked => (
             "kernel_packets_tracked_total",

@@ -96,6 +96,16 @@ impl Pipeline {
         wrap(self.detector.retire_missing(now_ns, present))
     }
 
+    /// Silences proven survived by the flow table (the client's last
+    /// packet), with no event to say so yet: see [`Detector::settle`].
+    pub fn settle(
+        &mut self,
+        now_ns: u64,
+        last_heard: impl Fn(&FlowKey) -> Option<u64>,
+    ) -> Vec<Output> {
+        wrap(self.detector.settle(now_ns, last_heard))
+    }
+
     pub fn detector(&self) -> &Detector {
         &self.detector
     }

@@ -70,16 +70,20 @@ impl Shared {
         }
     }
 
-    /// Apply a scan of the kernel tables: keep it for queries, and retire
-    /// flows that left the flow table.
+    /// Apply a scan of the kernel tables: keep it for queries, retire
+    /// flows that left the flow table, and count the silences their clients
+    /// were heard after (as `analyze` does at the end of a capture).
     pub fn apply_scan(&mut self, scan: Scan) {
         self.half_open_entries = scan.half_open_entries;
         let snap = Arc::new(scan.flows);
+        let now = clock::boot_ns();
+        let out = self.pipeline.retire_missing(now, |k| snap.contains(k));
+        self.absorb(out);
         let out = self
             .pipeline
-            .retire_missing(clock::boot_ns(), |k| snap.contains(k));
-        self.snapshot = snap;
+            .settle(now, |k| snap.get(k).map(|f| f.last_in_ns));
         self.absorb(out);
+        self.snapshot = snap;
     }
 
     pub fn paths(&self) -> Paths {

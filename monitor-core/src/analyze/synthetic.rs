@@ -13,6 +13,7 @@ use std::{
     collections::BinaryHeap,
     fs::File,
     io::{BufWriter, Write},
+    net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -316,8 +317,7 @@ pub fn write(path: &Path, spec: &Spec) -> Result<Written, SyntheticError> {
         path: path.to_path_buf(),
         message: e.to_string(),
     };
-    let file = File::create(path).map_err(|e| err(&e))?;
-    let mut sink = Sink::new(BufWriter::with_capacity(1 << 20, file), spec).map_err(|e| err(&e))?;
+    let mut sink = Sink::create(path, spec.format, spec.snaplen)?;
     let mut g = Gen::new(*spec);
     for slot in 0..spec.concurrent as usize {
         g.start(slot, EPOCH_NS);
@@ -350,30 +350,87 @@ pub fn write(path: &Path, spec: &Spec) -> Result<Written, SyntheticError> {
 /// Ethernet, IPv4 (checksummed), TCP (checksum left zero: the monitor never
 /// reads it), and the payload's bytes (zeros; only their count matters).
 fn build_frame(f: &mut Vec<u8>, client: [u8; 4], port: u16, p: &Pkt) {
+    let (client, server) = (IpAddr::from(client), IpAddr::from(SERVER));
     let (src, dst, sport, dport) = if p.inbound {
-        (client, SERVER, port, 443)
+        (client, server, port, 443)
     } else {
-        (SERVER, client, 443, port)
+        (server, client, 443, port)
     };
-    let ip_len = 40 + p.payload;
+    let seg = Segment {
+        src,
+        dst,
+        sport,
+        dport,
+        seq: p.seq,
+        ack: if p.flags & TCP_ACK != 0 { p.ack } else { 0 },
+        flags: p.flags,
+        window: 0xfaf0,
+        ttl: p.ttl,
+        ip_id: p.seq as u16,
+        payload: p.payload,
+    };
+    build_segment(f, &seg);
+}
+
+/// One TCP segment as it crossed the wire: what a frame is built from.
+/// Shared by every generator of captures (this one, [`crate::scenario`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Segment {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    pub window: u16,
+    /// TTL (IPv4) or hop limit (IPv6).
+    pub ttl: u8,
+    /// IPv4 only (IPv6 has none).
+    pub ip_id: u16,
+    /// Payload bytes (written as zeros: only their count matters).
+    pub payload: u16,
+}
+
+/// Ethernet, IPv4 (checksummed) or IPv6, TCP (checksum left zero: the
+/// monitor never reads it), and the payload. Mixed families fall back to
+/// IPv4-mapped addresses in an IPv6 header.
+pub(crate) fn build_segment(f: &mut Vec<u8>, s: &Segment) {
     f.clear();
-    f.extend_from_slice(&[2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00]);
-    let ip_start = f.len();
-    f.extend_from_slice(&[0x45, 0]);
-    f.extend_from_slice(&ip_len.to_be_bytes());
-    f.extend_from_slice(&(p.seq as u16).to_be_bytes());
-    f.extend_from_slice(&[0x40, 0, p.ttl, 6, 0, 0]);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&dst);
-    let sum = checksum(&f[ip_start..]);
-    f[ip_start + 10..ip_start + 12].copy_from_slice(&sum.to_be_bytes());
-    f.extend_from_slice(&sport.to_be_bytes());
-    f.extend_from_slice(&dport.to_be_bytes());
-    f.extend_from_slice(&p.seq.to_be_bytes());
-    let ack = if p.flags & TCP_ACK != 0 { p.ack } else { 0 };
-    f.extend_from_slice(&ack.to_be_bytes());
-    f.extend_from_slice(&[0x50, p.flags, 0xfa, 0xf0, 0, 0, 0, 0]);
-    f.resize(f.len() + usize::from(p.payload), 0);
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2]);
+    match (s.src, s.dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            f.extend_from_slice(&[0x08, 0x00]);
+            let ip_start = f.len();
+            f.extend_from_slice(&[0x45, 0]);
+            f.extend_from_slice(&(40 + s.payload).to_be_bytes());
+            f.extend_from_slice(&s.ip_id.to_be_bytes());
+            f.extend_from_slice(&[0x40, 0, s.ttl, 6, 0, 0]);
+            f.extend_from_slice(&src.octets());
+            f.extend_from_slice(&dst.octets());
+            let sum = checksum(&f[ip_start..]);
+            f[ip_start + 10..ip_start + 12].copy_from_slice(&sum.to_be_bytes());
+        }
+        (src, dst) => {
+            let v6 = |a: IpAddr| match a {
+                IpAddr::V6(a) => a.octets(),
+                IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            };
+            f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+            f.extend_from_slice(&(20 + s.payload).to_be_bytes());
+            f.extend_from_slice(&[6, s.ttl]);
+            f.extend_from_slice(&v6(src));
+            f.extend_from_slice(&v6(dst));
+        }
+    }
+    f.extend_from_slice(&s.sport.to_be_bytes());
+    f.extend_from_slice(&s.dport.to_be_bytes());
+    f.extend_from_slice(&s.seq.to_be_bytes());
+    f.extend_from_slice(&s.ack.to_be_bytes());
+    f.extend_from_slice(&[0x50, s.flags]);
+    f.extend_from_slice(&s.window.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 0]);
+    f.resize(f.len() + usize::from(s.payload), 0);
 }
 
 fn checksum(b: &[u8]) -> u16 {
@@ -388,14 +445,33 @@ fn checksum(b: &[u8]) -> u16 {
 }
 
 /// Where the packets go, in the format asked for.
-enum Sink {
+pub(crate) enum Sink {
     Pcap(BufWriter<File>, u32),
     PcapNg(Box<PcapNgWriter<BufWriter<File>>>, u32),
 }
 
 impl Sink {
-    fn new(mut w: BufWriter<File>, spec: &Spec) -> Result<Sink, Box<dyn std::error::Error>> {
-        match spec.format {
+    /// A capture file at `path`, its header written.
+    pub(crate) fn create(
+        path: &Path,
+        format: Format,
+        snaplen: u32,
+    ) -> Result<Sink, SyntheticError> {
+        let err = |e: &dyn std::fmt::Display| SyntheticError {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let file = File::create(path).map_err(|e| err(&e))?;
+        let w = BufWriter::with_capacity(1 << 20, file);
+        Sink::new(w, format, snaplen).map_err(|e| err(&*e))
+    }
+
+    fn new(
+        mut w: BufWriter<File>,
+        format: Format,
+        snaplen: u32,
+    ) -> Result<Sink, Box<dyn std::error::Error>> {
+        match format {
             Format::Pcap => {
                 // Microsecond pcap, little-endian, Ethernet.
                 let mut h = Vec::with_capacity(24);
@@ -403,26 +479,30 @@ impl Sink {
                 h.extend_from_slice(&2u16.to_le_bytes());
                 h.extend_from_slice(&4u16.to_le_bytes());
                 h.extend_from_slice(&[0; 8]);
-                h.extend_from_slice(&spec.snaplen.to_le_bytes());
+                h.extend_from_slice(&snaplen.to_le_bytes());
                 h.extend_from_slice(&1u32.to_le_bytes());
                 w.write_all(&h)?;
-                Ok(Sink::Pcap(w, spec.snaplen))
+                Ok(Sink::Pcap(w, snaplen))
             }
             Format::PcapNg => {
                 let mut ng = PcapNgWriter::new(w)?;
                 ng.write_pcapng_block(InterfaceDescriptionBlock {
                     linktype: DataLink::ETHERNET,
-                    snaplen: spec.snaplen,
+                    snaplen,
                     // Timestamps in nanoseconds (the default is microseconds).
                     options: vec![InterfaceDescriptionOption::IfTsResol(9)],
                 })?;
-                Ok(Sink::PcapNg(Box::new(ng), spec.snaplen))
+                Ok(Sink::PcapNg(Box::new(ng), snaplen))
             }
         }
     }
 
     /// Write one frame seen at `at_ns`; the bytes it took.
-    fn packet(&mut self, at_ns: u64, frame: &[u8]) -> Result<u64, Box<dyn std::error::Error>> {
+    pub(crate) fn packet(
+        &mut self,
+        at_ns: u64,
+        frame: &[u8],
+    ) -> Result<u64, Box<dyn std::error::Error>> {
         match self {
             Sink::Pcap(w, snaplen) => {
                 let cap = frame.len().min(*snaplen as usize);
@@ -449,7 +529,7 @@ impl Sink {
         }
     }
 
-    fn finish(self) -> Result<(), Box<dyn std::error::Error>> {
+    pub(crate) fn finish(self) -> Result<(), Box<dyn std::error::Error>> {
         let mut w = match self {
             Sink::Pcap(w, _) => w,
             Sink::PcapNg(w, _) => w.into_inner(),

@@ -52,7 +52,7 @@ pub(super) struct CloseFacts {
     pub after_server_gap: Option<ServerSend>,
     /// The next-packet window for this flow (seconds).
     pub window_s: f64,
-    /// The silence the server's unanswered retransmission followed, if one was pending.
+    /// An unanswered retransmission was pending (the silence it followed).
     pub suspect_silence: Option<f64>,
     /// The heartbeat in force, if known (seconds).
     pub heartbeat: Option<f64>,
@@ -120,12 +120,16 @@ pub(super) fn forged_signals(ev: &FlowEvent) -> Vec<Signal> {
 
 /// How a flow ended (pure). Adjusts the evidence to what decided it.
 pub(super) fn classify_close(c: &CloseFacts, evidence: &mut Evidence) -> Ending {
-    if let Some(silence) = c.suspect_silence {
-        // It died while the server's retransmission went unanswered.
-        evidence.silence_seconds = silence;
+    // The server gives up on a send still unanswered: its client did not
+    // come back within `black_hole_after` (that would have made it a black
+    // hole), so from here it went dark (out of coverage, switched off).
+    if c.suspect_silence.is_some() && c.dir == Dir::Out {
         evidence.server_owed_answer = true;
-        evidence.note = Some("closed while a retransmission was unanswered".into());
-        return Ending::BlackHole;
+        evidence.note = Some(
+            "the client went dark: the server's send was retransmitted unanswered and the client did not come back"
+                .into(),
+        );
+        return Ending::Vanished;
     }
     match (c.dir, c.rst) {
         (Dir::Out, true) => Ending::ServerReset,
@@ -161,6 +165,9 @@ fn classify_client_side_reset(c: &CloseFacts, evidence: &mut Evidence) -> Ending
     if after_silence && before_heartbeat {
         signals.push(Signal::BeforeHeartbeat);
     }
+    if c.owed {
+        signals.push(Signal::AnswerOwed);
+    }
     signals.extend(c.forged.iter().copied());
     let ending = if c.ttl_is_clients == Some(false) {
         if !after_silence {
@@ -179,9 +186,10 @@ fn classify_client_side_reset(c: &CloseFacts, evidence: &mut Evidence) -> Ending
 }
 
 /// Where the TTL cannot tell, an RST after a silence is a box's when its
-/// window is not the client's and one more field says so (its IP ID, no
-/// ACK, or a silence shorter than the heartbeat: the client had no reason
-/// to give up). The client's own RST of its connection carries its window.
+/// window is not the client's and one more sign says so (its IP ID, no
+/// ACK, a silence shorter than the heartbeat, or a request still owed an
+/// answer: the client had no reason to give up). The client's own RST of
+/// its connection, and a full proxy's, carry their window.
 fn forged_where_ttl_is_silent(signals: &[Signal]) -> bool {
     let has = |s| signals.contains(&s);
     let more = [
@@ -189,6 +197,7 @@ fn forged_where_ttl_is_silent(signals: &[Signal]) -> bool {
         Signal::IpIdOffPattern,
         Signal::RstWithoutAck,
         Signal::BeforeHeartbeat,
+        Signal::AnswerOwed,
     ]
     .into_iter()
     .filter(|s| has(*s))
@@ -206,7 +215,8 @@ pub(super) fn is_premature(
     min_silence: f64,
 ) -> bool {
     match ending {
-        Ending::ResetOnNextPacket | Ending::BlackHole => true,
+        // Forgetting after a silence; without one, no timer expired.
+        Ending::ResetOnNextPacket | Ending::BlackHole => e.silence_seconds >= min_silence,
         Ending::InjectedReset | Ending::ProxyTimeout => {
             e.silence_seconds >= min_silence
                 && (e.server_owed_answer || heartbeat.is_some_and(|h| e.silence_seconds < h))

@@ -154,6 +154,8 @@ pub enum Signal {
     /// The silence was shorter than the heartbeat in force: the client had
     /// no reason to give up.
     BeforeHeartbeat,
+    /// The client's request was unanswered: it was waiting, not leaving.
+    AnswerOwed,
 }
 
 impl Signal {
@@ -169,6 +171,7 @@ impl Signal {
             Signal::WindowOffClient => "window_off_client",
             Signal::RstWithoutAck => "rst_without_ack",
             Signal::BeforeHeartbeat => "before_heartbeat",
+            Signal::AnswerOwed => "answer_owed",
         }
     }
 }

@@ -53,6 +53,9 @@ struct Gap {
     payload: bool,
     /// When the packet that ended it was seen (boot-time ns).
     end_ns: u64,
+    /// The server answered a request with it, after holding it this long
+    /// (seconds): a heartbeat sample once the answer is proven delivered.
+    hold_s: Option<f64>,
 }
 
 impl Gap {
@@ -61,10 +64,15 @@ impl Gap {
     /// server's send that did). A server send alone proves nothing: a
     /// middlebox that forgot the flow drops or resets what follows.
     fn proven_by(&self, ev: &FlowEvent) -> bool {
-        let heard_after = |since: std::time::Duration| {
+        self.dir == Dir::In || ev.dir == Dir::In || self.heard_after(ev)
+    }
+
+    /// The client was heard after the packet that ended this silence and
+    /// before `ev` (which may be a box's RST, and proves nothing itself).
+    fn heard_after(&self, ev: &FlowEvent) -> bool {
+        ev.since_client().is_some_and(|since| {
             since.as_nanos() < u128::from(ev.raw.ts_ns.saturating_sub(self.end_ns))
-        };
-        self.dir == Dir::In || ev.dir == Dir::In || ev.since_client().is_some_and(heard_after)
+        })
     }
 }
 
@@ -72,6 +80,10 @@ impl Gap {
 struct Suspect {
     since_ns: u64,
     silence_s: f64,
+    /// When the device's own wait for that answer runs out at the latest:
+    /// its request plus the heartbeat to cover. A device that got no
+    /// answer reconnects by then, plus `black_hole_after`.
+    gives_up_ns: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -119,28 +131,92 @@ fn handshake_rtt(ev: &FlowEvent) -> Option<f64> {
 struct ClientTrack {
     last_seen_ns: u64,
     last_kill_ns: Option<u64>,
-    /// The client's heartbeat estimate: the largest of its recent samples (seconds).
+    /// The client's heartbeat estimate (seconds): from answers it was heard
+    /// after, else from every answer the server held (see [`Self::estimate`]).
     heartbeat_s: Option<f64>,
+    /// Hold times of answers the client was heard after.
+    delivered: Samples,
+    /// Hold times of every answer, delivered or not (a killed no-change
+    /// answer still shows the heartbeat it was held for).
+    held: Samples,
+}
+
+/// A client's recent hold times (those of at least the minimum heartbeat).
+#[derive(Clone, Copy, Debug, Default)]
+struct Samples {
     recent: [f64; CLIENT_SAMPLES],
-    samples: usize,
+    count: usize,
+}
+
+impl Samples {
+    fn push(&mut self, h: f64) {
+        self.recent[self.count % CLIENT_SAMPLES] = h;
+        self.count += 1;
+    }
+
+    /// The largest recent sample (early answers are shorter than the
+    /// device's no-change answers), unless the last two agree below it: a
+    /// device that backed off repeats its new, shorter interval. None until
+    /// two samples: one alone may be early (new mail).
+    fn estimate(&self) -> Option<f64> {
+        if self.count < 2 {
+            return None;
+        }
+        let at = |back: usize| self.recent[(self.count - back) % CLIENT_SAMPLES];
+        let (last, previous) = (at(1), at(2));
+        if (last - previous).abs() <= SAME_HEARTBEAT * last.max(previous) {
+            return Some(last);
+        }
+        let n = self.count.min(CLIENT_SAMPLES);
+        Some(self.recent[..n].iter().copied().fold(0.0, f64::max))
+    }
+}
+
+impl Samples {
+    /// The largest recent sample another one repeats (within 2 %): a
+    /// no-change answer held for the heartbeat, not an early one (those
+    /// fall at random).
+    fn repeated(&self) -> Option<f64> {
+        let n = self.count.min(CLIENT_SAMPLES);
+        let r = &self.recent[..n];
+        r.iter()
+            .enumerate()
+            .filter(|(i, a)| {
+                r.iter()
+                    .enumerate()
+                    .any(|(j, b)| j != *i && (*a - b).abs() <= SAME_HEARTBEAT * a.max(*b))
+            })
+            .map(|(_, a)| *a)
+            .reduce(f64::max)
+    }
 }
 
 impl ClientTrack {
-    /// A hold time of at least the minimum heartbeat. The estimate is the
-    /// largest recent sample (early answers are shorter than the device's
-    /// no-change answers), unless the last two agree below it: a device
-    /// that backed off repeats its new, shorter interval.
-    fn sample(&mut self, h: f64) -> f64 {
-        let previous = (self.samples > 0)
-            .then(|| self.recent[(self.samples + CLIENT_SAMPLES - 1) % CLIENT_SAMPLES]);
-        self.recent[self.samples % CLIENT_SAMPLES] = h;
-        self.samples += 1;
-        let n = self.samples.min(CLIENT_SAMPLES);
-        let largest = self.recent[..n].iter().copied().fold(0.0, f64::max);
-        let repeated = previous.is_some_and(|p| (p - h).abs() <= SAME_HEARTBEAT * h.max(p));
-        let est = if repeated { h } else { largest };
-        self.heartbeat_s = Some(est);
-        est
+    /// A hold time; `delivered`: the client was heard after the answer.
+    /// Two or more delivered answers decide; with fewer, answers the server
+    /// held for the same time again and again count too (the device's
+    /// no-change answers may all have been killed, and its one delivered
+    /// answer may have been early).
+    fn sample(&mut self, h: f64, delivered: bool) -> Option<f64> {
+        if delivered {
+            self.delivered.push(h);
+        } else {
+            self.held.push(h);
+        }
+        // Killed answers count only where they repeat: with mail arriving
+        // the killed ones may be early too.
+        let held = self.held.repeated();
+        self.heartbeat_s = match self.delivered.count {
+            0 => held,
+            // One delivered answer: it stands, unless an answer held for
+            // the same time again and again (killed, so never delivered)
+            // was longer: that shows the heartbeat, and the delivered one
+            // was early. (A lone early answer with no repeated hold yet
+            // passes for the heartbeat: a failure case, see README.)
+            1 => Some(self.delivered.recent[0].max(held.unwrap_or(0.0))),
+            _ => self.delivered.estimate(),
+        };
+        self.heartbeat_s
     }
 }
 
@@ -287,48 +363,8 @@ impl Detector {
         }
         match ev.kind {
             EventKind::Opened => self.opened(ev, &mut out),
-            EventKind::GapEnded => {
-                let Some(f) = self.track(ev) else { return out };
-                if f.finalized {
-                    return out;
-                }
-                let path = f.path;
-                let survived = f.pending_gap.take().filter(|g| g.proven_by(ev));
-                f.pending_gap = Some(Gap {
-                    silence_s: ev.silence().as_secs_f64(),
-                    dir: ev.dir,
-                    payload: ev.has_payload(),
-                    end_ns: now,
-                });
-                // The server answering a client request after a silence: a hold time.
-                let hold = (ev.dir == Dir::Out
-                    && ev.has_payload()
-                    && ev.raw.last_payload_dir == Dir::In as u8)
-                    .then(|| ev.since_payload())
-                    .flatten()
-                    .map(|d| d.as_secs_f64());
-                if let Some(g) = survived {
-                    self.path_mut(path, now).record_survival(g.silence_s);
-                }
-                if let Some(h) = hold {
-                    self.hold_time(client.ip(), path, h, now, &mut out);
-                }
-            }
-            EventKind::Retransmit => {
-                let Some(f) = self.track(ev) else { return out };
-                if f.suspect.is_none() && !f.finalized {
-                    let silence_s = f
-                        .pending_gap
-                        .map(|g| g.silence_s)
-                        .or_else(|| ev.since_client().map(|d| d.as_secs_f64()))
-                        .unwrap_or(0.0);
-                    f.suspect = Some(Suspect {
-                        since_ns: now,
-                        silence_s,
-                    });
-                    self.suspects.entry(client.ip()).or_default().push(key);
-                }
-            }
+            EventKind::GapEnded => self.gap_ended(ev, &mut out),
+            EventKind::Retransmit => self.retransmit(ev),
             EventKind::RetransAnswered => {
                 let Some(f) = self.flows.get_mut(&key) else {
                     return out;
@@ -336,7 +372,7 @@ impl Detector {
                 if f.suspect.take().is_some() {
                     let path = f.path;
                     if let Some(g) = f.pending_gap.take() {
-                        self.path_mut(path, now).record_survival(g.silence_s);
+                        self.survived(client.ip(), path, g, now, &mut out);
                     }
                     self.unsuspect(client.ip(), &key);
                 }
@@ -346,26 +382,94 @@ impl Detector {
         out
     }
 
+    /// The server resends what it sent after a silence, to a client silent
+    /// since: the flow is suspect until the client is heard or comes back.
+    fn retransmit(&mut self, ev: &FlowEvent) {
+        let now = ev.raw.ts_ns;
+        let client = ev.client().ip();
+        let Some(f) = self.track(ev) else { return };
+        if f.suspect.is_some() || f.finalized {
+            return;
+        }
+        // The send that goes unanswered and the silence before it; none
+        // if that send followed no silence (an answer at once: no timer expired).
+        let send = f
+            .pending_gap
+            .filter(|g| g.dir == Dir::Out && g.payload && !g.heard_after(ev));
+        // The device waits for its answer up to its heartbeat, which may
+        // exceed any answer seen (a raise is what gets killed): up to the
+        // largest heartbeat to cover.
+        let heartbeat = (self.heartbeat_to_cover() * NS) as u64;
+        let request = send.and_then(|g| Some(g.end_ns.saturating_sub((g.hold_s? * NS) as u64)));
+        if let Some(f) = self.flows.get_mut(&ev.raw.key) {
+            f.suspect = Some(Suspect {
+                since_ns: now,
+                silence_s: send.map_or(0.0, |g| g.silence_s),
+                gives_up_ns: request.map_or(now, |r| (r + heartbeat).max(now)),
+            });
+        }
+        self.suspects.entry(client).or_default().push(ev.raw.key);
+    }
+
+    /// A packet ended a silence: the previous silence survived if this
+    /// proves it; this one waits for its own proof.
+    fn gap_ended(&mut self, ev: &FlowEvent, out: &mut Vec<Output>) {
+        let now = ev.raw.ts_ns;
+        let client = ev.client().ip();
+        let Some(f) = self.track(ev) else { return };
+        if f.finalized {
+            return;
+        }
+        let path = f.path;
+        // The server answering a client request after a silence: a hold time.
+        let hold_s =
+            (ev.dir == Dir::Out && ev.has_payload() && ev.raw.last_payload_dir == Dir::In as u8)
+                .then(|| ev.since_payload())
+                .flatten()
+                .map(|d| d.as_secs_f64());
+        let previous = f.pending_gap.replace(Gap {
+            silence_s: ev.silence().as_secs_f64(),
+            dir: ev.dir,
+            payload: ev.has_payload(),
+            end_ns: now,
+            hold_s,
+        });
+        if let Some(g) = previous.filter(|g| g.proven_by(ev)) {
+            self.survived(client, path, g, now, out);
+        }
+        if let Some(h) = hold_s {
+            self.heartbeat_sample(client, path, h, false, now);
+        }
+    }
+
+    /// A silence the client was heard after: it counts for the path, and
+    /// the answer that ended it (if any) is a delivered hold time.
+    fn survived(&mut self, client: IpAddr, path: PathKey, g: Gap, now: u64, out: &mut Vec<Output>) {
+        self.path_mut(path, now).record_survival(g.silence_s);
+        if let Some(h) = g.hold_s {
+            self.hold_time(path, h, now, out);
+            self.heartbeat_sample(client, path, h, true, now);
+        }
+    }
+
     /// Time passes: unanswered retransmissions older than `black_hole_after`
-    /// become black holes; idle client records are forgotten.
+    /// stop waiting for their client; idle client records are forgotten.
     pub fn tick(&mut self, now_ns: u64) -> Vec<Output> {
-        let mut out = Vec::new();
+        let out = Vec::new();
+        // Past `black_hole_after` without the client coming back, a suspect
+        // can no longer be told from a device gone dark: it waits for its
+        // flow's end (vanished) and no later reconnect resolves it.
         let limit = self.cfg.black_hole_after.as_nanos() as u64;
-        let due: Vec<FlowKey> = self
-            .suspects
-            .values()
-            .flatten()
-            .filter(|k| {
-                self.flows
+        let flows = &self.flows;
+        self.suspects.retain(|_, keys| {
+            keys.retain(|k| {
+                flows
                     .get(k)
                     .and_then(|f| f.suspect)
-                    .is_some_and(|s| now_ns.saturating_sub(s.since_ns) >= limit)
-            })
-            .copied()
-            .collect();
-        for key in due {
-            self.black_hole(&key, now_ns, "no answer to the retransmission", &mut out);
-        }
+                    .is_some_and(|s| now_ns < s.gives_up_ns.saturating_add(limit))
+            });
+            !keys.is_empty()
+        });
         if now_ns.saturating_sub(self.last_forget_ns) >= FORGET_EVERY_NS {
             self.last_forget_ns = now_ns;
             let keep = (self.cfg.churn_window.max(self.cfg.max_heartbeat) * 2).as_nanos() as u64;
@@ -373,6 +477,35 @@ impl Detector {
                 .retain(|_, c| now_ns.saturating_sub(c.last_seen_ns) < keep);
             self.devices
                 .retain(|_, d| now_ns.saturating_sub(d.1) < keep);
+        }
+        out
+    }
+
+    /// What the flow table says of each followed flow: when its client was
+    /// last heard (`last_in_ns`). A silence the client was heard after has
+    /// survived even if no event has said so yet (the next one would): for
+    /// the end of a capture, where no next event comes.
+    pub fn settle(
+        &mut self,
+        now_ns: u64,
+        last_heard: impl Fn(&FlowKey) -> Option<u64>,
+    ) -> Vec<Output> {
+        let mut out = Vec::new();
+        let proven: Vec<(FlowKey, IpAddr, PathKey, Gap)> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| !f.finalized && f.suspect.is_none())
+            .filter_map(|(k, f)| {
+                let g = f.pending_gap?;
+                let heard = last_heard(k)?;
+                (g.dir == Dir::In || heard > g.end_ns).then_some((*k, f.client.ip(), f.path, g))
+            })
+            .collect();
+        for (key, client, path, g) in proven {
+            if let Some(f) = self.flows.get_mut(&key) {
+                f.pending_gap = None;
+            }
+            self.survived(client, path, g, now_ns, &mut out);
         }
         out
     }
@@ -406,11 +539,18 @@ impl Detector {
         let now = ev.raw.ts_ns;
         let client = ev.client();
         let path = self.path_of(client.ip(), ev.server().port());
-        // A client that opens a new flow while an old one waits on an
-        // unanswered retransmission has given up on it: a black hole.
+        // A client that opens a new flow when its wait for an old one's
+        // unanswered answer ran out (within `black_hole_after` of its
+        // request plus its heartbeat) has given up on it: a black hole.
+        let limit = self.cfg.black_hole_after.as_nanos() as u64;
         if let Some(keys) = self.suspects.get(&client.ip()).cloned() {
             for k in keys {
-                if k != ev.raw.key {
+                let fresh = self
+                    .flows
+                    .get(&k)
+                    .and_then(|f| f.suspect)
+                    .is_some_and(|s| now <= s.gives_up_ns.saturating_add(limit));
+                if k != ev.raw.key && fresh {
                     self.black_hole(&k, now, "the client opened a new connection", out);
                 }
             }
@@ -492,24 +632,37 @@ impl Detector {
         }
     }
 
-    fn hold_time(
+    /// A hold time, delivered or not: the server held the client's request
+    /// this long, so the device's heartbeat is at least this (early answers
+    /// are shorter; a killed no-change answer still shows the heartbeat).
+    fn heartbeat_sample(
         &mut self,
         client: IpAddr,
         path: PathKey,
         h: f64,
+        delivered: bool,
         now: u64,
-        out: &mut Vec<Output>,
     ) {
-        self.stats.hold_times += 1;
-        out.push(Output::HoldTime { path, seconds: h });
         // Answers before the shortest heartbeat a device may ask for are
         // early answers (new mail), not heartbeats.
         if h + 0.5 < self.cfg.min_heartbeat.as_secs_f64() {
             return;
         }
-        let estimate = self.clients.entry(client).or_default().sample(h);
         self.max_heartbeat_seen_s = self.max_heartbeat_seen_s.max(h);
-        self.path_mut(path, now).record_heartbeat(client, estimate);
+        let c = self.clients.entry(client).or_default();
+        if let Some(estimate) = c.sample(h, delivered) {
+            self.path_mut(path, now).record_heartbeat(client, estimate);
+        }
+    }
+
+    /// A hold time whose answer the client was heard after: counted, and
+    /// a sample of Exchange's heartbeat window.
+    fn hold_time(&mut self, path: PathKey, h: f64, now: u64, out: &mut Vec<Output>) {
+        self.stats.hold_times += 1;
+        out.push(Output::HoldTime { path, seconds: h });
+        if h + 0.5 < self.cfg.min_heartbeat.as_secs_f64() {
+            return;
+        }
         if let Some(a) = self.window.push(h, path, false, now) {
             out.push(Output::Alert(a));
         }
@@ -543,7 +696,9 @@ impl Detector {
             note: Some(note.into()),
             ..Evidence::default()
         };
-        let v = self.verdict(&f, Ending::BlackHole, true, now, evidence);
+        let min_silence = self.cfg.min_silence.as_secs_f64();
+        let premature = is_premature(Ending::BlackHole, &evidence, None, min_silence);
+        let v = self.verdict(&f, Ending::BlackHole, premature, now, evidence);
         self.finish(f.path, v, now, out);
     }
 
@@ -563,10 +718,17 @@ impl Detector {
         let facts = self.close_facts(ev, &f);
         let mut evidence = facts.evidence(ev);
         let ending = classify_close(&facts, &mut evidence);
-        if !ending.is_kill() {
-            if let Some(g) = f.pending_gap.filter(|g| g.proven_by(ev)) {
-                self.path_mut(f.path, now).record_survival(g.silence_s);
+        // A kill's own packet (a box's RST, a proxy's FIN) proves nothing:
+        // only the client heard before it.
+        let proven = |g: &Gap| {
+            if ending.is_kill() {
+                g.heard_after(ev)
+            } else {
+                g.proven_by(ev)
             }
+        };
+        if let Some(g) = f.pending_gap.filter(proven) {
+            self.survived(f.client.ip(), f.path, g, now, out);
         }
         let heartbeat = self.heartbeat_in_force(&f).map(|h| h.0);
         let premature = is_premature(ending, &evidence, heartbeat, facts.min_silence);

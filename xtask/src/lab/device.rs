@@ -101,6 +101,12 @@ pub struct DeviceReport {
     pub connections: u64,
     /// Heartbeat of each Ping sent, in order.
     pub heartbeats: Vec<u32>,
+    /// Pings answered early for new mail (Status 2) that reached the
+    /// device: each a silence shorter than the heartbeat that survived.
+    pub early_answers: u64,
+    /// The local port of each connection, in order (a NAT may show the
+    /// server others).
+    pub local_ports: Vec<u16>,
 }
 
 pub struct DeviceSpec {
@@ -192,6 +198,9 @@ pub fn run(
         };
         if let Ok(mut r) = report.lock() {
             r.connections += 1;
+            if let Ok(a) = tcp.local_addr() {
+                r.local_ports.push(a.port());
+            }
         }
         let mut s: Box<dyn Stream> = if spec.plaintext {
             Box::new(tcp)
@@ -201,37 +210,49 @@ pub fn run(
             };
             Box::new(StreamOwned::new(conn, tcp))
         };
-        while !stop.load(Ordering::Relaxed) {
-            let hb = adapt.current;
-            s.read_timeout(Duration::from_secs(u64::from(hb)) + spec.grace);
-            if let Ok(mut r) = report.lock() {
-                r.heartbeats.push(hb);
-            }
-            let started = Instant::now();
-            match ping(&mut s, &spec, hb) {
-                Ok(status) => {
-                    if let Ok(mut r) = report.lock() {
-                        r.pings_ok += 1;
-                    }
-                    // Status 1 at the heartbeat is the success that lets a device raise it.
-                    if status == 1
-                        && started.elapsed() + Duration::from_millis(500)
-                            >= Duration::from_secs(u64::from(hb))
-                    {
-                        adapt.success();
-                    }
-                }
-                Err(_) => {
-                    if let Ok(mut r) = report.lock() {
-                        r.pings_failed += 1;
-                    }
-                    adapt.failure();
-                    break;
-                }
-            }
-        }
+        ping_until_failure(&mut s, &spec, &mut adapt, &stop, &report);
         // Reconnect after a short pause, as devices do.
         sleep_until_stopped(Duration::from_secs(1), &stop);
+    }
+}
+
+/// Ping on one connection until a Ping fails or `stop`, adapting the heartbeat.
+fn ping_until_failure(
+    s: &mut Box<dyn Stream>,
+    spec: &DeviceSpec,
+    adapt: &mut Adapt,
+    stop: &AtomicBool,
+    report: &Mutex<DeviceReport>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let hb = adapt.current;
+        s.read_timeout(Duration::from_secs(u64::from(hb)) + spec.grace);
+        if let Ok(mut r) = report.lock() {
+            r.heartbeats.push(hb);
+        }
+        let started = Instant::now();
+        match ping(s, spec, hb) {
+            Ok(status) => {
+                if let Ok(mut r) = report.lock() {
+                    r.pings_ok += 1;
+                    r.early_answers += u64::from(status == 2);
+                }
+                // Status 1 at the heartbeat is the success that lets a device raise it.
+                if status == 1
+                    && started.elapsed() + Duration::from_millis(500)
+                        >= Duration::from_secs(u64::from(hb))
+                {
+                    adapt.success();
+                }
+            }
+            Err(_) => {
+                if let Ok(mut r) = report.lock() {
+                    r.pings_failed += 1;
+                }
+                adapt.failure();
+                return;
+            }
+        }
     }
 }
 

@@ -10,7 +10,8 @@
 //!
 //! Path i's clients live in 100.64.i.0/24 and 2001:db8:i::/64 and start at
 //! TTL 50 (a device ~15 hops away), so a router's own packets (TTL 64) stand
-//! out as they do in the wild.
+//! out as they do in the wild; a device group's `ttl` (65, 66) puts devices
+//! one or two hops behind their router instead, where its packets do not.
 
 pub mod addressing;
 pub mod agent;

@@ -2,7 +2,7 @@
 //! heartbeat expires (Status 1) or until scripted "new mail" arrives (Status 2).
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -13,7 +13,34 @@ use std::{
 
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 
-use super::{http, wbxml};
+use super::{addressing::path_of, http, wbxml, Scenario};
+
+/// How often new mail ends a Ping early, by the path a connection comes
+/// from: each path may have its own chance, beside the scenario's.
+#[derive(Clone, Debug, Default)]
+pub struct MailPlan {
+    default: f64,
+    /// Indexed by path (from 1; index 0 unused).
+    by_path: Vec<f64>,
+}
+
+impl MailPlan {
+    pub fn new(s: &Scenario) -> MailPlan {
+        MailPlan {
+            default: s.mail_probability,
+            by_path: (0..=s.paths.len())
+                .map(|i| s.mail_probability_of(i))
+                .collect(),
+        }
+    }
+
+    /// The chance for a connection from `peer`.
+    pub fn of(&self, peer: IpAddr) -> f64 {
+        path_of(peer)
+            .and_then(|i| self.by_path.get(i).copied())
+            .unwrap_or(self.default)
+    }
+}
 
 #[derive(Default, Debug)]
 pub struct ServerStats {
@@ -99,7 +126,7 @@ fn serve_pings<S: std::io::Read + std::io::Write>(
 pub fn serve(
     addr: SocketAddr,
     tls: Option<Arc<ServerConfig>>,
-    mail_probability: f64,
+    mail: &MailPlan,
     stop: Arc<AtomicBool>,
     stats: Arc<ServerStats>,
 ) -> std::io::Result<()> {
@@ -108,10 +135,11 @@ pub fn serve(
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         match l.accept() {
-            Ok((tcp, _)) => {
+            Ok((tcp, peer)) => {
                 let _ = tcp.set_nonblocking(false);
                 n += 1;
                 stats.connections.fetch_add(1, Ordering::Relaxed);
+                let mail_probability = mail.of(peer.ip());
                 let (tls, stop, stats) = (tls.clone(), stop.clone(), stats.clone());
                 thread::spawn(move || {
                     serve_connection(tcp, tls, mail_probability, n * 7919, stop, stats)

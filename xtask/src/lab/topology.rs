@@ -134,19 +134,24 @@ impl Topology {
         Ok(())
     }
 
-    /// The server's routes to path `i`'s clients, through its router.
+    /// The server's routes to path `i`'s clients (and their NAT address), through its router.
     fn route_to_clients(&self, i: usize) {
         let srv = &self.server.name;
         add_route(srv, &client_net_v4(i), &router_up_v4(i));
         add_route(srv, &client_net_v6(i), &router_up_v6(i));
+        add_route(srv, &nat_net_v4(i), &router_up_v4(i));
     }
 
     fn configure_middlebox(&mut self, i: usize) -> Result<()> {
         let p = &self.paths[i];
+        if p.spec.nat_random_ports {
+            snat_random_ports(&p.router.name, p.index)?;
+        }
         match p.spec.middlebox {
             Middlebox::Control | Middlebox::Injector => {}
             mb @ (Middlebox::ConntrackReset | Middlebox::ConntrackDrop) => {
-                conntrack_killer(&p.router.name, mb, p.spec.timeout_seconds)?;
+                let nat = p.spec.nat_random_ports;
+                conntrack_killer(&p.router.name, mb, p.spec.timeout_seconds, nat)?;
             }
             Middlebox::Proxy => {
                 let child = self.start_haproxy(i)?;
@@ -220,6 +225,7 @@ fn monitor_path(i: usize, spec: &PathSpec) -> String {
     match spec.middlebox {
         // The proxy is the client the server sees.
         Middlebox::Proxy => format!("{UPLINK_NET_V4}:{port}"),
+        _ if spec.nat_random_ports => format!("{}:{port}", nat_net_v4(i)),
         _ => format!("{}:{port}", client_net_v4(i)),
     }
 }
@@ -240,7 +246,9 @@ fn add_route(ns: &str, dest: &str, via: &str) {
 
 /// conntrack in router namespace `r` forgets established flows after
 /// `timeout` seconds; the next packet is rejected with an RST or dropped.
-fn conntrack_killer(r: &str, mb: Middlebox, timeout: u32) -> Result<()> {
+/// Behind a NAT (`nat`) the server's packets for a forgotten mapping are
+/// addressed to the router itself, so they meet the input hook instead.
+fn conntrack_killer(r: &str, mb: Middlebox, timeout: u32, nat: bool) -> Result<()> {
     let verdict = if mb == Middlebox::ConntrackReset {
         "reject with tcp reset"
     } else {
@@ -250,9 +258,29 @@ fn conntrack_killer(r: &str, mb: Middlebox, timeout: u32) -> Result<()> {
     sh_in(r, &format!(
         "nft add table inet mb && nft 'add chain inet mb killer {{ type filter hook forward priority 0; policy accept; }}' && nft add rule inet mb killer ct state invalid {verdict}"
     ))?;
+    if nat {
+        // TCP only: untracked neighbour discovery also counts as invalid.
+        sh_in(r, &format!(
+            "nft 'add chain inet mb killer_in {{ type filter hook input priority 0; policy accept; }}' && nft add rule inet mb killer_in meta l4proto tcp ct state invalid {verdict}"
+        ))?;
+    }
     // Per-namespace timeout (nftables ct timeout objects did not take effect on this kernel).
     sh_in(r, &format!(
         "sysctl -qw net.netfilter.nf_conntrack_tcp_timeout_established={timeout} net.netfilter.nf_conntrack_tcp_loose=0"
+    ))?;
+    Ok(())
+}
+
+/// Router `r` of path `i` source-NATs its clients' TCP to one address of
+/// its own (so packets for a forgotten mapping end at the router), on a
+/// random port per new connection, as carrier-grade NATs do.
+fn snat_random_ports(r: &str, i: usize) -> Result<()> {
+    add_addr(r, &format!("{}/32", nat_v4(i)), ROUTER_UP);
+    sh_in(r, &format!(
+        "nft add table ip labnat && nft 'add chain ip labnat post {{ type nat hook postrouting priority 100; }}' && \
+         nft add rule ip labnat post oifname {ROUTER_UP} ip saddr {} meta l4proto tcp snat to {}:1024-65535 random",
+        client_net_v4(i),
+        nat_v4(i),
     ))?;
     Ok(())
 }

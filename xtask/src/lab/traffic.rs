@@ -69,17 +69,17 @@ impl Traffic {
             (SERVER_PORT, Some(tls.server.clone())),
             (PLAINTEXT_PORT, None),
         ] {
-            let (stop, stats, p, ready) = (
+            let (stop, stats, mail, ready) = (
                 self.stop.clone(),
                 self.server_stats.clone(),
-                s.mail_probability,
+                server::MailPlan::new(s),
                 ready_tx.clone(),
             );
             self.threads.push(topo.server.spawn(move || {
                 // One dual-stack listener serves IPv4 and IPv6.
                 let addr: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, port).into();
                 let _ = ready.send(());
-                if let Err(e) = server::serve(addr, tls, p, stop, stats) {
+                if let Err(e) = server::serve(addr, tls, &mail, stop, stats) {
                     eprintln!("lab server on port {port}: {e}");
                 }
             }));
@@ -182,7 +182,7 @@ fn device_spec(
         source,
         server: topo.target(p, g.ipv6),
         profile: g.profile.clone(),
-        ttl: DEVICE_TTL,
+        ttl: g.ttl.unwrap_or(DEVICE_TTL),
         grace: Duration::from_secs(s.device_grace_seconds),
         plaintext: p.spec.plaintext,
         base64_query: g.base64_query,
