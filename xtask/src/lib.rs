@@ -9,6 +9,7 @@ pub mod demo;
 pub mod elevate;
 pub mod lab;
 pub mod netns;
+pub mod package;
 pub mod progress;
 pub mod scenarios;
 pub mod setup;

@@ -76,6 +76,9 @@ enum Cmd {
         #[arg(long)]
         all_misses: bool,
     },
+    /// Build the Debian package (release binary, systemd unit, conffile,
+    /// man page, completions, rules, dashboard) into target/debian/.
+    Package,
     /// Lab housekeeping.
     Lab {
         #[command(subcommand)]
@@ -119,6 +122,7 @@ fn dispatch() -> Result<()> {
             out,
             all_misses,
         } => xtask::scenarios::run(seed, count, out.as_deref(), all_misses),
+        Cmd::Package => package(),
         Cmd::Lab { cmd: LabCmd::Down } => lab_down(),
     }
 }
@@ -159,6 +163,13 @@ fn demo(
 ) -> Result<()> {
     let s = scenario.unwrap_or_else(xtask::demo::default_scenario);
     xtask::demo::run(&s, seconds, png.as_deref(), agent.as_deref())
+}
+
+fn package() -> Result<()> {
+    let deb = xtask::package::build()?;
+    let bytes = std::fs::metadata(&deb)?.len();
+    println!("{} ({} KiB)", deb.display(), bytes / 1024);
+    Ok(())
 }
 
 fn lab_down() -> Result<()> {

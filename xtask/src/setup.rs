@@ -44,6 +44,8 @@ const PACKAGES: &[(&str, bool)] = &[
     ("gnuplot-nox", false),  // the demo's --png plot
     ("curl", false),         // the /metrics TLS and basic-auth test
     ("python3-venv", false), // kubernetes-validate's virtualenv
+    ("binutils", false),     // the package: strip, objdump (its glibc floor)
+    ("man-db", false),       // the package test: man -w
 ];
 
 /// The Debian packages `needs` asks for.

@@ -154,6 +154,13 @@ impl Samples {
         self.count += 1;
     }
 
+    fn last_two_agree(&self) -> bool {
+        self.count >= 2 && {
+            let at = |back: usize| self.recent[(self.count - back) % CLIENT_SAMPLES];
+            (at(1) - at(2)).abs() <= SAME_HEARTBEAT * at(1).max(at(2))
+        }
+    }
+
     /// The largest recent sample (early answers are shorter than the
     /// device's no-change answers), unless the last two agree below it: a
     /// device that backed off repeats its new, shorter interval. None until
@@ -206,15 +213,22 @@ impl ClientTrack {
         // Killed answers count only where they repeat: with mail arriving
         // the killed ones may be early too.
         let held = self.held.repeated();
+        let one = self.delivered.recent[0];
         self.heartbeat_s = match self.delivered.count {
             0 => held,
-            // One delivered answer: it stands, unless an answer held for
-            // the same time again and again (killed, so never delivered)
-            // was longer: that shows the heartbeat, and the delivered one
-            // was early. (A lone early answer with no repeated hold yet
-            // passes for the heartbeat: a failure case, see README.)
-            1 => Some(self.delivered.recent[0].max(held.unwrap_or(0.0))),
-            _ => self.delivered.estimate(),
+            // One delivered answer may be early (new mail): no claim on it
+            // alone; an answer held for the same time again and again
+            // (killed, so never delivered) corroborates the heartbeat.
+            1 => held.map(|h| h.max(one)),
+            // The last two delivered agree: the device's interval now (a
+            // back-off repeats its new one). Else its delivered answers
+            // may all have been early while its no-change ones were
+            // killed: a longer answer held again and again wins.
+            _ if self.delivered.last_two_agree() => self.delivered.estimate(),
+            _ => self
+                .delivered
+                .estimate()
+                .map(|d| d.max(held.unwrap_or(0.0))),
         };
         self.heartbeat_s
     }
