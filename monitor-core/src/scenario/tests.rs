@@ -285,3 +285,46 @@ fn a_path_that_stops_killing_loses_its_label_after_an_hour_and_kills_land_in_the
     assert_eq!(bucket("600"), 0, "{}", obs.last_text);
     assert_eq!(bucket("900"), kills.len() as u64, "{}", obs.last_text);
 }
+
+/// Exchange's 3033/1040 window alerts, counted as capture time passes.
+#[derive(Default)]
+struct Alerts {
+    now_ns: u64,
+    at: Vec<u64>,
+}
+
+impl crate::analyze::Observer for Alerts {
+    fn output(&mut self, out: &crate::pipeline::Output, _: &crate::detector::Detector) {
+        if let crate::pipeline::Output::Detector(crate::detector::Output::Alert(_)) = out {
+            self.at.push(self.now_ns);
+        }
+    }
+
+    fn tick(&mut self, now_ns: u64, _: &crate::detector::Detector) {
+        self.now_ns = now_ns;
+    }
+}
+
+/// At real scale with Exchange's defaults (200 samples, 540 s): eight
+/// devices on a fixed 300 s heartbeat fill the window in about two hours
+/// and keep its mean below the threshold; over six hours the alert fires
+/// again and again, never twice within an hour.
+#[test]
+fn the_heartbeat_window_alerts_at_most_once_an_hour_at_real_scale() {
+    let devices = (0..8)
+        .map(|_| device(Profile::Fixed(300.0), 30.0))
+        .collect();
+    let k = real_time(6, 6.0, vec![path(1, vec![], devices)]);
+    let mut alerts = Alerts::default();
+    run_observed(&k, &dir(), Some(&mut alerts)).unwrap();
+    assert!(alerts.at.len() >= 3, "{:?}", alerts.at);
+    for pair in alerts.at.windows(2) {
+        let apart = pair[1].saturating_sub(pair[0]);
+        assert!(apart + wire::S >= 3600 * wire::S, "{:?}", alerts.at);
+        assert!(
+            apart <= 3602 * wire::S,
+            "alerting all along: {:?}",
+            alerts.at
+        );
+    }
+}
