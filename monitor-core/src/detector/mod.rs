@@ -131,8 +131,7 @@ fn handshake_rtt(ev: &FlowEvent) -> Option<f64> {
 struct ClientTrack {
     last_seen_ns: u64,
     last_kill_ns: Option<u64>,
-    /// The client's heartbeat estimate (seconds): from answers it was heard
-    /// after, else from every answer the server held (see [`Self::estimate`]).
+    /// The client's heartbeat estimate (seconds): see [`ClientTrack::sample`].
     heartbeat_s: Option<f64>,
     /// Hold times of answers the client was heard after.
     delivered: Samples,
@@ -177,9 +176,7 @@ impl Samples {
         let n = self.count.min(CLIENT_SAMPLES);
         Some(self.recent[..n].iter().copied().fold(0.0, f64::max))
     }
-}
 
-impl Samples {
     /// The largest recent sample another one repeats (within 2 %): a
     /// no-change answer held for the heartbeat, not an early one (those
     /// fall at random).
@@ -200,10 +197,9 @@ impl Samples {
 
 impl ClientTrack {
     /// A hold time; `delivered`: the client was heard after the answer.
-    /// Two or more delivered answers decide; with fewer, answers the server
-    /// held for the same time again and again count too (the device's
-    /// no-change answers may all have been killed, and its one delivered
-    /// answer may have been early).
+    /// Delivered answers decide, with answers the server held for the same
+    /// time again and again (killed no-change answers repeat; early ones
+    /// fall at random): the cases below.
     fn sample(&mut self, h: f64, delivered: bool) -> Option<f64> {
         if delivered {
             self.delivered.push(h);
@@ -466,8 +462,9 @@ impl Detector {
         }
     }
 
-    /// Time passes: unanswered retransmissions older than `black_hole_after`
-    /// stop waiting for their client; idle client records are forgotten.
+    /// Time passes: unanswered retransmissions stop waiting for their client
+    /// `black_hole_after` past the device's own wait; idle client records
+    /// are forgotten. (No output today: a black hole needs its client back.)
     pub fn tick(&mut self, now_ns: u64) -> Vec<Output> {
         let out = Vec::new();
         // Past `black_hole_after` without the client coming back, a suspect

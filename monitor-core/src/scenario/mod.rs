@@ -62,7 +62,7 @@ pub enum ScenarioError {
 }
 
 /// The detector's settings for a scenario at `scale` (like the lab's
-/// [detector] for its scaled time): heartbeat bounds, the 3033/1040 window
+/// `[detector]` for its scaled time): heartbeat bounds, the 3033/1040 window
 /// threshold, the black-hole delay and the churn window shrink with time.
 pub fn detector_config(scale: f64) -> DetectorConfig {
     let d = DetectorConfig::default();
