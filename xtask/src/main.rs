@@ -75,6 +75,10 @@ enum Cmd {
         /// List every miss (the table lists the first of each figure).
         #[arg(long)]
         all_misses: bool,
+        /// Instead of scoring: one client (`addr:port`, as ACCURACY.md lists
+        /// it) of scenario `--seed`, packet by packet, with its truth and verdicts.
+        #[arg(long, value_name = "ADDR:PORT")]
+        explain: Option<String>,
     },
     /// Build the Debian package (release binary, systemd unit, conffile,
     /// man page, completions, rules, dashboard) into target/debian/.
@@ -118,9 +122,15 @@ fn dispatch() -> Result<()> {
         Cmd::Bench => xtask::bench::run(),
         Cmd::Scenarios {
             seed,
+            explain: Some(client),
+            ..
+        } => xtask::scenarios::explain(seed, &client),
+        Cmd::Scenarios {
+            seed,
             count,
             out,
             all_misses,
+            explain: None,
         } => xtask::scenarios::run(seed, count, out.as_deref(), all_misses),
         Cmd::Package => package(),
         Cmd::Lab { cmd: LabCmd::Down } => lab_down(),

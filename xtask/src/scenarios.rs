@@ -19,6 +19,15 @@ impl Drop for TempDir {
     }
 }
 
+/// Print one client's story in scenario `seed` (see [`scenario::explain`]).
+pub fn explain(seed: u64, client: &str) -> Result<()> {
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("scenario-explain-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).with_context(|| format!("creating {:?}", dir.0))?;
+    print!("{}", scenario::explain(seed, client, &dir.0)?);
+    Ok(())
+}
+
 /// Run `count` scenarios from `seed` (seeds seed, seed+1, ...), each on
 /// one of `threads` workers.
 pub fn run_range(seed: u64, count: u64, threads: usize) -> Result<Summary> {

@@ -9,6 +9,7 @@
 //! accuracy table.
 
 mod device;
+mod explain;
 mod generate;
 mod knobs;
 mod score;
@@ -21,6 +22,7 @@ use std::{
     time::Duration,
 };
 
+pub use explain::explain;
 pub use generate::{manner_ending, server_addr, Generated};
 pub use knobs::{
     Departure, DeviceKnobs, IpIdPattern, Knobs, Manner, Middlebox, PathKnobs, Place, Profile,

@@ -21,7 +21,8 @@ const RULES: &str = "## How it is counted\n\n\
 - *Endings*: every connection that ended in the capture, matched to the verdict with the same client address and port, same server, from its opening on. A device gone dark whose flow gets no verdict counts as `vanished` (the replay never drops an open flow: no table pressure).\n\
 - *Healthy path*: no box, or a box whose timeout no silence reached; any `premature` verdict there is a miss.\n\
 - *Heartbeat*: per matched verdict, its `heartbeat_seconds` against the heartbeat the device's outstanding Ping asked for, counted only where the traffic had shown that value (answered in full, no mail, before). Reported; not one of the issue's targets.\n\
-- Devices leaving with a FIN do so right after an answer (a FIN mid-Ping is what a client-side proxy's timeout looks like).\n\n";
+- Devices leaving with a FIN do so right after an answer (a FIN mid-Ping is what a client-side proxy's timeout looks like).\n\
+- A listed miss's story, packet by packet with its truth and verdicts: `cargo xtask scenarios --seed N --explain ADDR:PORT`.\n\n";
 
 /// Many scenarios' figures and knobs, added up.
 #[derive(Clone, Debug, Default)]

@@ -1,7 +1,11 @@
 use super::*;
 
+/// A directory of its own per call: tests run in parallel and two may
+/// run the same seed (the capture is named after it).
 fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("scenario-unit-{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("scenario-unit-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
@@ -25,56 +29,23 @@ fn a_scenario_runs_through_the_analysis_and_is_scored() {
     assert!(o.score.endings.total > 0);
 }
 
+/// The story of one client: its generated packets, its connections'
+/// truth and the verdicts on it, for reading a miss.
 #[test]
-#[ignore = "debugging aid: SCENARIO_SEED=n SCENARIO_CLIENT=addr:port"]
-fn print_one_scenario() {
-    let seed: u64 = std::env::var("SCENARIO_SEED").unwrap().parse().unwrap();
-    let who = std::env::var("SCENARIO_CLIENT").unwrap_or_default();
-    let k = Knobs::draw(seed);
-    let g = generate::generate(&k, 5.0);
-    for p in g.packets.iter().filter(|p| p.client.to_string() == who) {
-        println!(
-            "{:>12.3} {:?} flags {:#04x} len {} ttl {}",
-            p.at as f64 / 1e9,
-            p.origin,
-            p.flags,
-            p.payload,
-            p.ttl
-        );
-    }
-    let o = run(&k, &dir()).unwrap();
-    for c in o.truth.conns.iter().filter(|c| c.client.to_string() == who) {
-        println!("{c:?}");
-    }
-    for v in o
-        .analysis
-        .verdicts
-        .iter()
-        .filter(|v| v.client.to_string() == who)
-    {
-        println!(
-            "{} at {:.3} {:?}",
-            v,
-            (v.at_ns - EPOCH_NS) as f64 / 1e9,
-            v.evidence
-        );
-    }
-    for v in o
-        .analysis
-        .verdicts
-        .iter()
-        .filter(|v| v.ending.is_kill() && v.evidence.silence_seconds < 20.0)
-    {
-        println!(
-            "short kill: {} at {:.3} {:?}",
-            v,
-            (v.at_ns - EPOCH_NS) as f64 / 1e9,
-            v.evidence
-        );
-    }
-    for p in &o.truth.paths {
-        println!("{p:?}");
-    }
+fn a_client_is_explained_packet_by_packet_with_its_truth_and_verdicts() {
+    let o = run_seed(17, &dir()).unwrap();
+    let c = &o.truth.conns[0];
+    let text = explain(17, &c.client.to_string(), &dir()).unwrap();
+    assert!(text.contains(" Client flags 0x02 "), "{text}");
+    assert!(
+        text.contains(&format!("truth: ConnTruth {{ id: {}", c.id)),
+        "{text}"
+    );
+    assert!(text.contains("path: PathTruth"), "{text}");
+    assert!(explain(17, "192.0.2.250:1", &dir())
+        .unwrap()
+        .lines()
+        .all(|l| l.starts_with("path: ")));
 }
 
 fn device(profile: Profile, grace_s: f64) -> DeviceKnobs {
