@@ -792,7 +792,16 @@ fn a_flows_query_on_a_million_entry_table_answers_within_100_ms_and_drops_no_eve
         pair.client.spawn(move || {
             let mut made = 0usize;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && made < 5000 {
-                let mut c = TcpStream::connect((ip(SERVER_V4), 443)).expect("connect");
+                // The server thread may not listen yet: retry, bounded (1 s).
+                let mut c = (0..100)
+                    .find_map(|_| {
+                        let c = TcpStream::connect((ip(SERVER_V4), 443));
+                        if c.is_err() {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        c.ok()
+                    })
+                    .expect("connect to the server within 1 s");
                 c.write_all(b"ping").unwrap();
                 made += 1;
                 std::thread::sleep(Duration::from_millis(5));
