@@ -928,21 +928,8 @@ fn a_black_hole_under_a_rising_heartbeat_brackets_between_the_last_answered_and_
         t = cycle(&mut lab, &mut c, t, hb * S);
     }
     // 23 s: the answer and its retransmission vanish; the device reconnects.
-    lab.ping(&mut c, t);
-    let seq = c.sseq;
-    let answered = t + MS + 23 * S;
-    lab.send(&mut c, answered, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
-    let resent = answered + 200 * MS;
-    lab.send(
-        &mut c,
-        resent,
-        Dir::Out,
-        TCP_ACK | TCP_PSH,
-        200,
-        64,
-        Some(seq),
-    );
-    let _c2 = lab.connect("198.51.100.7", answered + 5 * S);
+    answer_then_resend_after(&mut lab, &mut c, t, 23 * S);
+    let _c2 = lab.connect("198.51.100.7", t + MS + 23 * S + 5 * S);
     let p = &lab.det.report().killing_paths[0];
     assert_eq!(p.how, Some(Ending::BlackHole));
     let Some(Estimate::Bracket {
@@ -969,21 +956,9 @@ fn a_bracket_names_a_device_only_when_closed_below_and_holding_one_default() {
     };
     let kill = |lab: &mut Lab, at: u64| {
         let mut c = lab.connect("198.51.100.7", at);
-        lab.ping(&mut c, at + S);
-        let seq = c.sseq;
-        let answered = at + S + MS + 60 * S;
-        lab.send(&mut c, answered, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
-        let resent = answered + 200 * MS;
-        lab.send(
-            &mut c,
-            resent,
-            Dir::Out,
-            TCP_ACK | TCP_PSH,
-            200,
-            64,
-            Some(seq),
-        );
+        answer_then_resend_after(lab, &mut c, at + S, 60 * S);
         // The device gives up and reconnects.
+        let resent = at + S + MS + 60 * S + 200 * MS;
         let _ = lab.connect("198.51.100.7", resent + 10 * S);
     };
     let mut lab = Lab::new(real());

@@ -79,6 +79,19 @@ pub struct Miss {
     pub got: String,
 }
 
+impl Miss {
+    fn on(seed: u64, p: &PathTruth, figure: Figure, expected: String, got: String) -> Miss {
+        Miss {
+            seed,
+            figure,
+            path: p.key.clone(),
+            knobs: p.knobs.clone(),
+            expected,
+            got,
+        }
+    }
+}
+
 /// Truth class (rows) x verdict class (columns; None: no verdict).
 pub type Confusion = BTreeMap<(Ending, Option<Ending>), u64>;
 
@@ -113,14 +126,7 @@ pub fn score(seed: u64, truth: &Truth, a: &Analysis, epoch_ns: u64, slack_s: f64
         .collect();
     for p in &truth.paths {
         let r = reports.get(p.key.as_str()).copied();
-        let miss = |figure, expected: String, got: String| Miss {
-            seed,
-            figure,
-            path: p.key.clone(),
-            knobs: p.knobs.clone(),
-            expected,
-            got,
-        };
+        let miss = |figure, expected, got| Miss::on(seed, p, figure, expected, got);
         if p.killing() {
             s.killing_path(p, r, &a.report.killing_paths, miss);
         } else {
@@ -268,14 +274,7 @@ impl Score {
     }
 
     fn conn(&mut self, seed: u64, p: &PathTruth, c: &ConnTruth, v: Option<&Verdict>) {
-        let miss = |figure, expected: String, got: String| Miss {
-            seed,
-            figure,
-            path: p.key.clone(),
-            knobs: p.knobs.clone(),
-            expected,
-            got,
-        };
+        let miss = |figure, expected, got| Miss::on(seed, p, figure, expected, got);
         if c.class.is_some() && !c.evident {
             self.undecidable += 1;
         }
