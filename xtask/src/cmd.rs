@@ -99,7 +99,33 @@ pub fn quiet(cmd: &mut Command) -> Result<()> {
 
 /// `cargo <args>` in the current directory, with the terminal's output.
 pub fn cargo(args: &[&str]) -> Result<()> {
-    run(Command::new("cargo").args(args))
+    run(&mut clean_cargo(args))
+}
+
+/// Variables cargo sets for the package it runs (a test, xtask): build
+/// scripts that watch them (ring's `CARGO_PKG_NAME`) would rebuild whenever
+/// a nested build is started from another package.
+const PER_PACKAGE_VARS: &[&str] = &[
+    "CARGO_PKG_",
+    "CARGO_MANIFEST_",
+    "CARGO_CRATE_",
+    "CARGO_BIN_",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_TARGET_TMPDIR",
+];
+
+/// `cargo <args>` without the calling package's variables: the same build
+/// from `cargo xtask` and from a test is the same build.
+fn clean_cargo(args: &[&str]) -> Command {
+    let mut cmd = Command::new("cargo");
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if PER_PACKAGE_VARS.iter().any(|p| k.starts_with(p)) {
+            cmd.env_remove(&*k);
+        }
+    }
+    cmd.args(args);
+    cmd
 }
 
 /// Run `args` (program first); panic with the error if it fails. For set-up

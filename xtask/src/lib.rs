@@ -7,6 +7,7 @@ pub mod cmd;
 pub mod contract;
 pub mod demo;
 pub mod elevate;
+pub mod image;
 pub mod lab;
 pub mod netns;
 pub mod package;

@@ -19,7 +19,7 @@ enum Cmd {
     /// bpf-linker, the lab's Debian packages. Idempotent; checks the kernel.
     Setup {
         /// Only what building needs (rust-src, bpf-linker): no kernel checks,
-        /// no lab packages. For container builds.
+        /// no lab packages. For building from source.
         #[arg(long)]
         build_only: bool,
         /// Everything the tests, benchmark and fuzzer need too: all Debian
@@ -80,9 +80,13 @@ enum Cmd {
         #[arg(long, value_name = "ADDR:PORT")]
         explain: Option<String>,
     },
-    /// Build the Debian package (release binary, systemd unit, conffile,
-    /// man page, completions, rules, dashboard) into target/debian/.
+    /// Set up, then build the static binary (target/dist/monitor) and the
+    /// Debian package around it (systemd unit, conffile, man page,
+    /// completions, rules, dashboard) into target/debian/.
     Package,
+    /// Set up, then build the container image with podman (the static binary
+    /// on an empty base) and save it to target/image/ for `docker load`.
+    Image,
     /// Lab housekeeping.
     Lab {
         #[command(subcommand)]
@@ -133,6 +137,7 @@ fn dispatch() -> Result<()> {
             explain: None,
         } => xtask::scenarios::run(seed, count, out.as_deref(), all_misses),
         Cmd::Package => package(),
+        Cmd::Image => image(),
         Cmd::Lab { cmd: LabCmd::Down } => lab_down(),
     }
 }
@@ -175,10 +180,30 @@ fn demo(
     xtask::demo::run(&s, seconds, png.as_deref(), agent.as_deref())
 }
 
+/// Set up what `needs` asks for; root only for Debian packages.
+fn setup_to_build(needs: xtask::setup::Needs, what: &str) -> Result<()> {
+    let root = xtask::elevate::detect(what)?;
+    xtask::setup::setup_for(needs, &root)
+}
+
+fn kib(path: &std::path::Path) -> Result<u64> {
+    Ok(std::fs::metadata(path)?.len() / 1024)
+}
+
 fn package() -> Result<()> {
+    setup_to_build(xtask::setup::Needs::Package, "the package")?;
     let deb = xtask::package::build()?;
-    let bytes = std::fs::metadata(&deb)?.len();
-    println!("{} ({} KiB)", deb.display(), bytes / 1024);
+    let bin = xtask::cmd::workspace_root().join("target/dist/monitor");
+    println!("{} ({} KiB, static)", bin.display(), kib(&bin)?);
+    println!("{} ({} KiB)", deb.display(), kib(&deb)?);
+    Ok(())
+}
+
+fn image() -> Result<()> {
+    setup_to_build(xtask::setup::Needs::Image, "the image")?;
+    let image = xtask::image::build()?;
+    println!("{} ({} KiB)", image.reference, image.bytes / 1024);
+    println!("{} ({} KiB)", image.archive.display(), kib(&image.archive)?);
     Ok(())
 }
 

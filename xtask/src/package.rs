@@ -1,5 +1,6 @@
-//! `cargo xtask package`: the Debian package, staged here and built with
-//! `dpkg-deb` (part of dpkg, so nothing to install): the release binary, the
+//! `cargo xtask package`: the static binary (musl: it runs on any Linux of
+//! this architecture, whatever its libc) and the Debian package around it,
+//! staged here and built with `dpkg-deb` (part of dpkg): the binary, the
 //! systemd unit, the example configuration as a conffile, the man page and
 //! shell completions the binary prints itself (`monitor manpage`,
 //! `monitor completions`), the Prometheus rules and the Grafana dashboard.
@@ -13,7 +14,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::cmd::{cargo, output, quiet, workspace_root};
+use crate::{
+    cmd::{cargo, output, quiet, workspace_root},
+    setup::static_target,
+};
 
 /// The package's name, its unit's and its directories'.
 pub const PACKAGE: &str = "activesync-monitor";
@@ -60,16 +64,60 @@ const MAINTAINER_SCRIPTS: &[&str] = &["postinst", "prerm", "postrm"];
 
 const UNIT: &str = "usr/lib/systemd/system/activesync-monitor.service";
 
-/// Build the release binary and the package; the .deb's path
+/// The release artefact: the static binary, stripped, at `target/dist/monitor`.
+pub fn static_binary() -> Result<PathBuf> {
+    let target = static_target();
+    cargo(&[
+        "build",
+        "--release",
+        "--target",
+        &target,
+        "-p",
+        "monitor",
+        "--bin",
+        "monitor",
+    ])?;
+    let ws = workspace_root();
+    let dist = ws.join("target/dist/monitor");
+    install(
+        &ws.join("target").join(&target).join("release/monitor"),
+        &dist,
+        0o755,
+    )?;
+    quiet(Command::new("strip").arg("--strip-unneeded").arg(&dist))?;
+    let headers = output(
+        Command::new("readelf")
+            .args(["--program-headers", "--wide"])
+            .arg(&dist),
+    )?;
+    if !is_static(&headers) {
+        bail!(
+            "{} asks for a dynamic loader: it is not static",
+            dist.display()
+        );
+    }
+    Ok(dist)
+}
+
+/// An ELF executable without a program interpreter needs no dynamic loader
+/// and no shared library: it is static.
+pub fn is_static(readelf_program_headers: &str) -> bool {
+    readelf_program_headers.contains("LOAD")
+        && !readelf_program_headers
+            .lines()
+            .any(|l| l.trim_start().starts_with("INTERP"))
+}
+
+/// Build the static binary and the package; the .deb's path
 /// (`target/debian/activesync-monitor_<version>_<arch>.deb`).
 pub fn build() -> Result<PathBuf> {
-    cargo(&["build", "--release", "-p", "monitor", "--bin", "monitor"])?;
+    let bin = static_binary()?;
     let ws = workspace_root();
     let arch = output(Command::new("dpkg").arg("--print-architecture"))?;
     let name = format!("{PACKAGE}_{}_{}", env!("CARGO_PKG_VERSION"), arch.trim());
     let out = ws.join("target/debian");
     let stage = Stage::new(out.join(&name))?;
-    fill(&ws, &stage.0, arch.trim())?;
+    fill(&ws, &bin, &stage.0, arch.trim())?;
     let deb = out.join(format!("{name}.deb"));
     quiet(
         Command::new("dpkg-deb")
@@ -99,8 +147,9 @@ impl Drop for Stage {
     }
 }
 
-fn fill(ws: &Path, root: &Path, arch: &str) -> Result<()> {
-    let bin = install_binary(ws, root)?;
+fn fill(ws: &Path, built: &Path, root: &Path, arch: &str) -> Result<()> {
+    let bin = root.join(BINARY.trim_start_matches('/'));
+    install(built, &bin, 0o755)?;
     for (from, to) in COPIED {
         install(&ws.join(from), &root.join(to), 0o644)?;
     }
@@ -111,15 +160,7 @@ fn fill(ws: &Path, root: &Path, arch: &str) -> Result<()> {
         let text = output(Command::new(&bin).args(["completions", shell]))?;
         write(&root.join(to), &text, 0o644)?;
     }
-    control(ws, root, &bin, arch)
-}
-
-/// The release binary, stripped (the debug symbols are most of its size).
-fn install_binary(ws: &Path, root: &Path) -> Result<PathBuf> {
-    let bin = root.join(BINARY.trim_start_matches('/'));
-    install(&ws.join("target/release/monitor"), &bin, 0o755)?;
-    quiet(Command::new("strip").arg("--strip-unneeded").arg(&bin))?;
-    Ok(bin)
+    control(ws, root, arch)
 }
 
 /// `monitor manpage`, compressed as Debian wants, and under the package's
@@ -142,17 +183,11 @@ pub fn packaged_unit(unit: &str) -> Result<String> {
     Ok(unit.replace(FROM, BINARY))
 }
 
-fn control(ws: &Path, root: &Path, bin: &Path, arch: &str) -> Result<()> {
+fn control(ws: &Path, root: &Path, arch: &str) -> Result<()> {
     let debian = root.join("DEBIAN");
     mkdir(&debian)?;
     let kib = installed_size_kib(root)?;
-    let glibc = glibc_floor(&output(Command::new("objdump").arg("-T").arg(bin))?)
-        .context("no GLIBC_ symbol versions in the binary")?;
-    write(
-        &debian.join("control"),
-        &control_text(arch, kib, &glibc),
-        0o644,
-    )?;
+    write(&debian.join("control"), &control_text(arch, kib), 0o644)?;
     write(&debian.join("conffiles"), &format!("{CONFFILE}\n"), 0o644)?;
     for s in MAINTAINER_SCRIPTS {
         install(&ws.join("deploy/debian").join(s), &debian.join(s), 0o755)?;
@@ -160,14 +195,14 @@ fn control(ws: &Path, root: &Path, bin: &Path, arch: &str) -> Result<()> {
     Ok(())
 }
 
-fn control_text(arch: &str, kib: u64, glibc: &str) -> String {
+/// No `Depends:`: the binary is static.
+fn control_text(arch: &str, kib: u64) -> String {
     format!(
         "Package: {PACKAGE}\n\
          Version: {}\n\
          Architecture: {arch}\n\
          Maintainer: activesync-monitor maintainers <root@localhost>\n\
          Installed-Size: {kib}\n\
-         Depends: libc6 (>= {glibc}), libgcc-s1\n\
          Section: net\n\
          Priority: optional\n\
          Description: eBPF agent that finds middleboxes killing ActiveSync connections\n \
@@ -176,20 +211,6 @@ fn control_text(arch: &str, kib: u64, glibc: &str) -> String {
          after how long, how, and what to set it to. Exports Prometheus metrics.\n",
         env!("CARGO_PKG_VERSION")
     )
-}
-
-/// The newest `GLIBC_x.y` symbol version `objdump -T` lists: the oldest
-/// glibc the binary runs on.
-pub fn glibc_floor(objdump: &str) -> Option<String> {
-    objdump
-        .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
-        .filter_map(|w| w.strip_prefix("GLIBC_"))
-        .filter_map(|v| {
-            let parts: Option<Vec<u32>> = v.split('.').map(|p| p.parse().ok()).collect();
-            parts.map(|p| (p, v))
-        })
-        .max_by(|a, b| a.0.cmp(&b.0))
-        .map(|(_, v)| v.to_string())
 }
 
 fn installed_size_kib(root: &Path) -> Result<u64> {
@@ -248,13 +269,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_glibc_floor_is_the_newest_symbol_version_not_the_longest_string() {
-        let objdump = "0000 DF *UND* 0000 (GLIBC_2.2.5) memcpy\n\
-                       0000 DF *UND* 0000 (GLIBC_2.34) __libc_start_main\n\
-                       0000 DF *UND* 0000 (GLIBC_2.3.4) __sprintf_chk\n\
-                       0000 DF *UND* 0000 GLIBC_PRIVATE _dl_x\n";
-        assert_eq!(glibc_floor(objdump).as_deref(), Some("2.34"));
-        assert_eq!(glibc_floor("no versions"), None);
+    fn a_binary_with_a_program_interpreter_is_not_static() {
+        let dynamic = "Program Headers:\n  PHDR 0x40\n  INTERP 0x318\n      \
+                       [Requesting program interpreter: /lib64/ld-linux-x86-64.so.2]\n  LOAD 0x0\n";
+        let static_ = "Program Headers:\n  LOAD 0x0\n  LOAD 0x1000\n  TLS 0x2000\n";
+        assert!(!is_static(dynamic));
+        assert!(is_static(static_));
+        assert!(!is_static("not an ELF file"));
     }
 
     #[test]

@@ -20,44 +20,79 @@ use crate::{
 /// What a command needs set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Needs {
-    /// Building the agent: the nightly's rust-src and bpf-linker (containers).
+    /// Building the agent: the nightly's rust-src and bpf-linker (from source).
     Build,
     /// The demo: building, and the lab's packages.
     Demo,
     /// The demo with `--png`: also gnuplot.
     DemoPlot,
+    /// The Debian package and the static binary: building for the musl
+    /// target (its C compiler for `ring`), strip and readelf.
+    Package,
+    /// The container image: the package's needs and podman.
+    Image,
     /// The tests, the benchmark, the soak, the fuzzer: everything.
     Everything,
 }
 
-/// Debian packages, and whether the demo's lab uses them (the rest are for
-/// the tests, the benchmark and the plot).
-const PACKAGES: &[(&str, bool)] = &[
-    ("iproute2", true),      // ip netns, veth
-    ("nftables", true),      // lab middleboxes
-    ("conntrack", true),     // lab middleboxes (inspection)
-    ("haproxy", true),       // lab full-proxy path
-    ("procps", true),        // sysctl
-    ("tcpdump", false),      // captures for offline analysis
-    ("iperf3", false),       // throughput benchmark
-    ("prometheus", false),   // promtool check metrics; the server for the alerting lab
-    ("gnuplot-nox", false),  // the demo's --png plot
-    ("curl", false),         // the /metrics TLS and basic-auth test
-    ("python3-venv", false), // kubernetes-validate's virtualenv
-    ("binutils", false),     // the package: strip, objdump (its glibc floor)
-    ("man-db", false),       // the package test: man -w
+/// Who needs a Debian package.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Use {
+    /// The demo's lab (and the kernel tests).
+    Lab,
+    /// The demo's `--png` plot.
+    Plot,
+    /// The static binary and the Debian package.
+    Package,
+    /// Building and running the container image.
+    Image,
+    /// Only the tests, the benchmark and the soak.
+    Tests,
+}
+
+/// Debian packages and who uses them.
+const PACKAGES: &[(&str, Use)] = &[
+    ("iproute2", Use::Lab),       // ip netns, veth
+    ("nftables", Use::Lab),       // lab middleboxes
+    ("conntrack", Use::Lab),      // lab middleboxes (inspection)
+    ("haproxy", Use::Lab),        // lab full-proxy path
+    ("procps", Use::Lab),         // sysctl
+    ("tcpdump", Use::Tests),      // captures for offline analysis
+    ("iperf3", Use::Tests),       // throughput benchmark
+    ("prometheus", Use::Tests),   // promtool check metrics; the server for the alerting lab
+    ("gnuplot-nox", Use::Plot),   // the demo's --png plot
+    ("curl", Use::Tests),         // the /metrics TLS and basic-auth test
+    ("python3-venv", Use::Tests), // kubernetes-validate's virtualenv
+    ("binutils", Use::Package),   // strip, readelf (the binary is static)
+    ("musl-tools", Use::Package), // musl-gcc: ring's C for the static binary
+    ("man-db", Use::Tests),       // the package test: man -w
+    ("podman", Use::Image),       // builds the image (no registry, no daemon)
+    ("runc", Use::Tests),         // runs it here (crun refuses this machine's hybrid cgroups)
 ];
+
+impl Needs {
+    fn uses(self, u: Use) -> bool {
+        match self {
+            Needs::Build => false,
+            Needs::Demo => u == Use::Lab,
+            Needs::DemoPlot => matches!(u, Use::Lab | Use::Plot),
+            Needs::Package => u == Use::Package,
+            Needs::Image => matches!(u, Use::Package | Use::Image),
+            Needs::Everything => true,
+        }
+    }
+
+    /// The static binary is part of what these build.
+    fn builds_static(self) -> bool {
+        matches!(self, Needs::Package | Needs::Image | Needs::Everything)
+    }
+}
 
 /// The Debian packages `needs` asks for.
 pub fn debian_packages(needs: Needs) -> Vec<&'static str> {
     PACKAGES
         .iter()
-        .filter(|(name, demo)| match needs {
-            Needs::Build => false,
-            Needs::Demo => *demo,
-            Needs::DemoPlot => *demo || *name == "gnuplot-nox",
-            Needs::Everything => true,
-        })
+        .filter(|(_, u)| needs.uses(*u))
         .map(|(name, _)| *name)
         .collect()
 }
@@ -131,6 +166,23 @@ pub fn ensure_rust_src() -> Result<&'static str> {
         ])),
     }
     .context("the eBPF programs build with nightly and -Z build-std=core, which needs rust-src")?;
+    Ok("installed")
+}
+
+/// The target of the static binary: musl, this machine's architecture.
+pub fn static_target() -> String {
+    format!("{}-unknown-linux-musl", std::env::consts::ARCH)
+}
+
+/// The musl target's standard library for the workspace's toolchain.
+pub fn ensure_static_target() -> Result<&'static str> {
+    let target = static_target();
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if installed.lines().any(|l| l.trim() == target) {
+        return Ok("already there");
+    }
+    quiet(Command::new("rustup").args(["target", "add", &target]))
+        .with_context(|| format!("adding the {target} target (the static binary)"))?;
     Ok("installed")
 }
 
@@ -316,7 +368,7 @@ pub fn fuzz(seconds: u64) -> Result<()> {
 /// (rustup's, cargo's) install as the user; Debian packages as root.
 pub fn setup_for(needs: Needs, root: &Elevation) -> Result<()> {
     const P: &str = "setup";
-    if needs != Needs::Build {
+    if !matches!(needs, Needs::Build | Needs::Package | Needs::Image) {
         step(P, "kernel: BTF, bpffs, Linux 5.8 or newer", |_| {
             check_kernel()
         })?;
@@ -335,6 +387,12 @@ pub fn setup_for(needs: Needs, root: &Elevation) -> Result<()> {
         step(P, &name, |s| {
             s.update("checking, installing what is missing");
             ensure_packages(&packages, root)
+        })?;
+    }
+    if needs.builds_static() {
+        step(P, &format!("Rust target {}", static_target()), |s| {
+            s.update("adding");
+            ensure_static_target()
         })?;
     }
     if needs == Needs::Everything {
@@ -372,5 +430,7 @@ mod tests {
         assert!(debian_packages(Needs::DemoPlot).contains(&"gnuplot-nox"));
         assert_eq!(debian_packages(Needs::Everything).len(), PACKAGES.len());
         assert!(debian_packages(Needs::Build).is_empty());
+        assert!(debian_packages(Needs::Image).contains(&"musl-tools"));
+        assert!(!debian_packages(Needs::Package).contains(&"podman"));
     }
 }
