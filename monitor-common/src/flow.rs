@@ -100,10 +100,12 @@ pub fn classify(
     if reopens(flow, pkt, dir) {
         return Some(EventKind::Opened);
     }
-    if flow.state & state::CLOSED != 0 {
-        return None;
-    }
     let flags = pkt.tcp_flags;
+    if flow.state & state::CLOSED != 0 {
+        // Only the second client-side RST: one event per flow at most.
+        let again = dir == Dir::In && flags & TCP_RST != 0 && flow.rsts_in == 1;
+        return again.then_some(EventKind::ResetAgain);
+    }
     if flags & (TCP_FIN | TCP_RST) != 0 {
         return Some(EventKind::Closed);
     }
@@ -165,7 +167,11 @@ pub fn fill_event(
     ev.ttl_max = f.ttl_max;
     ev.last_payload_dir = f.last_payload_dir;
     ev.flow_state = f.state;
-    ev._pad = 0;
+    ev.seq = pkt.seq;
+    ev.ack = pkt.ack;
+    ev.client_seq_next = f.client_seq_next;
+    ev.server_seq_next = f.server_seq_next;
+    ev.first_rst_seq = f.first_rst_seq;
 }
 
 /// Has this half-open connection become a flow worth following? Both sides
@@ -294,52 +300,23 @@ pub fn step<T: FlowTables>(
     [None, None]
 }
 
+/// The sequence number after `pkt` (SYN and FIN each take one).
+#[inline(always)]
+fn seq_end(pkt: &Packet) -> u32 {
+    let end = pkt.seq.wrapping_add(pkt.payload_len);
+    if pkt.tcp_flags & (TCP_SYN | TCP_FIN) != 0 {
+        end.wrapping_add(1)
+    } else {
+        end
+    }
+}
+
 /// Fold the packet into the flow's counters and baselines.
 #[inline(always)]
 fn apply(flow: &mut Flow, pkt: &Packet, dir: Dir, now: u64) {
-    let flags = pkt.tcp_flags;
     match dir {
-        Dir::In => {
-            flow.last_in_ns = now;
-            flow.pkts_in = flow.pkts_in.wrapping_add(1);
-            flow.bytes_in = flow.bytes_in.wrapping_add(pkt.ip_len as u64);
-            flow.flags_in |= flags;
-            flow.state &= !state::RETRANS_REPORTED;
-            // RSTs stay out of the baseline: an injected one must not pollute it.
-            if flags & TCP_RST == 0 {
-                if flow.state & state::CLIENT_SEEN == 0 {
-                    flow.ttl_min = pkt.ttl;
-                    flow.ttl_max = pkt.ttl;
-                    flow.state |= state::CLIENT_SEEN;
-                } else {
-                    if pkt.ttl < flow.ttl_min {
-                        flow.ttl_min = pkt.ttl;
-                    }
-                    if pkt.ttl > flow.ttl_max {
-                        flow.ttl_max = pkt.ttl;
-                    }
-                }
-                flow.client_ip_id = pkt.ip_id;
-                flow.client_window = pkt.window;
-            }
-        }
-        Dir::Out => {
-            flow.last_out_ns = now;
-            flow.pkts_out = flow.pkts_out.wrapping_add(1);
-            flow.bytes_out = flow.bytes_out.wrapping_add(pkt.ip_len as u64);
-            flow.flags_out |= flags;
-            if flags & TCP_RST == 0 {
-                // SYN and FIN each take one sequence number.
-                let mut end = pkt.seq.wrapping_add(pkt.payload_len);
-                if flags & (TCP_SYN | TCP_FIN) != 0 {
-                    end = end.wrapping_add(1);
-                }
-                if flow.state & state::SEQ_KNOWN == 0 || seq_after(end, flow.server_seq_next) {
-                    flow.server_seq_next = end;
-                    flow.state |= state::SEQ_KNOWN;
-                }
-            }
-        }
+        Dir::In => apply_client(flow, pkt, now),
+        Dir::Out => apply_server(flow, pkt, now),
     }
     if pkt.payload_len > 0 {
         flow.last_payload_ns = now;
@@ -349,6 +326,58 @@ fn apply(flow: &mut Flow, pkt: &Packet, dir: Dir, now: u64) {
             Dir::In => flow.req_segments.saturating_add(1),
             Dir::Out => 0,
         };
+    }
+}
+
+#[inline(always)]
+fn apply_client(flow: &mut Flow, pkt: &Packet, now: u64) {
+    flow.last_in_ns = now;
+    flow.pkts_in = flow.pkts_in.wrapping_add(1);
+    flow.bytes_in = flow.bytes_in.wrapping_add(pkt.ip_len as u64);
+    flow.flags_in |= pkt.tcp_flags;
+    flow.state &= !state::RETRANS_REPORTED;
+    if pkt.tcp_flags & TCP_RST != 0 {
+        if flow.rsts_in == 0 {
+            flow.first_rst_seq = pkt.seq;
+        }
+        flow.rsts_in = flow.rsts_in.saturating_add(1);
+        // RSTs stay out of the baselines: an injected one must not pollute them.
+        return;
+    }
+    let end = seq_end(pkt);
+    if flow.state & state::CLIENT_SEEN == 0 {
+        flow.ttl_min = pkt.ttl;
+        flow.ttl_max = pkt.ttl;
+        flow.client_seq_next = end;
+        flow.state |= state::CLIENT_SEEN;
+    } else {
+        if pkt.ttl < flow.ttl_min {
+            flow.ttl_min = pkt.ttl;
+        }
+        if pkt.ttl > flow.ttl_max {
+            flow.ttl_max = pkt.ttl;
+        }
+        // 0: a flow from a table an older agent pinned, without the field.
+        if flow.client_seq_next == 0 || seq_after(end, flow.client_seq_next) {
+            flow.client_seq_next = end;
+        }
+    }
+    flow.client_ip_id = pkt.ip_id;
+    flow.client_window = pkt.window;
+}
+
+#[inline(always)]
+fn apply_server(flow: &mut Flow, pkt: &Packet, now: u64) {
+    flow.last_out_ns = now;
+    flow.pkts_out = flow.pkts_out.wrapping_add(1);
+    flow.bytes_out = flow.bytes_out.wrapping_add(pkt.ip_len as u64);
+    flow.flags_out |= pkt.tcp_flags;
+    if pkt.tcp_flags & TCP_RST == 0 {
+        let end = seq_end(pkt);
+        if flow.state & state::SEQ_KNOWN == 0 || seq_after(end, flow.server_seq_next) {
+            flow.server_seq_next = end;
+            flow.state |= state::SEQ_KNOWN;
+        }
     }
 }
 

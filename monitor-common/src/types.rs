@@ -178,7 +178,16 @@ pub struct Flow {
     pub state: u8,
     /// Client payload segments since the server last sent payload (saturating).
     pub req_segments: u8,
-    pub _pad: [u8; 9],
+    // The fields below took the place of padding: a table pinned by an
+    // older agent keeps its meaning, and reads zero in them.
+    /// RSTs arriving from the client's side (saturating): a second one is a burst.
+    pub rsts_in: u8,
+    /// The client's next sequence number: the end of its furthest non-RST
+    /// segment (valid with CLIENT_SEEN). An RST the client's stack sends
+    /// carries it; one whose number is elsewhere races the client's data.
+    pub client_seq_next: u32,
+    /// The first client-side RST's sequence number (valid with `rsts_in` > 0).
+    pub first_rst_seq: u32,
 }
 const _: () = assert!(size_of::<Flow>() == 88);
 
@@ -197,6 +206,10 @@ pub enum EventKind {
     RetransAnswered = 4,
     /// First FIN or RST of the flow.
     Closed = 5,
+    /// A second RST from the client's side after the flow closed: reported
+    /// once per flow (a burst of resets is an injector's mark when their
+    /// sequence numbers differ).
+    ResetAgain = 6,
 }
 
 impl EventKind {
@@ -207,6 +220,7 @@ impl EventKind {
             3 => Some(EventKind::Retransmit),
             4 => Some(EventKind::RetransAnswered),
             5 => Some(EventKind::Closed),
+            6 => Some(EventKind::ResetAgain),
             _ => None,
         }
     }
@@ -252,9 +266,18 @@ pub struct Event {
     pub ttl_max: u8,
     pub last_payload_dir: u8,
     pub flow_state: u8,
-    pub _pad: u32,
+    /// This packet's TCP sequence and acknowledgment numbers.
+    pub seq: u32,
+    pub ack: u32,
+    /// The client's next sequence number before this packet (valid with
+    /// CLIENT_SEEN), and the server's (valid with SEQ_KNOWN): an RST is
+    /// held against them.
+    pub client_seq_next: u32,
+    pub server_seq_next: u32,
+    /// The flow's first client-side RST's sequence number (for [`EventKind::ResetAgain`]).
+    pub first_rst_seq: u32,
 }
-const _: () = assert!(size_of::<Event>() == 144);
+const _: () = assert!(size_of::<Event>() == 160);
 
 impl Event {
     pub const fn zeroed() -> Event {
@@ -291,7 +314,11 @@ impl Event {
             ttl_max: 0,
             last_payload_dir: 0,
             flow_state: 0,
-            _pad: 0,
+            seq: 0,
+            ack: 0,
+            client_seq_next: 0,
+            server_seq_next: 0,
+            first_rst_seq: 0,
         }
     }
 }

@@ -216,13 +216,24 @@ impl fmt::Display for FlowEvent {
                         }
                         None => write!(f, ", ttl {} (no client baseline)", r.ttl)?,
                     }
-                    write!(f, ", ip id {} window {}", r.ip_id, r.window)?;
+                    write!(
+                        f,
+                        ", ip id {} window {} seq {} (client's next {}) ack {}",
+                        r.ip_id, r.window, r.seq, r.client_seq_next, r.ack
+                    )?;
                     if let Some(s) = self.since_server() {
                         write!(f, ", {:.3}s after the server's last send", s.as_secs_f64())?;
                     }
                 }
                 Ok(())
             }
+            EventKind::ResetAgain => write!(
+                f,
+                "another client-side RST {:.6}s after the first, seq {} (the first's {})",
+                self.since_client().unwrap_or_default().as_secs_f64(),
+                r.seq,
+                r.first_rst_seq
+            ),
         }
     }
 }

@@ -129,6 +129,13 @@ fn killing_path(s: &mut String, p: &PathReport, r: &Report) {
     if let Some(l) = p.box_location {
         let _ = writeln!(s, "  where: {}", l.describe());
     }
+    if p.reset_bursts > 0 {
+        let _ = writeln!(
+            s,
+            "  {} resets came in bursts of different sequence numbers: an injector guessing the window (a client's stack repeats its number)",
+            p.reset_bursts
+        );
+    }
     if let Some(t) = p.recommended_idle_timeout_seconds {
         let _ = writeln!(
             s,

@@ -42,6 +42,14 @@ static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_F
 static HALF_OPEN: LruHashMap<FlowKey, Flow> =
     LruHashMap::with_max_entries(DEFAULT_HALF_OPEN_TABLE_SIZE, 0);
 
+/// Where a new flow is built before it enters the half-open table: a map
+/// value, not the stack. The object allows misaligned access (word loads
+/// from packets), and LLVM then merges a new flow's zero stores into
+/// misaligned words, which the verifier accepts in a map value on this
+/// architecture but never on the stack.
+#[map]
+static NEW_FLOW: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
 
@@ -247,7 +255,9 @@ fn track<C: Payload, const STOP: u8>(ctx: &C, bytes: &Bytes, dir: Dir, more: boo
         };
         // XDP and TC may update one flow on two CPUs at once; a lost update
         // skews a counter by a packet, which a monitor can accept.
-        known(ctx, unsafe { &mut *flow }, &key, &pkt, &step);
+        if known(ctx, unsafe { &mut *flow }, &key, &pkt, &step) {
+            mark_lost(flow);
+        }
         return true;
     }
     if unknown(ctx, &key, &pkt, dir, now) {
@@ -260,7 +270,9 @@ fn track<C: Payload, const STOP: u8>(ctx: &C, bytes: &Bytes, dir: Dir, more: boo
                 dir,
                 plaintext: false,
             };
-            known(ctx, unsafe { &mut *flow }, &key, &pkt, &step);
+            if known(ctx, unsafe { &mut *flow }, &key, &pkt, &step) {
+                mark_lost(flow);
+            }
         }
     }
     true
@@ -277,8 +289,11 @@ struct Step {
 
 /// A packet of a flow in the table. A function of its own (a BPF-to-BPF
 /// call): inlined, the packet path overflows LLVM's 512-byte stack frame.
+/// Returns whether its event was lost, for the caller to mark the flow: a
+/// value the caller uses, so that LLVM never leaves a pointer to the
+/// caller's stack in r0 (the verifier refuses that).
 #[inline(never)]
-fn known<C: Payload>(ctx: &C, flow: &mut Flow, key: &FlowKey, pkt: &Packet, step: &Step) {
+fn known<C: Payload>(ctx: &C, flow: &mut Flow, key: &FlowKey, pkt: &Packet, step: &Step) -> bool {
     let (dir, now) = (step.dir, step.now);
     if wants_sample(step.plaintext, flow, pkt, dir) {
         emit_sample(ctx, key, pkt, now);
@@ -289,10 +304,15 @@ fn known<C: Payload>(ctx: &C, flow: &mut Flow, key: &FlowKey, pkt: &Packet, step
         None => false,
     };
     update(flow, pkt, dir, now, kind);
-    if lost {
-        // Later events carry the mark: user space calls the flow incomplete.
-        flow.state |= state::EVENT_LOST;
-    }
+    lost
+}
+
+/// Later events of a flow that lost one carry the mark: user space calls
+/// the flow incomplete.
+#[inline(always)]
+fn mark_lost(flow: *mut Flow) {
+    // SAFETY: a live map value pointer from a lookup on this packet's path.
+    unsafe { (*flow).state |= state::EVENT_LOST };
 }
 
 /// A packet of a flow not in the flow table. A connection starts in the
@@ -327,9 +347,14 @@ fn unknown<C: Payload>(ctx: &C, key: &FlowKey, pkt: &Packet, dir: Dir, now: u64)
     if !opens_flow(pkt) {
         return false;
     }
-    let mut flow = new_flow(pkt, dir, now);
-    update(&mut flow, pkt, dir, now, None);
-    match HALF_OPEN.insert(key, &flow, BPF_NOEXIST as u64) {
+    let Some(flow) = NEW_FLOW.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's own slot, used only here within one packet.
+    let flow = unsafe { &mut *flow };
+    *flow = new_flow(pkt, dir, now);
+    update(flow, pkt, dir, now, None);
+    match HALF_OPEN.insert(key, flow, BPF_NOEXIST as u64) {
         Ok(()) => count(Counter::HalfOpenCreated),
         Err(err) => {
             count(Counter::FlowInsertFailed);

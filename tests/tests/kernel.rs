@@ -23,7 +23,8 @@ use monitor::{
 };
 use monitor_common::{
     craft::{header_boundaries, Tcp},
-    Counter, Dir, EventKind, Flow, FlowKey, TCP_ACK, TCP_PSH, TCP_SYN,
+    flow::seq_after,
+    Counter, Dir, EventKind, Flow, FlowKey, TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN,
 };
 use monitor_tests::*;
 
@@ -358,6 +359,34 @@ fn a_handshake_moves_a_connection_from_half_open_to_a_flow_with_an_opened_event(
 }
 
 #[test]
+fn a_second_client_rst_with_another_sequence_number_is_reported_once_with_the_firsts() {
+    let mut ebpf = load_unattached();
+    handshake(&mut ebpf, ip(CLIENT_V4), 40001);
+    let mut rst = Tcp::syn(ip(CLIENT_V4), ip(SERVER_V4)).flags(TCP_RST);
+    rst.sport = 40001;
+    for seq in [1001, 2461, 3921] {
+        rst.seq = seq;
+        assert_eq!(run(&mut ebpf, Dir::In, &rst.frame()), XDP_PASS);
+    }
+    let mut ring = RingBuf::try_from(ebpf.take_map("EVENTS").unwrap()).unwrap();
+    let mut kinds = Vec::new();
+    while let Some(item) = ring.next() {
+        let ev = FlowEvent::decode(&item).unwrap();
+        if ev.kind == EventKind::ResetAgain {
+            assert_eq!((ev.raw.seq, ev.raw.first_rst_seq), (2461, 1001));
+        }
+        kinds.push(ev.kind);
+    }
+    // The third RST is no event: one per flow at most.
+    let again = kinds
+        .iter()
+        .filter(|k| **k == EventKind::ResetAgain)
+        .count();
+    assert_eq!(again, 1, "{kinds:?}");
+    assert!(kinds.contains(&EventKind::Closed), "{kinds:?}");
+}
+
+#[test]
 fn a_syn_flood_fills_the_half_open_table_and_never_evicts_established_flows() {
     require_root();
     let cfg = AgentConfig {
@@ -557,6 +586,16 @@ fn client_rst(server: &str) {
         close.raw.ttl
     );
     assert!(close.since_server().is_some());
+    // A real stack resets at its own next sequence number and acknowledges
+    // no more than the server sent: none of the forged-reset signs.
+    let r = &close.raw;
+    assert_eq!(r.seq, r.client_seq_next, "the RST's sequence number");
+    assert!(
+        r.ack == r.server_seq_next || seq_after(r.server_seq_next, r.ack),
+        "ack {} beyond the server's next {}",
+        r.ack,
+        r.server_seq_next
+    );
 }
 
 #[test]

@@ -408,3 +408,41 @@ fn tls_ports_are_never_sampled() {
     other.plaintext_mask = 0b10;
     assert!(!sampled(&mut c, &other, 4_000_000, Dir::In, 100));
 }
+
+#[test]
+fn an_rst_event_carries_its_numbers_and_both_sides_next_sequence_numbers() {
+    let mut c = Conn::new();
+    c.handshake();
+    c.send(S, Dir::In, TCP_ACK | TCP_PSH, 50, 64);
+    c.send(2 * S, Dir::Out, TCP_ACK | TCP_PSH, 100, 64);
+    // The client's retransmission of old data does not move its next number.
+    let mut old = c.packet(Dir::In, TCP_ACK, 10, 1001, 64);
+    old.ack = 5001;
+    c.feed(3 * S, Dir::In, &old);
+    let mut rst = c.packet(Dir::In, TCP_RST | TCP_ACK, 0, 7777, 64);
+    rst.ack = 5101;
+    let ev = c.feed(30 * S, Dir::In, &rst).unwrap();
+    assert_eq!(EventKind::from_u8(ev.kind), Some(EventKind::Closed));
+    assert_eq!((ev.seq, ev.ack), (7777, 5101));
+    // SYN at 1000 takes one, then 50 bytes.
+    assert_eq!(ev.client_seq_next, 1051);
+    // SYN-ACK at 5000 takes one, then 100 bytes.
+    assert_eq!(ev.server_seq_next, 5101);
+    assert_eq!(c.flow().first_rst_seq, 7777);
+}
+
+#[test]
+fn a_second_client_rst_after_the_close_is_reported_once_with_the_firsts_number() {
+    let mut c = Conn::new();
+    c.handshake();
+    let first = c.packet(Dir::In, TCP_RST, 0, 1001, 64);
+    assert_eq!(kind(c.feed(S, Dir::In, &first)), Some(EventKind::Closed));
+    // A server packet after the close is no event.
+    assert!(c.send(S + 1, Dir::Out, TCP_ACK, 0, 64).is_none());
+    let second = c.packet(Dir::In, TCP_RST, 0, 2461, 64);
+    let ev = c.feed(S + 2, Dir::In, &second).unwrap();
+    assert_eq!(EventKind::from_u8(ev.kind), Some(EventKind::ResetAgain));
+    assert_eq!((ev.seq, ev.first_rst_seq), (2461, 1001));
+    let third = c.packet(Dir::In, TCP_RST, 0, 3921, 64);
+    assert!(c.feed(S + 3, Dir::In, &third).is_none());
+}

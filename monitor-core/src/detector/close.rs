@@ -3,7 +3,7 @@
 //! TTL says where the box sits; where the TTL is silent, the RST's other
 //! header fields against the client's decide.
 
-use monitor_common::{Dir, FAMILY_V4, TCP_ACK};
+use monitor_common::{flow::seq_after, state, Dir, FAMILY_V4, TCP_ACK};
 
 use super::ending::{BoxLocation, Ending, Evidence, Signal};
 use crate::event::FlowEvent;
@@ -112,8 +112,17 @@ pub(super) fn forged_signals(ev: &FlowEvent) -> Vec<Signal> {
     if r.window != r.base_window {
         v.push(Signal::WindowOffClient);
     }
+    // A next number of 0 is unknown (a flow an older agent began).
+    let client_next_known = r.flow_state & state::CLIENT_SEEN != 0 && r.client_seq_next != 0;
+    if client_next_known && r.seq != r.client_seq_next {
+        v.push(Signal::SeqOffClient);
+    }
     if r.tcp_flags & TCP_ACK == 0 {
         v.push(Signal::RstWithoutAck);
+    } else if r.ack == 0 {
+        v.push(Signal::AckZero);
+    } else if r.flow_state & state::SEQ_KNOWN != 0 && seq_after(r.ack, r.server_seq_next) {
+        v.push(Signal::AckAheadOfServer);
     }
     v
 }
@@ -185,24 +194,27 @@ fn classify_client_side_reset(c: &CloseFacts, evidence: &mut Evidence) -> Ending
     ending
 }
 
-/// Where the TTL cannot tell, an RST after a silence is a box's when its
-/// window is not the client's and one more sign says so (its IP ID, no
-/// ACK, a silence shorter than the heartbeat, or a request still owed an
-/// answer: the client had no reason to give up). The client's own RST of
-/// its connection, and a full proxy's, carry their window.
+/// Where the TTL cannot tell, an RST after a silence is a box's when it
+/// acknowledges bytes the server never sent (no client can), or when a
+/// header field is off the client's (its window, or its sequence number:
+/// the client's own RST carries both) and one more sign says so (the other
+/// field, its IP ID, no ACK or a zero one, a silence shorter than the
+/// heartbeat, or a request still owed an answer: the client had no reason
+/// to give up).
 fn forged_where_ttl_is_silent(signals: &[Signal]) -> bool {
-    let has = |s| signals.contains(&s);
+    let has = |s: &Signal| signals.contains(s);
+    let off = [Signal::WindowOffClient, Signal::SeqOffClient];
     let more = [
         Signal::IpIdZero,
         Signal::IpIdOffPattern,
         Signal::RstWithoutAck,
+        Signal::AckZero,
         Signal::BeforeHeartbeat,
         Signal::AnswerOwed,
-    ]
-    .into_iter()
-    .filter(|s| has(*s))
-    .count();
-    has(Signal::WindowOffClient) && more >= 1
+    ];
+    let fields = off.iter().filter(|s| has(s)).count();
+    let others = more.iter().filter(|s| has(s)).count();
+    has(&Signal::AckAheadOfServer) || fields >= 1 && fields + others >= 2
 }
 
 /// Killed before the heartbeat: forgetting kills always are; kills at
@@ -246,6 +258,35 @@ mod tests {
         }
     }
 
+    /// A client-side RST+ACK after a flow whose client is at 1000 and whose
+    /// server has sent up to 5000.
+    fn rst(seq: u32, ack: u32, flags: u8) -> FlowEvent {
+        let mut e = monitor_common::Event::zeroed();
+        e.kind = monitor_common::EventKind::Closed as u8;
+        e.dir = Dir::In as u8;
+        e.key.family = FAMILY_V4;
+        e.tcp_flags = flags;
+        (e.seq, e.ack) = (seq, ack);
+        (e.client_seq_next, e.server_seq_next) = (1000, 5000);
+        e.flow_state = state::CLIENT_SEEN | state::SEQ_KNOWN;
+        FlowEvent::from_event(e).expect("a valid event")
+    }
+
+    #[test]
+    fn an_rst_is_held_against_both_sides_next_sequence_numbers() {
+        use monitor_common::TCP_RST;
+        let own = forged_signals(&rst(1000, 5000, TCP_RST | TCP_ACK));
+        assert!(own.is_empty(), "{own:?}");
+        // Acknowledging less than was sent: the answer may be in flight.
+        assert!(forged_signals(&rst(1000, 4000, TCP_RST | TCP_ACK)).is_empty());
+        let ahead = forged_signals(&rst(1000, 5001, TCP_RST | TCP_ACK));
+        assert_eq!(ahead, [Signal::AckAheadOfServer]);
+        let zero = forged_signals(&rst(1000, 0, TCP_RST | TCP_ACK));
+        assert_eq!(zero, [Signal::AckZero]);
+        let off = forged_signals(&rst(2460, 5000, TCP_RST));
+        assert_eq!(off, [Signal::SeqOffClient, Signal::RstWithoutAck]);
+    }
+
     #[test]
     fn the_window_follows_the_rtt_within_bounds() {
         assert_eq!(next_packet_window(None, 1.0), 1.0);
@@ -275,6 +316,20 @@ mod tests {
         c.heartbeat = Some(40.0);
         assert_eq!(classify_close(&c, &mut e), Ending::InjectedReset);
         assert!(e.signals.contains(&Signal::BeforeHeartbeat), "{e:?}");
+    }
+
+    #[test]
+    fn where_the_ttl_is_silent_an_ack_of_bytes_never_sent_alone_makes_it_injected() {
+        let mut c = facts();
+        c.forged = vec![Signal::AckAheadOfServer];
+        let mut e = Evidence::default();
+        assert_eq!(classify_close(&c, &mut e), Ending::InjectedReset);
+        // A sequence number off the client's is one more sign, not enough alone.
+        c.forged = vec![Signal::SeqOffClient];
+        assert_eq!(classify_close(&c, &mut e), Ending::ClientReset);
+        c.forged = vec![Signal::WindowOffClient, Signal::SeqOffClient];
+        assert_eq!(classify_close(&c, &mut e), Ending::InjectedReset);
+        assert!(e.signals.contains(&Signal::SeqOffClient), "{e:?}");
     }
 
     #[test]

@@ -156,6 +156,15 @@ pub enum Signal {
     BeforeHeartbeat,
     /// The client's request was unanswered: it was waiting, not leaving.
     AnswerOwed,
+    /// Its sequence number is not the client's next one: the client's own
+    /// stack resets at its next number, and so does a box that tracks it or
+    /// answers the server's segment (whose ack is that number). A number
+    /// behind it races the client's data (an injector's guess).
+    SeqOffClient,
+    /// It acknowledges bytes the server never sent: no client can.
+    AckAheadOfServer,
+    /// The ACK flag with acknowledgment number 0.
+    AckZero,
 }
 
 impl Signal {
@@ -171,6 +180,9 @@ impl Signal {
             Signal::WindowOffClient => "window_off_client",
             Signal::RstWithoutAck => "rst_without_ack",
             Signal::BeforeHeartbeat => "before_heartbeat",
+            Signal::SeqOffClient => "seq_off_client",
+            Signal::AckAheadOfServer => "ack_ahead_of_server",
+            Signal::AckZero => "ack_zero",
             Signal::AnswerOwed => "answer_owed",
         }
     }

@@ -32,6 +32,8 @@ use path::Kill;
 const NS: f64 = 1e9;
 /// Verdicts kept for `monitor events` and the report.
 pub const RECENT_VERDICTS: usize = 1024;
+/// A second RST within this of the first belongs to the same burst.
+const RESET_BURST_WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What the detector concluded from one input.
 #[derive(Clone, Debug, PartialEq)]
@@ -388,8 +390,22 @@ impl Detector {
                 }
             }
             EventKind::Closed => self.closed(ev, &mut out),
+            EventKind::ResetAgain => self.reset_again(ev),
         }
         out
+    }
+
+    /// A second client-side RST after the flow closed. A burst when it came
+    /// right after the first with another sequence number: an injector
+    /// sprays numbers to land in the window, while a client's stack (or a
+    /// box answering segment by segment) repeats the one it expects. Known
+    /// after the verdict, so it is the path's evidence, not the verdict's.
+    fn reset_again(&mut self, ev: &FlowEvent) {
+        let quick = ev.since_client().is_some_and(|d| d <= RESET_BURST_WINDOW);
+        if quick && ev.raw.seq != ev.raw.first_rst_seq {
+            let path = self.path_of(ev.client().ip(), ev.server().port());
+            self.path_mut(path, ev.raw.ts_ns).reset_bursts += 1;
+        }
     }
 
     /// The server resends what it sent after a silence, to a client silent

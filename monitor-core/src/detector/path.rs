@@ -197,6 +197,9 @@ pub struct PathStats {
     /// Reset kills by where their TTL put the box.
     pub on_the_path: u64,
     pub at_or_next_to_client: u64,
+    /// Closed flows whose client side sent a second RST with another
+    /// sequence number right after the first: an injector's spray.
+    pub reset_bursts: u64,
     pub kills: VecDeque<Kill>,
     /// Recent heartbeat samples (hold times), most recent last.
     pub heartbeats: VecDeque<f64>,

@@ -28,6 +28,9 @@ pub struct PathReport {
     pub longest_survived_seconds: f64,
     /// Where the box sits, from its resets' TTL (reset kills only).
     pub box_location: Option<BoxLocation>,
+    /// Flows whose reset came in a burst of different sequence numbers.
+    #[serde(default)]
+    pub reset_bursts: u64,
     /// Known defaults the estimate pins: a point near one, or a bracket
     /// closed on both sides that holds exactly one.
     pub likely_devices: Vec<String>,
@@ -129,6 +132,7 @@ impl Detector {
                 .max_by_key(|e| p.by_ending[*e as usize]),
             confidence: estimate.as_ref().map(|e| e.confidence()),
             box_location: p.box_location(),
+            reset_bursts: p.reset_bursts,
             likely_devices: self.likely_devices(estimate.as_ref()),
             defaults_in_range: self.defaults_in_range(estimate.as_ref()),
             estimate,

@@ -1033,3 +1033,57 @@ fn answer_then_resend_after(lab: &mut Lab, c: &mut Conn, at: u64, hold: u64) {
     let resent = answered + 200 * MS;
     lab.send(c, resent, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, Some(seq));
 }
+
+/// An injector that does not track the connection: the client's TTL and
+/// window copied, three RSTs 50 us apart, a segment and two ahead of the
+/// client's next number, then the exact one.
+fn spray_resets(lab: &mut Lab, c: &mut Conn, at: u64) {
+    for (k, ahead) in [1460, 2920, 0].into_iter().enumerate() {
+        let seq = c.cseq.wrapping_add(ahead);
+        let t = at + k as u64 * 50_000;
+        lab.send(c, t, Dir::In, TCP_RST, 0, CLIENT_TTL, Some(seq));
+    }
+}
+
+#[test]
+fn a_spray_of_resets_with_the_clients_ttl_and_window_is_injected_by_its_sequence_numbers() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    let t = cycle(&mut lab, &mut c, S, 40 * S);
+    let t = cycle(&mut lab, &mut c, t, 40 * S);
+    lab.ping(&mut c, t);
+    spray_resets(&mut lab, &mut c, t + 20 * S);
+    let v = lab.last();
+    assert_eq!(v.ending, Ending::InjectedReset, "{v:?}");
+    assert!(v.evidence.signals.contains(&Signal::SeqOffClient), "{v:?}");
+    assert!(!v.evidence.signals.contains(&Signal::WindowOffClient));
+    let r = lab.det.report();
+    let p = &r.killing_paths[0];
+    assert_eq!(p.reset_bursts, 1, "{p:?}");
+    let text = crate::render::report(&r);
+    assert!(text.contains("1 resets came in bursts"), "{text}");
+}
+
+#[test]
+fn a_clients_own_reset_at_its_next_number_repeated_is_no_burst() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    let t = cycle(&mut lab, &mut c, S, 40 * S);
+    let seq = c.cseq;
+    // The client's stack answers two segments with the same number.
+    lab.send(&mut c, t + S, Dir::In, TCP_RST, 0, CLIENT_TTL, Some(seq));
+    lab.send(
+        &mut c,
+        t + S + MS,
+        Dir::In,
+        TCP_RST,
+        0,
+        CLIENT_TTL,
+        Some(seq),
+    );
+    let v = lab.last();
+    assert_eq!(v.ending, Ending::ClientReset, "{v:?}");
+    assert!(!v.evidence.signals.contains(&Signal::SeqOffClient), "{v:?}");
+    let bursts: u64 = lab.det.paths.values().map(|p| p.reset_bursts).sum();
+    assert_eq!(bursts, 0);
+}

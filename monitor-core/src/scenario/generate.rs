@@ -412,7 +412,10 @@ impl<'a> PathSim<'a> {
         }
     }
 
-    /// A forged RST in the client's name: window 0, IP ID 0 or random, RST or RST|ACK.
+    /// A forged RST in the client's name, IP ID 0 or random, RST or RST|ACK:
+    /// from a box that tracks the connection (window 0, the client's next
+    /// number), or from an injector that does not (the client's window
+    /// copied, a spray of numbers: [`Conn::middlebox_sprays`]).
     fn forge_rst(&mut self, c: &mut Conn, out: &mut Vec<Pkt>, at: u64, place: Place) {
         let ttl = self.box_ttl(place, c.ttl);
         let flags = if self.rng.bool() {
@@ -421,7 +424,13 @@ impl<'a> PathSim<'a> {
             TCP_RST | TCP_ACK
         };
         let ip_id = if self.rng.bool() { 0 } else { self.rng.u16(..) };
-        c.middlebox_sends(out, at, flags, ttl, ip_id, 0);
+        // Which forger, from the IP ID already drawn: no new draw, so the
+        // rest of the scenario's random stream stays as it was.
+        if ip_id % 2 == 0 {
+            c.middlebox_sends(out, at, flags, ttl, ip_id, 0);
+        } else {
+            c.middlebox_sprays(out, at, flags, ttl, ip_id);
+        }
     }
 
     /// The box acts on a silence longer than its timeout.

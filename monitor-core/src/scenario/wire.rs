@@ -216,6 +216,36 @@ impl Conn {
         self.now = self.now.max(at);
     }
 
+    /// An injector's RSTs in the client's name that does not track the
+    /// connection: the client's window copied, a spray of sequence numbers a
+    /// segment apart to cover data in flight, the exact one last (the only
+    /// one a modern stack accepts), 50 us apart.
+    pub fn middlebox_sprays(
+        &mut self,
+        out: &mut Vec<Pkt>,
+        at: u64,
+        flags: u8,
+        ttl: u8,
+        ip_id: u16,
+    ) {
+        const SEGMENT: u32 = 1460;
+        for (k, ahead) in [SEGMENT, 2 * SEGMENT, 0].into_iter().enumerate() {
+            let at = at + k as u64 * 50_000;
+            let mut p = self.pkt(
+                at,
+                Origin::Middlebox,
+                flags,
+                self.cseq.wrapping_add(ahead),
+                self.sseq,
+            );
+            p.ttl = ttl;
+            p.ip_id = ip_id.wrapping_add(k as u16);
+            p.window = self.window;
+            out.push(p);
+            self.now = self.now.max(at);
+        }
+    }
+
     /// A middlebox's packet in the client's name (an RST, a proxy's FIN).
     #[allow(clippy::too_many_arguments)]
     pub fn middlebox_sends(
