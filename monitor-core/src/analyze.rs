@@ -447,6 +447,8 @@ impl Engine<'_, '_> {
         // black-hole delay by then are black holes; newer ones stay open.
         let out = self.pipeline.tick(self.last_ns);
         self.absorb(out);
+        let out = self.pipeline.conclude_held();
+        self.absorb(out);
         // The capture ends before the next events that would prove the
         // last silences survived; the table knows when clients were heard.
         let flows = self.replay.flows();

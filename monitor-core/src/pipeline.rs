@@ -96,6 +96,11 @@ impl Pipeline {
         wrap(self.detector.retire_missing(now_ns, present))
     }
 
+    /// The end of the input: judge the resets held for a possible burst.
+    pub fn conclude_held(&mut self) -> Vec<Output> {
+        wrap(self.detector.conclude_held())
+    }
+
     /// Silences proven survived by the flow table (the client's last
     /// packet), with no event to say so yet: see [`Detector::settle`].
     pub fn settle(

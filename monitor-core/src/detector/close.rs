@@ -197,13 +197,17 @@ fn classify_client_side_reset(c: &CloseFacts, evidence: &mut Evidence) -> Ending
 /// Where the TTL cannot tell, an RST after a silence is a box's when it
 /// acknowledges bytes the server never sent (no client can), or when a
 /// header field is off the client's (its window, or its sequence number:
-/// the client's own RST carries both) and one more sign says so (the other
-/// field, its IP ID, no ACK or a zero one, a silence shorter than the
-/// heartbeat, or a request still owed an answer: the client had no reason
-/// to give up).
+/// the client's own RST carries both; or a burst of numbers) and one more
+/// sign says so (another of those, its IP ID, no ACK or a zero one, a
+/// silence shorter than the heartbeat, or a request still owed an answer:
+/// the client had no reason to give up).
 fn forged_where_ttl_is_silent(signals: &[Signal]) -> bool {
     let has = |s: &Signal| signals.contains(s);
-    let off = [Signal::WindowOffClient, Signal::SeqOffClient];
+    let off = [
+        Signal::WindowOffClient,
+        Signal::SeqOffClient,
+        Signal::RstBurst,
+    ];
     let more = [
         Signal::IpIdZero,
         Signal::IpIdOffPattern,

@@ -165,6 +165,9 @@ pub enum Signal {
     AckAheadOfServer,
     /// The ACK flag with acknowledgment number 0.
     AckZero,
+    /// A second RST followed within 100 ms with another sequence number: an
+    /// injector's spray (a client's stack repeats its number).
+    RstBurst,
 }
 
 impl Signal {
@@ -183,6 +186,7 @@ impl Signal {
             Signal::SeqOffClient => "seq_off_client",
             Signal::AckAheadOfServer => "ack_ahead_of_server",
             Signal::AckZero => "ack_zero",
+            Signal::RstBurst => "rst_burst",
             Signal::AnswerOwed => "answer_owed",
         }
     }

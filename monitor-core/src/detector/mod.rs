@@ -5,6 +5,7 @@
 mod close;
 pub mod config;
 pub mod ending;
+mod held;
 pub mod middlebox;
 pub mod path;
 pub mod report;
@@ -32,8 +33,6 @@ use path::Kill;
 const NS: f64 = 1e9;
 /// Verdicts kept for `monitor events` and the report.
 pub const RECENT_VERDICTS: usize = 1024;
-/// A second RST within this of the first belongs to the same burst.
-const RESET_BURST_WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What the detector concluded from one input.
 #[derive(Clone, Debug, PartialEq)]
@@ -260,6 +259,8 @@ pub struct Detector {
     suspects: HashMap<IpAddr, Vec<FlowKey>>,
     window: HbiWindow,
     recent: VecDeque<Verdict>,
+    /// Client-side resets awaiting a possible second one: see [`held`].
+    held: HashMap<FlowKey, held::HeldClose>,
     max_heartbeat_seen_s: f64,
     /// When idle clients and devices were last forgotten.
     last_forget_ns: u64,
@@ -289,6 +290,7 @@ impl Detector {
             devices: HashMap::new(),
             suspects: HashMap::new(),
             recent: VecDeque::new(),
+            held: HashMap::new(),
             max_heartbeat_seen_s: 0.0,
             last_forget_ns: 0,
             stats: DetectorStats::default(),
@@ -367,6 +369,7 @@ impl Detector {
         let key = ev.raw.key;
         let now = ev.raw.ts_ns;
         let client = ev.client();
+        self.conclude_held_due(now, &mut out);
         self.clients.entry(client.ip()).or_default().last_seen_ns = now;
         if ev.raw.flow_state & state::EVENT_LOST != 0 {
             if let Some(f) = self.flows.get_mut(&key) {
@@ -390,22 +393,9 @@ impl Detector {
                 }
             }
             EventKind::Closed => self.closed(ev, &mut out),
-            EventKind::ResetAgain => self.reset_again(ev),
+            EventKind::ResetAgain => self.reset_again(ev, &mut out),
         }
         out
-    }
-
-    /// A second client-side RST after the flow closed. A burst when it came
-    /// right after the first with another sequence number: an injector
-    /// sprays numbers to land in the window, while a client's stack (or a
-    /// box answering segment by segment) repeats the one it expects. Known
-    /// after the verdict, so it is the path's evidence, not the verdict's.
-    fn reset_again(&mut self, ev: &FlowEvent) {
-        let quick = ev.since_client().is_some_and(|d| d <= RESET_BURST_WINDOW);
-        if quick && ev.raw.seq != ev.raw.first_rst_seq {
-            let path = self.path_of(ev.client().ip(), ev.server().port());
-            self.path_mut(path, ev.raw.ts_ns).reset_bursts += 1;
-        }
     }
 
     /// The server resends what it sent after a silence, to a client silent
@@ -482,7 +472,8 @@ impl Detector {
     /// `black_hole_after` past the device's own wait; idle client records
     /// are forgotten. (No output today: a black hole needs its client back.)
     pub fn tick(&mut self, now_ns: u64) -> Vec<Output> {
-        let out = Vec::new();
+        let mut out = Vec::new();
+        self.conclude_held_due(now_ns, &mut out);
         // Past `black_hole_after` without the client coming back, a suspect
         // can no longer be told from a device gone dark: it waits for its
         // flow's end (vanished) and no later reconnect resolves it.
@@ -730,7 +721,6 @@ impl Detector {
     }
 
     fn closed(&mut self, ev: &FlowEvent, out: &mut Vec<Output>) {
-        let now = ev.raw.ts_ns;
         let key = ev.raw.key;
         if self.track(ev).is_none() {
             return;
@@ -742,7 +732,18 @@ impl Detector {
         if f.finalized {
             return;
         }
-        let facts = self.close_facts(ev, &f);
+        if let Some(f) = self.hold(ev, f) {
+            self.conclude(ev, f, false, out);
+        }
+    }
+
+    /// The verdict on a closed flow; `burst`: its RST came in a burst.
+    fn conclude(&mut self, ev: &FlowEvent, f: FlowTrack, burst: bool, out: &mut Vec<Output>) {
+        let now = ev.raw.ts_ns;
+        let mut facts = self.close_facts(ev, &f);
+        if burst {
+            facts.forged.push(Signal::RstBurst);
+        }
         let mut evidence = facts.evidence(ev);
         let ending = classify_close(&facts, &mut evidence);
         // A kill's own packet (a box's RST, a proxy's FIN) proves nothing:

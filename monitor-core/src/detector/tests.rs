@@ -141,18 +141,22 @@ impl Lab {
         self.send(c, at + rtt, Dir::In, TCP_ACK, 0, CLIENT_TTL, None);
     }
 
-    fn verdicts(&self) -> Vec<&Verdict> {
+    /// The verdicts so far, resets held for a burst judged first (as at
+    /// the end of a capture).
+    fn verdicts(&mut self) -> Vec<Verdict> {
+        let held = self.det.conclude_held();
+        self.out.extend(held);
         self.out
             .iter()
             .filter_map(|o| match o {
-                Output::Verdict(v) => Some(v),
+                Output::Verdict(v) => Some(v.clone()),
                 _ => None,
             })
             .collect()
     }
 
-    fn last(&self) -> &Verdict {
-        self.verdicts().last().copied().expect("a verdict")
+    fn last(&mut self) -> Verdict {
+        self.verdicts().pop().expect("a verdict")
     }
 }
 
@@ -1035,10 +1039,10 @@ fn answer_then_resend_after(lab: &mut Lab, c: &mut Conn, at: u64, hold: u64) {
 }
 
 /// An injector that does not track the connection: the client's TTL and
-/// window copied, three RSTs 50 us apart, a segment and two ahead of the
-/// client's next number, then the exact one.
-fn spray_resets(lab: &mut Lab, c: &mut Conn, at: u64) {
-    for (k, ahead) in [1460, 2920, 0].into_iter().enumerate() {
+/// window copied, three RSTs 50 us apart at the client's next number plus
+/// `aheads`.
+fn spray_resets(lab: &mut Lab, c: &mut Conn, at: u64, aheads: [u32; 3]) {
+    for (k, ahead) in aheads.into_iter().enumerate() {
         let seq = c.cseq.wrapping_add(ahead);
         let t = at + k as u64 * 50_000;
         lab.send(c, t, Dir::In, TCP_RST, 0, CLIENT_TTL, Some(seq));
@@ -1052,16 +1056,52 @@ fn a_spray_of_resets_with_the_clients_ttl_and_window_is_injected_by_its_sequence
     let t = cycle(&mut lab, &mut c, S, 40 * S);
     let t = cycle(&mut lab, &mut c, t, 40 * S);
     lab.ping(&mut c, t);
-    spray_resets(&mut lab, &mut c, t + 20 * S);
+    spray_resets(&mut lab, &mut c, t + 20 * S, [1460, 2920, 0]);
     let v = lab.last();
     assert_eq!(v.ending, Ending::InjectedReset, "{v:?}");
     assert!(v.evidence.signals.contains(&Signal::SeqOffClient), "{v:?}");
     assert!(!v.evidence.signals.contains(&Signal::WindowOffClient));
+    // Decided by its first reset: not held, so the burst is the path's.
+    assert!(!v.evidence.signals.contains(&Signal::RstBurst), "{v:?}");
     let r = lab.det.report();
     let p = &r.killing_paths[0];
     assert_eq!(p.reset_bursts, 1, "{p:?}");
     let text = crate::render::report(&r);
     assert!(text.contains("1 resets came in bursts"), "{text}");
+}
+
+#[test]
+fn a_burst_whose_first_reset_carries_the_clients_number_is_injected_by_the_burst() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    let t = cycle(&mut lab, &mut c, S, 40 * S);
+    let t = cycle(&mut lab, &mut c, t, 40 * S);
+    lab.ping(&mut c, t);
+    spray_resets(&mut lab, &mut c, t + 20 * S, [0, 1460, 2920]);
+    // Held for the window, then judged with the burst: nothing before.
+    let v = lab.last();
+    assert_eq!(v.ending, Ending::InjectedReset, "{v:?}");
+    assert!(!v.evidence.signals.contains(&Signal::SeqOffClient), "{v:?}");
+    assert!(v.evidence.signals.contains(&Signal::RstBurst), "{v:?}");
+    assert_eq!(
+        v.at_ns,
+        t + 20 * S,
+        "the verdict keeps the first reset's time"
+    );
+}
+
+#[test]
+fn a_held_reset_is_judged_once_its_window_has_passed() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    let t = cycle(&mut lab, &mut c, S, 40 * S);
+    lab.send(&mut c, t + S, Dir::In, TCP_RST, 0, CLIENT_TTL, None);
+    let judged = |lab: &Lab| lab.out.iter().any(|o| matches!(o, Output::Verdict(_)));
+    assert!(!judged(&lab), "held for a possible burst");
+    lab.out.extend(lab.det.tick(t + S + 50 * MS));
+    assert!(!judged(&lab), "still within the window");
+    lab.out.extend(lab.det.tick(t + S + 101 * MS));
+    assert!(judged(&lab), "judged after the window");
 }
 
 #[test]

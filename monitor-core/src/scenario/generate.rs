@@ -426,10 +426,9 @@ impl<'a> PathSim<'a> {
         let ip_id = if self.rng.bool() { 0 } else { self.rng.u16(..) };
         // Which forger, from the IP ID already drawn: no new draw, so the
         // rest of the scenario's random stream stays as it was.
-        if ip_id % 2 == 0 {
-            c.middlebox_sends(out, at, flags, ttl, ip_id, 0);
-        } else {
-            c.middlebox_sprays(out, at, flags, ttl, ip_id);
+        match ip_id % 4 {
+            0 | 2 => c.middlebox_sends(out, at, flags, ttl, ip_id, 0),
+            exact_first => c.middlebox_sprays(out, at, flags, ttl, ip_id, exact_first == 1),
         }
     }
 

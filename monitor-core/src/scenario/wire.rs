@@ -218,8 +218,9 @@ impl Conn {
 
     /// An injector's RSTs in the client's name that does not track the
     /// connection: the client's window copied, a spray of sequence numbers a
-    /// segment apart to cover data in flight, the exact one last (the only
-    /// one a modern stack accepts), 50 us apart.
+    /// segment apart to cover data in flight, 50 us apart, the exact one
+    /// (the only one a modern stack accepts) first or last.
+    #[allow(clippy::too_many_arguments)]
     pub fn middlebox_sprays(
         &mut self,
         out: &mut Vec<Pkt>,
@@ -227,9 +228,15 @@ impl Conn {
         flags: u8,
         ttl: u8,
         ip_id: u16,
+        exact_first: bool,
     ) {
         const SEGMENT: u32 = 1460;
-        for (k, ahead) in [SEGMENT, 2 * SEGMENT, 0].into_iter().enumerate() {
+        let aheads = if exact_first {
+            [0, SEGMENT, 2 * SEGMENT]
+        } else {
+            [SEGMENT, 2 * SEGMENT, 0]
+        };
+        for (k, ahead) in aheads.into_iter().enumerate() {
             let at = at + k as u64 * 50_000;
             let mut p = self.pkt(
                 at,
