@@ -4,8 +4,8 @@
 
 use crate::parse::Packet;
 use crate::types::{
-    state, Dir, Event, EventKind, Flow, FlowKey, NEVER, SAMPLES_PER_REQUEST, TCP_ACK, TCP_FIN,
-    TCP_RST, TCP_SYN,
+    state, Config, Dir, Event, EventKind, Flow, FlowKey, NEVER, SAMPLES_PER_REQUEST, TCP_ACK,
+    TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 /// The flow key for `pkt` seen in direction `dir` (server side normalised).
@@ -23,6 +23,62 @@ pub fn flow_key(pkt: &Packet, dir: Dir) -> FlowKey {
         family: pkt.family,
         _pad: [0; 3],
     }
+}
+
+/// Tap mode (a mirror port, both directions arriving on one interface): the
+/// packet's direction from which side carries a tracked server port, and,
+/// with a server table, a server address (`is_server`). The destination is
+/// tried first: between two tracked ports, the packet goes to the server.
+#[inline(always)]
+pub fn tap_direction(
+    cfg: &Config,
+    pkt: &Packet,
+    is_server: impl Fn(&[u8; 16]) -> bool,
+) -> Option<Dir> {
+    if cfg.tracks(pkt.dst_port) && is_server(&pkt.dst_addr) {
+        Some(Dir::In)
+    } else if cfg.tracks(pkt.src_port) && is_server(&pkt.src_addr) {
+        Some(Dir::Out)
+    } else {
+        None
+    }
+}
+
+/// Copies of one packet arrive within this of each other (a switch
+/// mirroring both of its ports); a stack's own retransmission comes an RTO
+/// (200 ms or more) later.
+pub const DUPLICATE_WINDOW_NS: u64 = 2_000_000;
+
+/// What tells one packet of a flow from another: its numbers, flags,
+/// window, IP ID and length, and (lowest bit) its direction.
+#[inline(always)]
+pub fn packet_sig(pkt: &Packet, dir: Dir) -> u32 {
+    let h = pkt.seq
+        ^ pkt.ack.rotate_left(11)
+        ^ pkt.payload_len.rotate_left(22)
+        ^ ((pkt.window as u32) << 16 | pkt.ip_id as u32).rotate_left(5)
+        ^ pkt.tcp_flags as u32;
+    (h & !1) | dir as u32
+}
+
+/// Is `sig` a second copy of one of the flow's last two packets, seen
+/// just before?
+#[inline(always)]
+pub fn is_duplicate(flow: &Flow, sig: u32, dir: Dir, now: u64) -> bool {
+    let last = match dir {
+        Dir::In => flow.last_in_ns,
+        Dir::Out => flow.last_out_ns,
+    };
+    (flow.last_sig == sig || flow.prev_sig == sig)
+        && last != 0
+        && now.saturating_sub(last) < DUPLICATE_WINDOW_NS
+}
+
+/// Remember `sig` as the flow's last packet's.
+#[inline(always)]
+pub fn remember_sig(flow: &mut Flow, sig: u32) {
+    flow.prev_sig = flow.last_sig;
+    flow.last_sig = sig;
 }
 
 /// Should a packet for an unknown flow create a table entry? Not a lone RST or
@@ -248,6 +304,8 @@ pub trait FlowTables {
     fn insert_flow(&mut self, key: &FlowKey, flow: Flow);
     fn insert_half_open(&mut self, key: &FlowKey, flow: Flow);
     fn remove_half_open(&mut self, key: &FlowKey);
+    /// A second copy of a packet was passed over.
+    fn duplicate(&mut self) {}
 }
 
 /// What a packet does outside the flow table. `Some(before)`: the
@@ -277,7 +335,15 @@ pub fn step<T: FlowTables>(
     gap_threshold_ns: u64,
 ) -> [Option<Event>; 2] {
     if let Some(f) = t.flow(key) {
-        return [on_packet(f, key, pkt, dir, now, gap_threshold_ns), None];
+        // A capture from a mirror port may hold each packet twice.
+        let sig = packet_sig(pkt, dir);
+        if is_duplicate(f, sig, dir, now) {
+            t.duplicate();
+            return [None, None];
+        }
+        let ev = on_packet(f, key, pkt, dir, now, gap_threshold_ns);
+        remember_sig(f, sig);
+        return [ev, None];
     }
     if let Some(h) = t.half_open(key) {
         let Some(before) = half_open_packet(h, pkt, dir, now) else {

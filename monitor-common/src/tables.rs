@@ -26,6 +26,8 @@ pub struct HostTables {
     pub half_open: HashMap<FlowKey, Flow>,
     /// Half-open entries pushed out by newer ones.
     pub half_open_evicted: u64,
+    /// Second copies of a packet passed over (a mirror port's capture).
+    pub duplicates: u64,
     /// Flows the table holds before the sweep evicts the least recently seen.
     pub flow_capacity: usize,
     /// Flows evicted for room (least recently seen beyond the capacity).
@@ -54,6 +56,7 @@ impl HostTables {
             flows: HashMap::new(),
             half_open: HashMap::new(),
             half_open_evicted: 0,
+            duplicates: 0,
             flow_capacity: flow_capacity.max(1),
             flows_evicted: 0,
             closed_expired: 0,
@@ -157,5 +160,8 @@ impl FlowTables for HostTables {
     }
     fn remove_half_open(&mut self, key: &FlowKey) {
         self.half_open.remove(key);
+    }
+    fn duplicate(&mut self) {
+        self.duplicates += 1;
     }
 }

@@ -18,6 +18,8 @@ pub const SAMPLE_BYTES: usize = 1024;
 /// Client payload segments sampled per request (since the server last sent
 /// payload): a request split over a few segments is read, a large upload is not.
 pub const SAMPLES_PER_REQUEST: u8 = 3;
+/// Server addresses or prefixes tap mode can be told (the server table's size).
+pub const MAX_SERVER_PREFIXES: u32 = 256;
 /// Default silence that makes an "idle gap" worth an event.
 pub const DEFAULT_GAP_THRESHOLD_NS: u64 = 5_000_000_000;
 /// "Never happened" for the `since_*` fields of an [`Event`].
@@ -45,8 +47,12 @@ pub struct Config {
     pub plaintext_mask: u32,
     /// A packet after at least this much silence ends an idle gap (event).
     pub gap_threshold_ns: u64,
+    /// Tap mode: 1 when only addresses in the server table are servers
+    /// (two servers on one mirror stay apart); 0: any address.
+    pub server_filter: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Config>() == 32);
+const _: () = assert!(size_of::<Config>() == 40);
 
 impl Config {
     pub const DEFAULT: Config = Config {
@@ -54,6 +60,8 @@ impl Config {
         port_count: 1,
         plaintext_mask: 0,
         gap_threshold_ns: DEFAULT_GAP_THRESHOLD_NS,
+        server_filter: 0,
+        _pad: 0,
     };
 
     /// Where `port` is among the tracked local ports. Bounded loop: verifier friendly.
@@ -91,6 +99,24 @@ impl Config {
     pub fn plaintext(&self, port: u16) -> bool {
         self.port_index(port).is_some_and(|i| self.plaintext_at(i))
     }
+}
+
+/// The key of the tap mode's server table (an LPM trie): the family, then
+/// the address, so IPv4 and IPv6 prefixes never match each other. The
+/// prefix length counts the family's 8 bits.
+pub type ServerKeyData = [u8; 17];
+
+/// The server table key's data for `addr` of `family`.
+#[inline(always)]
+pub fn server_key_data(family: u8, addr: &[u8; 16]) -> ServerKeyData {
+    let mut d = [0u8; 17];
+    d[0] = family;
+    let mut i = 0;
+    while i < 16 {
+        d[1 + i] = addr[i];
+        i += 1;
+    }
+    d
 }
 
 /// Direction relative to the server this agent runs on.
@@ -188,8 +214,13 @@ pub struct Flow {
     pub client_seq_next: u32,
     /// The first client-side RST's sequence number (valid with `rsts_in` > 0).
     pub first_rst_seq: u32,
+    /// Tap mode: the last two packets' [`crate::flow::packet_sig`], to count
+    /// a mirror's second copy once (copies of a burst may interleave:
+    /// A, B, A', B').
+    pub last_sig: u32,
+    pub prev_sig: u32,
 }
-const _: () = assert!(size_of::<Flow>() == 88);
+const _: () = assert!(size_of::<Flow>() == 96);
 
 /// What an [`Event`] reports.
 #[repr(u8)]
@@ -371,11 +402,14 @@ pub enum Counter {
     SamplesDropped = 8,
     /// Connections entered into the half-open table (first packet seen).
     HalfOpenCreated = 9,
+    /// Tap mode: second copies of a packet (a mirror of both switch ports),
+    /// passed over.
+    Duplicates = 10,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 10;
-    pub const ALL: [Counter; 10] = [
+    pub const COUNT: u32 = 11;
+    pub const ALL: [Counter; 11] = [
         Counter::PacketsSeen,
         Counter::PacketsTracked,
         Counter::ParseFailures,
@@ -386,6 +420,7 @@ impl Counter {
         Counter::SamplesSent,
         Counter::SamplesDropped,
         Counter::HalfOpenCreated,
+        Counter::Duplicates,
     ];
 
     pub fn name(self) -> &'static str {
@@ -400,6 +435,7 @@ impl Counter {
             Counter::SamplesSent => "samples_sent",
             Counter::SamplesDropped => "samples_dropped",
             Counter::HalfOpenCreated => "half_open_created",
+            Counter::Duplicates => "duplicates",
         }
     }
 }

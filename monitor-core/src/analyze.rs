@@ -93,6 +93,10 @@ pub struct CaptureStats {
     /// Open flows evicted from the full flow table, as the kernel's LRU
     /// would (their verdicts: vanished).
     pub flows_evicted: u64,
+    /// Second copies of a packet passed over: a capture from a mirror port
+    /// of both sides of a conversation holds each packet twice.
+    #[serde(default)]
+    pub duplicates: u64,
     /// Verdicts beyond those listed (see [`Limits::listed_verdicts`]); the
     /// report counts them all.
     pub verdicts_not_listed: u64,
@@ -449,6 +453,7 @@ impl Engine<'_, '_> {
         self.absorb(out);
         let out = self.pipeline.conclude_held();
         self.absorb(out);
+        self.stats.duplicates = self.replay.duplicates();
         // The capture ends before the next events that would prove the
         // last silences survived; the table knows when clients were heard.
         let flows = self.replay.flows();

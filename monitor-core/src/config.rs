@@ -4,10 +4,13 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use monitor_common::{Config, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_HALF_OPEN_TABLE_SIZE, MAX_PORTS};
+use monitor_common::{
+    Config, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_HALF_OPEN_TABLE_SIZE, MAX_PORTS, MAX_SERVER_PREFIXES,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::detector::{config::secs, DetectorConfig, DetectorConfigError};
+pub use crate::placement::{AgentMode, ServerPrefix};
 
 /// Largest flow table we accept: 16 Mi entries (~2.5 GiB of kernel memory).
 pub const MAX_FLOW_TABLE_SIZE: u32 = 1 << 24;
@@ -69,6 +72,11 @@ pub struct AgentConfig {
     pub pin_path: Option<PathBuf>,
     /// With `pin_path`: remove the pins at exit (detach everything).
     pub detach_on_exit: bool,
+    /// Where the agent sits: `server` (or a router), or `tap` (a mirror port).
+    pub mode: AgentMode,
+    /// Tap mode: the servers' addresses or prefixes; empty: any address
+    /// with a tracked port is a server.
+    pub servers: Vec<ServerPrefix>,
 }
 
 impl Default for AgentConfig {
@@ -84,6 +92,8 @@ impl Default for AgentConfig {
             ingress: IngressHook::Xdp,
             pin_path: None,
             detach_on_exit: false,
+            mode: AgentMode::Server,
+            servers: Vec::new(),
         }
     }
 }
@@ -165,6 +175,10 @@ pub enum ConfigError {
     FlowTableSize { got: u32, max: u32 },
     #[error("agent.half_open_table_size: must be between 1 and {max}, got {got}")]
     HalfOpenTableSize { got: u32, max: u32 },
+    #[error("agent.servers: only tap mode (agent.mode = \"tap\") tells servers by address")]
+    ServersWithoutTap,
+    #[error("agent.servers: at most {max} addresses or prefixes, {given} given")]
+    TooManyServers { given: usize, max: u32 },
     #[error("metrics.top_paths: must be between 1 and 1000, got {0}")]
     TopPaths(usize),
     #[error("detector.{0}")]
@@ -177,6 +191,15 @@ impl AgentConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.interfaces.is_empty() {
             return Err(ConfigError::NoInterface);
+        }
+        if !self.servers.is_empty() && self.mode != AgentMode::Tap {
+            return Err(ConfigError::ServersWithoutTap);
+        }
+        if self.servers.len() > MAX_SERVER_PREFIXES as usize {
+            return Err(ConfigError::TooManyServers {
+                given: self.servers.len(),
+                max: MAX_SERVER_PREFIXES,
+            });
         }
         for name in &self.interfaces {
             let bad = name.is_empty()
@@ -235,7 +258,9 @@ impl AgentConfig {
 
     /// The settings the kernel programs read.
     pub fn kernel_config(&self) -> Config {
-        kernel_config(&self.ports, &self.plaintext_ports, self.gap_threshold)
+        let mut c = kernel_config(&self.ports, &self.plaintext_ports, self.gap_threshold);
+        c.server_filter = u32::from(!self.servers.is_empty());
+        c
     }
 }
 
@@ -371,6 +396,28 @@ mod tests {
         assert_eq!(&k.ports[..3], &[443, 8443, 0]);
         assert_eq!(k.gap_threshold_ns, 1_500_000_000);
         assert!(k.tracks(8443) && !k.tracks(80));
+    }
+
+    #[test]
+    fn tap_mode_takes_server_prefixes_and_server_mode_refuses_them() {
+        let f = FileConfig::parse(
+            "[agent]\ninterfaces = [\"span0\"]\nmode = \"tap\"\nservers = [\"192.0.2.1\", \"2001:db8::/64\"]\n",
+            "test",
+        )
+        .expect("a tap configuration");
+        assert_eq!(f.agent.mode, AgentMode::Tap);
+        assert_eq!(f.agent.servers.len(), 2);
+        assert_eq!(f.agent.kernel_config().server_filter, 1);
+        let server = AgentConfig {
+            servers: f.agent.servers.clone(),
+            ..valid()
+        };
+        assert_eq!(server.validate(), Err(ConfigError::ServersWithoutTap));
+        let bad = FileConfig::parse(
+            "[agent]\ninterfaces = [\"span0\"]\nmode = \"tap\"\nservers = [\"192.0.2.0/40\"]\n",
+            "test",
+        );
+        assert!(bad.unwrap_err().to_string().contains("prefix length"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod flows;
 pub mod metrics;
 pub mod ping;
 pub mod pipeline;
+pub mod placement;
 pub mod query;
 pub mod render;
 pub mod replay;

@@ -189,6 +189,10 @@ fn kernel_metric(c: Counter) -> (&'static str, &'static str) {
             "kernel_half_open_created_total",
             "Connections entered into the half-open table (handshake not yet complete).",
         ),
+        Counter::Duplicates => (
+            "kernel_duplicate_packets_total",
+            "Tap mode: second copies of a packet (a mirror of both switch ports), counted once.",
+        ),
     }
 }
 

@@ -347,6 +347,12 @@ impl crate::analyze::CaptureStats {
         if self.malformed > 0 {
             s.push_str(&format!(", {} malformed (skipped)", self.malformed));
         }
+        if self.duplicates > 0 {
+            s.push_str(&format!(
+                ", {} second copies of a packet (a mirror of both ports: counted once)",
+                self.duplicates
+            ));
+        }
         if self.out_of_order > 0 {
             s.push_str(&format!(
                 ", {} with timestamps going backwards (clamped: gaps near them are approximate)",

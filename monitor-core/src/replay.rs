@@ -148,6 +148,11 @@ impl Replay {
         self.tables.flows_evicted
     }
 
+    /// Second copies of a packet passed over (a mirror port's capture).
+    pub fn duplicates(&self) -> u64 {
+        self.tables.duplicates
+    }
+
     /// Closed flows dropped after lingering idle.
     pub fn closed_expired(&self) -> u64 {
         self.tables.closed_expired

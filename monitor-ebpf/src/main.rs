@@ -9,19 +9,19 @@ use aya_ebpf::{
     bindings::{xdp_action, BPF_NOEXIST, TC_ACT_UNSPEC},
     helpers::{bpf_ktime_get_boot_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::{classifier, map, xdp},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key as LpmKey, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
     flow::{
-        classify, fill_event, flow_key, half_open_packet, new_flow, opens_flow, update,
-        wants_sample,
+        classify, fill_event, flow_key, half_open_packet, is_duplicate, new_flow, opens_flow,
+        packet_sig, remember_sig, tap_direction, update, wants_sample,
     },
     glance, parse_ethernet, state, Config, Counter, Dir, Event, EventKind, Flow, FlowKey, Frame,
-    Glance, Packet, ParseError, Sample, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_HALF_OPEN_TABLE_SIZE,
-    EVENT_RING_BYTES, SAMPLE_BYTES,
+    Glance, Packet, ParseError, Sample, ServerKeyData, DEFAULT_FLOW_TABLE_SIZE,
+    DEFAULT_HALF_OPEN_TABLE_SIZE, EVENT_RING_BYTES, MAX_SERVER_PREFIXES, SAMPLE_BYTES,
 };
 
 mod floor;
@@ -49,6 +49,17 @@ static HALF_OPEN: LruHashMap<FlowKey, Flow> =
 /// architecture but never on the stack.
 #[map]
 static NEW_FLOW: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
+
+/// Tap mode's server addresses and prefixes (with `Config::server_filter`):
+/// on a mirror of several servers, only these are servers.
+#[map]
+static SERVERS: LpmTrie<ServerKeyData, u8> =
+    LpmTrie::with_max_entries(MAX_SERVER_PREFIXES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Where the server table's lookup key is built: a map value, not the stack
+/// (its 17-byte data draws misaligned stores, as [`NEW_FLOW`] says).
+#[map]
+static SERVER_KEY: PerCpuArray<LpmKey<ServerKeyData>> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
@@ -198,17 +209,51 @@ const STOP_AFTER_PARSE: u8 = 1;
 const STOP_AFTER_KEY: u8 = 2;
 const STOP_AFTER_LOOKUP: u8 = 3;
 
-/// Shared by both hooks. Returns false when the headers run past `bytes`
-/// and `more` says the packet holds more (an skb's non-linear part): pull,
-/// then call again.
+/// Is `addr` a server's, for tap mode? Any address without a server table.
 #[inline(always)]
-fn track<C: Payload, const STOP: u8>(ctx: &C, bytes: &Bytes, dir: Dir, more: bool) -> bool {
+fn is_server(cfg: &Config, family: u8, addr: &[u8; 16]) -> bool {
+    if cfg.server_filter == 0 {
+        return true;
+    }
+    let Some(key) = SERVER_KEY.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's own slot, used only here within one packet.
+    let key = unsafe { &mut *key };
+    // Field by field: a whole key built first would be a stack temporary.
+    key.prefix_len = if family == monitor_common::FAMILY_V4 {
+        8 + 32
+    } else {
+        8 + 128
+    };
+    key.data[0] = family;
+    let mut i = 0;
+    while i < 16 {
+        key.data[1 + i] = addr[i];
+        i += 1;
+    }
+    SERVERS.get(key).is_some()
+}
+
+/// Shared by every hook. Returns false when the headers run past `bytes`
+/// and `more` says the packet holds more (an skb's non-linear part): pull,
+/// then call again. `TAP`: a mirror port's ingress, where both directions
+/// arrive and the ports say which is which (`dir` is then ignored).
+#[inline(always)]
+fn track<C: Payload, const STOP: u8, const TAP: bool>(
+    ctx: &C,
+    bytes: &Bytes,
+    dir: Dir,
+    more: bool,
+) -> bool {
     // SAFETY: never written after load.
     let cfg = unsafe { &*core::ptr::addr_of!(CONFIG) };
-    match glance(bytes, dir == Dir::In) {
-        Glance::NotTcp => return true,
-        Glance::LocalPort(p) if !cfg.tracks(p) => return true,
-        _ => {}
+    if !TAP {
+        match glance(bytes, dir == Dir::In) {
+            Glance::NotTcp => return true,
+            Glance::LocalPort(p) if !cfg.tracks(p) => return true,
+            _ => {}
+        }
     }
     let mut pkt = Packet::default();
     match parse(bytes.start, bytes.end, &mut pkt) {
@@ -227,6 +272,14 @@ fn track<C: Payload, const STOP: u8>(ctx: &C, bytes: &Bytes, dir: Dir, more: boo
         // SAFETY: a read of our own stack, kept so the parse is not optimised away.
         return unsafe { core::ptr::read_volatile(&pkt.dst_port) } != 0;
     }
+    let dir = if TAP {
+        match tap_direction(cfg, &pkt, |a| is_server(cfg, pkt.family, a)) {
+            Some(d) => d,
+            None => return true,
+        }
+    } else {
+        dir
+    };
     let local_port = match dir {
         Dir::In => pkt.dst_port,
         Dir::Out => pkt.src_port,
@@ -247,6 +300,12 @@ fn track<C: Payload, const STOP: u8>(ctx: &C, bytes: &Bytes, dir: Dir, more: boo
         return found.is_some();
     }
     if let Some(flow) = found {
+        // A mirror of both switch ports shows each packet twice.
+        let sig = if TAP { packet_sig(&pkt, dir) } else { 0 };
+        if TAP && is_duplicate(unsafe { &*flow }, sig, dir, now) {
+            count(Counter::Duplicates);
+            return true;
+        }
         let step = Step {
             now,
             gap_threshold_ns: cfg.gap_threshold_ns,
@@ -257,6 +316,10 @@ fn track<C: Payload, const STOP: u8>(ctx: &C, bytes: &Bytes, dir: Dir, more: boo
         // skews a counter by a packet, which a monitor can accept.
         if known(ctx, unsafe { &mut *flow }, &key, &pkt, &step) {
             mark_lost(flow);
+        }
+        if TAP {
+            // SAFETY: the live map value this packet looked up.
+            remember_sig(unsafe { &mut *flow }, sig);
         }
         return true;
     }
@@ -370,7 +433,14 @@ fn unknown<C: Payload>(ctx: &C, key: &FlowKey, pkt: &Packet, dir: Dir, now: u64)
 /// linearise large frames for us (veth then gives up GRO: a 6x loss).
 #[xdp(frags)]
 pub fn monitor_xdp(ctx: XdpContext) -> u32 {
-    xdp_track::<_, ALL_STAGES>(&ctx, &ctx)
+    xdp_track::<_, ALL_STAGES, false>(&ctx, &ctx)
+}
+
+/// Tap mode on XDP: a mirror port's ingress, both directions (multi-buffer
+/// aware, as `monitor_xdp`).
+#[xdp(frags)]
+pub fn monitor_xdp_tap(ctx: XdpContext) -> u32 {
+    xdp_track::<_, ALL_STAGES, true>(&ctx, &ctx)
 }
 
 /// `monitor_xdp` for kernels before 5.18, which refuse `frags` programs
@@ -378,17 +448,17 @@ pub fn monitor_xdp(ctx: XdpContext) -> u32 {
 /// no request samples. The loader picks one of the two.
 #[xdp]
 pub fn monitor_xdp_nofrags(ctx: XdpContext) -> u32 {
-    xdp_track::<_, ALL_STAGES>(&XdpNoSamples(&ctx), &ctx)
+    xdp_track::<_, ALL_STAGES, false>(&XdpNoSamples(&ctx), &ctx)
 }
 
 #[inline(always)]
-fn xdp_track<C: Payload, const STOP: u8>(ctx: &C, xdp: &XdpContext) -> u32 {
+fn xdp_track<C: Payload, const STOP: u8, const TAP: bool>(ctx: &C, xdp: &XdpContext) -> u32 {
     let bytes = Bytes {
         start: xdp.data(),
         end: xdp.data_end(),
     };
     // Headers are always in the first buffer: nothing more to pull.
-    track::<_, STOP>(ctx, &bytes, Dir::In, false);
+    track::<_, STOP, TAP>(ctx, &bytes, Dir::In, false);
     xdp_action::XDP_PASS
 }
 
@@ -399,7 +469,7 @@ const TC_PULL_BYTES: u32 = 256;
 /// Egress: server to client.
 #[classifier]
 pub fn monitor_tc(ctx: TcContext) -> i32 {
-    tc_track(ctx, Dir::Out)
+    tc_track::<false>(ctx, Dir::Out)
 }
 
 /// Ingress through TC instead of XDP (`ingress = "tc"`): for interfaces where
@@ -407,11 +477,17 @@ pub fn monitor_tc(ctx: TcContext) -> i32 {
 /// program makes the device give up GRO).
 #[classifier]
 pub fn monitor_tc_ingress(ctx: TcContext) -> i32 {
-    tc_track(ctx, Dir::In)
+    tc_track::<false>(ctx, Dir::In)
+}
+
+/// Tap mode on TC: a mirror port's ingress, both directions.
+#[classifier]
+pub fn monitor_tc_tap(ctx: TcContext) -> i32 {
+    tc_track::<true>(ctx, Dir::In)
 }
 
 #[inline(always)]
-fn tc_track(ctx: TcContext, dir: Dir) -> i32 {
+fn tc_track<const TAP: bool>(ctx: TcContext, dir: Dir) -> i32 {
     // An skb's headers are usually linear already (locally built, or after
     // GRO): parse in place, and pull (a copy) only if they run past it.
     let bytes = Bytes {
@@ -419,7 +495,7 @@ fn tc_track(ctx: TcContext, dir: Dir) -> i32 {
         end: ctx.data_end(),
     };
     let more = ctx.data_end() - ctx.data() < ctx.len() as usize;
-    if !track::<_, ALL_STAGES>(&ctx, &bytes, dir, more) {
+    if !track::<_, ALL_STAGES, TAP>(&ctx, &bytes, dir, more) {
         let want = if ctx.len() < TC_PULL_BYTES {
             ctx.len()
         } else {
@@ -430,7 +506,7 @@ fn tc_track(ctx: TcContext, dir: Dir) -> i32 {
             start: ctx.data(),
             end: ctx.data_end(),
         };
-        track::<_, ALL_STAGES>(&ctx, &bytes, dir, false);
+        track::<_, ALL_STAGES, TAP>(&ctx, &bytes, dir, false);
     }
     // Not TC_ACT_OK: under TCX that is TCX_PASS, which skips the programs
     // after ours (and the clsact filters after TCX); on clsact it ends the
@@ -454,17 +530,17 @@ pub fn baseline_tc(_ctx: TcContext) -> i32 {
 /// path (never loaded by the agent).
 #[xdp]
 pub fn stage_parse_xdp(ctx: XdpContext) -> u32 {
-    xdp_track::<_, STOP_AFTER_PARSE>(&ctx, &ctx)
+    xdp_track::<_, STOP_AFTER_PARSE, false>(&ctx, &ctx)
 }
 
 #[xdp]
 pub fn stage_key_xdp(ctx: XdpContext) -> u32 {
-    xdp_track::<_, STOP_AFTER_KEY>(&ctx, &ctx)
+    xdp_track::<_, STOP_AFTER_KEY, false>(&ctx, &ctx)
 }
 
 #[xdp]
 pub fn stage_lookup_xdp(ctx: XdpContext) -> u32 {
-    xdp_track::<_, STOP_AFTER_LOOKUP>(&ctx, &ctx)
+    xdp_track::<_, STOP_AFTER_LOOKUP, false>(&ctx, &ctx)
 }
 
 /// Chain tests' fixture (tests/tests/chain.rs), never loaded by the agent: a

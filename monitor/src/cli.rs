@@ -249,6 +249,14 @@ pub struct RunArgs {
     /// XDP attach mode. Default auto. [agent] xdp_mode
     #[arg(long, value_enum)]
     pub xdp_mode: Option<XdpModeSetting>,
+    /// Where the agent sits: server (or a router), or tap (a mirror port:
+    /// both directions on the interface's ingress). Default server. [agent] mode
+    #[arg(long, value_enum)]
+    pub mode: Option<crate::config::AgentMode>,
+    /// Tap mode: a server address or prefix (repeat for more); without any,
+    /// every address with a tracked port is a server. [agent] servers
+    #[arg(long = "server", value_name = "ADDR[/LEN]")]
+    pub servers: Vec<crate::config::ServerPrefix>,
     #[command(flatten)]
     pub heartbeat: HeartbeatArgs,
     /// Address for /metrics. Default 0.0.0.0:19443. [metrics] listen
@@ -313,6 +321,12 @@ impl RunArgs {
         }
         if let Some(v) = self.xdp_mode {
             c.agent.xdp_mode = v;
+        }
+        if let Some(v) = self.mode {
+            c.agent.mode = v;
+        }
+        if !self.servers.is_empty() {
+            c.agent.servers = self.servers.clone();
         }
         self.heartbeat.apply(&mut c.detector)?;
         if let Some(v) = self.metrics_listen {

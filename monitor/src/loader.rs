@@ -15,13 +15,16 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 
-use crate::config::{AgentConfig, IngressHook, XdpModeSetting};
+use crate::config::{AgentConfig, AgentMode, IngressHook, XdpModeSetting};
 
 pub const XDP_PROGRAM: &str = "monitor_xdp";
 /// `monitor_xdp` without `frags` and request samples, for kernels before 5.18.
 pub const XDP_NOFRAGS_PROGRAM: &str = "monitor_xdp_nofrags";
 pub const TC_PROGRAM: &str = "monitor_tc";
 pub const TC_INGRESS_PROGRAM: &str = "monitor_tc_ingress";
+/// Tap mode (a mirror port): ingress only, both directions.
+pub const XDP_TAP_PROGRAM: &str = "monitor_xdp_tap";
+pub const TC_TAP_PROGRAM: &str = "monitor_tc_tap";
 
 /// Something the agent uses and the first Linux release that has it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,7 +123,9 @@ impl TcMode {
 /// The programs to load and how to attach them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HookPlan {
-    /// Ingress through XDP: `monitor_xdp` or its no-frags twin.
+    /// Egress through TC (`monitor_tc`); none in tap mode.
+    pub egress: Option<&'static str>,
+    /// Ingress through XDP: `monitor_xdp` or its no-frags twin, or the tap's.
     pub xdp: Option<&'static str>,
     /// Ingress through TC (`ingress = "tc"`).
     pub tc_ingress: Option<&'static str>,
@@ -128,9 +133,9 @@ pub struct HookPlan {
 }
 
 impl HookPlan {
-    /// Every program to load: TC egress always, one ingress program.
+    /// Every program to load: TC egress (not in tap mode), one ingress program.
     pub fn programs(&self) -> impl Iterator<Item = &'static str> {
-        [Some(TC_PROGRAM), self.xdp, self.tc_ingress]
+        [self.egress, self.xdp, self.tc_ingress]
             .into_iter()
             .flatten()
     }
@@ -159,6 +164,19 @@ pub fn plan(cfg: &AgentConfig, kernel: &KernelFeatures) -> Result<HookPlan, Kern
     } else {
         TcMode::Clsact
     };
+    if cfg.mode == AgentMode::Tap {
+        let (xdp, tc_ingress) = match cfg.ingress {
+            IngressHook::Tc => (None, Some(TC_TAP_PROGRAM)),
+            IngressHook::Xdp if kernel.xdp_frags => (Some(XDP_TAP_PROGRAM), None),
+            IngressHook::Xdp => return Err(too_old(XDP_FRAGS, "; set ingress = \"tc\"")),
+        };
+        return Ok(HookPlan {
+            egress: None,
+            xdp,
+            tc_ingress,
+            tc_mode,
+        });
+    }
     let (xdp, tc_ingress) = match cfg.ingress {
         IngressHook::Tc => (None, Some(TC_INGRESS_PROGRAM)),
         IngressHook::Xdp if kernel.xdp_frags => (Some(XDP_PROGRAM), None),
@@ -172,6 +190,7 @@ pub fn plan(cfg: &AgentConfig, kernel: &KernelFeatures) -> Result<HookPlan, Kern
         IngressHook::Xdp => (Some(XDP_NOFRAGS_PROGRAM), None),
     };
     Ok(HookPlan {
+        egress: Some(TC_PROGRAM),
         xdp,
         tc_ingress,
         tc_mode,
@@ -216,6 +235,12 @@ pub enum LoadError {
         #[source]
         source: Box<ProgramError>,
     },
+    #[error("adding server {prefix} to the tap mode's server table: {source}")]
+    ServerTable {
+        prefix: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error(transparent)]
     Pins(#[from] crate::pins::PinsError),
     #[error("pinning the {hook} link on {iface} at {path}: {message}")]
@@ -239,19 +264,10 @@ pub struct Attachment {
     pub iface: String,
     /// "native" or "skb"; "off" with TC ingress.
     pub xdp_mode: &'static str,
-    /// "tcx" (kernel >= 6.6) or "clsact".
+    /// "tcx" (kernel >= 6.6) or "clsact"; "off" for a tap on XDP.
     pub tc_mode: &'static str,
-}
-
-impl Attachment {
-    /// "XDP ingress (native), TC egress (tcx)" or "TC ingress and egress (tcx)".
-    pub fn hooks(xdp_mode: &str, tc_mode: &str) -> String {
-        if xdp_mode == "off" {
-            format!("TC ingress and egress ({tc_mode})")
-        } else {
-            format!("XDP ingress ({xdp_mode}), TC egress ({tc_mode})")
-        }
-    }
+    /// Tap mode: ingress only, both directions.
+    pub tap: bool,
 }
 
 /// Verifier figures for one loaded program.
@@ -364,6 +380,7 @@ fn load_planned(cfg: &AgentConfig, plan: &HookPlan) -> Result<Ebpf, LoadError> {
         .map_err(|source| LoadError::Object {
             source: Box::new(source),
         })?;
+    fill_servers(&mut ebpf, cfg)?;
     // The others stay unverified and unloaded: the kernel never sees them.
     for name in plan.programs() {
         load_program(&mut ebpf, name)?;
@@ -434,35 +451,66 @@ pub fn attach_for(cfg: &AgentConfig, kernel: &KernelFeatures) -> Result<Attached
         drop_unexpected_links(dir, cfg)?;
     }
     for iface in &cfg.interfaces {
-        let tc_mode = attach_tc(&mut attached, cfg, iface, TC_PROGRAM, TcAttachType::Egress)?;
-        let xdp_mode = match cfg.ingress {
-            IngressHook::Xdp => {
-                if is_virtual(iface) {
-                    log::warn!(
-                        "{iface} is a virtual device: with an XDP program it gives up GRO \
-                         (measured on veth: 0.15 of the throughput); `ingress = \"tc\"` keeps ~0.98 (BENCHMARKS.md)"
-                    );
-                }
-                attach_xdp(&mut attached, cfg, iface)?
-            }
-            IngressHook::Tc => {
-                attach_tc(
-                    &mut attached,
-                    cfg,
-                    iface,
-                    TC_INGRESS_PROGRAM,
-                    TcAttachType::Ingress,
-                )?;
-                "off"
-            }
-        };
-        attached.attachments.push(Attachment {
-            iface: iface.clone(),
-            xdp_mode,
-            tc_mode,
-        });
+        attach_iface(&mut attached, cfg, iface)?;
     }
     Ok(attached)
+}
+
+/// Both hooks on one interface (the ingress hook only, in tap mode).
+fn attach_iface(attached: &mut Attached, cfg: &AgentConfig, iface: &str) -> Result<(), LoadError> {
+    let egress_mode = match attached.plan.egress {
+        Some(name) => attach_tc(attached, cfg, iface, name, TcAttachType::Egress)?,
+        None => "off",
+    };
+    let (xdp_mode, tc_mode) = match (attached.plan.xdp, attached.plan.tc_ingress) {
+        (Some(_), _) => {
+            if is_virtual(iface) {
+                log::warn!(
+                    "{iface} is a virtual device: with an XDP program it gives up GRO \
+                     (measured on veth: 0.15 of the throughput); `ingress = \"tc\"` keeps ~0.98 (BENCHMARKS.md)"
+                );
+            }
+            (attach_xdp(attached, cfg, iface)?, egress_mode)
+        }
+        (None, Some(name)) => {
+            let mode = attach_tc(attached, cfg, iface, name, TcAttachType::Ingress)?;
+            ("off", mode)
+        }
+        (None, None) => ("off", egress_mode),
+    };
+    attached.attachments.push(Attachment {
+        iface: iface.to_string(),
+        xdp_mode,
+        tc_mode,
+        tap: cfg.mode == AgentMode::Tap,
+    });
+    Ok(())
+}
+
+/// Tap mode's server table: the configured addresses and prefixes.
+fn fill_servers(ebpf: &mut Ebpf, cfg: &AgentConfig) -> Result<(), LoadError> {
+    if cfg.servers.is_empty() {
+        return Ok(());
+    }
+    let map = ebpf
+        .map_mut("SERVERS")
+        .ok_or(LoadError::MissingMap { map: "SERVERS" })?;
+    let mut trie: aya::maps::LpmTrie<_, monitor_common::ServerKeyData, u8> =
+        aya::maps::LpmTrie::try_from(map).map_err(|source| LoadError::MapType {
+            map: "SERVERS",
+            source,
+        })?;
+    for p in &cfg.servers {
+        let (family, addr) = p.key();
+        let data = monitor_common::server_key_data(family, &addr);
+        let key = aya::maps::lpm_trie::Key::new(8 + u32::from(p.len), data);
+        trie.insert(&key, 1, 0)
+            .map_err(|source| LoadError::ServerTable {
+                prefix: p.to_string(),
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// The pinned links this configuration will use: any other pinned link (an
@@ -471,7 +519,9 @@ pub fn attach_for(cfg: &AgentConfig, kernel: &KernelFeatures) -> Result<Attached
 fn drop_unexpected_links(dir: &std::path::Path, cfg: &AgentConfig) -> Result<(), LoadError> {
     let mut want = Vec::new();
     for iface in &cfg.interfaces {
-        want.push(crate::pins::link_path(dir, HOOK_TC_EGRESS, iface));
+        if cfg.mode != AgentMode::Tap {
+            want.push(crate::pins::link_path(dir, HOOK_TC_EGRESS, iface));
+        }
         want.push(crate::pins::link_path(
             dir,
             match cfg.ingress {
@@ -740,10 +790,27 @@ mod tests {
         tc: TcMode,
     ) -> HookPlan {
         HookPlan {
+            egress: Some(TC_PROGRAM),
             xdp,
             tc_ingress,
             tc_mode: tc,
         }
+    }
+
+    #[test]
+    fn tap_mode_loads_one_ingress_program_and_no_egress() {
+        let tap = |ingress| AgentConfig {
+            mode: AgentMode::Tap,
+            ..cfg(ingress)
+        };
+        let xdp = plan(&tap(IngressHook::Xdp), &on(6, 18)).unwrap();
+        assert_eq!(xdp.programs().collect::<Vec<_>>(), [XDP_TAP_PROGRAM]);
+        let tc = plan(&tap(IngressHook::Tc), &on(6, 18)).unwrap();
+        assert_eq!(tc.programs().collect::<Vec<_>>(), [TC_TAP_PROGRAM]);
+        // No XDP tap without frags: TC is the way on older kernels.
+        let old = refusal(&tap(IngressHook::Xdp), 5, 15);
+        assert!(old.contains("ingress = \"tc\""), "{old}");
+        assert!(plan(&tap(IngressHook::Tc), &on(5, 15)).is_ok());
     }
 
     #[test]

@@ -386,6 +386,66 @@ fn a_second_client_rst_with_another_sequence_number_is_reported_once_with_the_fi
     assert!(kinds.contains(&EventKind::Closed), "{kinds:?}");
 }
 
+/// Tap mode through test runs of `program`: a handshake and an answer
+/// mirrored at both switch ports, and a connection between two other hosts.
+fn tap_mode_through(program: &'static str, ingress: monitor::config::IngressHook, pass: u32) {
+    require_root();
+    let cfg = AgentConfig {
+        mode: monitor::config::AgentMode::Tap,
+        ingress,
+        servers: vec!["192.0.2.1".parse().unwrap()],
+        ..test_config("unused")
+    };
+    let mut ebpf = loader::load(&cfg).expect("loading the tap programs");
+    let mut tap = |t: &Tcp| {
+        let frame = t.frame();
+        let (verdict, out) = run_program(&mut ebpf, program, &frame);
+        assert_eq!((verdict, &out), (pass, &frame), "passed unchanged");
+    };
+    let (client, server) = (ip(CLIENT_V4), ip(SERVER_V4));
+    let mut syn = Tcp::syn(client, server);
+    syn.sport = 40002;
+    let mut synack = Tcp::syn(server, client).flags(TCP_SYN | TCP_ACK);
+    synack.sport = 443;
+    synack.dport = 40002;
+    let answer = synack.clone().flags(TCP_ACK | TCP_PSH).payload(100);
+    for t in [&syn, &synack, &syn.clone().flags(TCP_ACK), &answer, &answer] {
+        tap(t);
+    }
+    // Another host's connection to port 443 on the same mirror: not a server.
+    let mut other = Tcp::syn(client, ip("192.0.2.77"));
+    other.sport = 40003;
+    tap(&other);
+    tap(&other.clone().flags(TCP_ACK));
+    let flows = table(&ebpf, "FLOWS");
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    assert_eq!(flows[0].0.server_port, 443);
+    assert_eq!((flows[0].1.pkts_in, flows[0].1.pkts_out), (2, 2));
+    assert!(
+        table(&ebpf, "HALF_OPEN").is_empty(),
+        "the other host's SYN is not ours"
+    );
+    assert_eq!(counters(&ebpf).get(Counter::Duplicates), 1);
+}
+
+#[test]
+fn tap_mode_on_xdp_tells_directions_apart_and_counts_a_mirrors_copy_once() {
+    tap_mode_through(
+        loader::XDP_TAP_PROGRAM,
+        monitor::config::IngressHook::Xdp,
+        XDP_PASS,
+    );
+}
+
+#[test]
+fn tap_mode_on_tc_tells_directions_apart_and_counts_a_mirrors_copy_once() {
+    tap_mode_through(
+        loader::TC_TAP_PROGRAM,
+        monitor::config::IngressHook::Tc,
+        TC_ACT_UNSPEC,
+    );
+}
+
 #[test]
 fn a_syn_flood_fills_the_half_open_table_and_never_evicts_established_flows() {
     require_root();

@@ -313,7 +313,8 @@ fn referenced_metrics() -> Vec<String> {
 /// Every killing path the live agent reported, offline analysis reports
 /// too: the same kill class, the same estimate within 0.2 s, the same number
 /// of kills give or take one (the capture and the report end a moment apart).
-fn compare_live_and_offline(live: &Report, offline: &Report) {
+/// `other` (the offline analysis, the tap agent) gives `live`'s diagnosis.
+fn compare_reports(live: &Report, offline: &Report, other: &str) {
     let close = |a: f64, b: f64| (a - b).abs() <= 0.2;
     for l in &live.killing_paths {
         let name = &l.path;
@@ -351,7 +352,7 @@ fn compare_live_and_offline(live: &Report, offline: &Report) {
         );
     }
     println!(
-        "offline analysis matched the live agent on {} killing paths",
+        "{other} matched the live agent on {} killing paths",
         live.killing_paths.len()
     );
 }
@@ -361,13 +362,18 @@ fn lab_classifies_every_middlebox_side_by_side() {
     xtask::netns::require_root();
     let s = scenario();
     let pcap = std::env::temp_dir().join(format!("lab-{}.pcap", std::process::id()));
-    let mut lab = LabRun::start_capturing(&s, &agent_bin(), Some(&pcap)).expect("lab up");
+    // With a SPAN port on the switch and an agent in tap mode behind it.
+    let mut lab = LabRun::start_with(&s, &agent_bin(), Some(&pcap), true).expect("lab up");
     let prometheus = Prometheus::start(&lab.topo.server.name);
     std::thread::sleep(Duration::from_secs(s.duration_seconds));
     let alerts = prometheus.get("/api/v1/alerts");
     let targets = prometheus.get("/api/v1/targets");
     drop(prometheus);
     let report = lab.report().expect("monitor report --json");
+    let tap_agent = lab.tap_agent.as_ref().expect("the tap agent");
+    let tap = tap_agent.report().expect("the tap agent's report");
+    let tap_text = tap_agent.cli(&["report"]).expect("the tap agent's report");
+    let tap_status = tap_agent.status().expect("the tap agent's status");
     let pcap = lab
         .stop_capture()
         .expect("capture stops")
@@ -565,7 +571,15 @@ fn lab_classifies_every_middlebox_side_by_side() {
         offline.capture.cut_by_snaplen > 0,
         "snaplen 400 cut some packets"
     );
-    compare_live_and_offline(&report, &offline.report);
+    compare_reports(&report, &offline.report, "offline analysis");
+    // The mirror placement: the same diagnosis from a SPAN port, each
+    // packet seen twice there and counted once.
+    println!("tap agent on the switch's SPAN port:\n{tap_text}");
+    compare_reports(&report, &tap, "the tap agent");
+    let duplicates = tap_status.kernel_counters["duplicates"];
+    let tracked = tap_status.kernel_counters["packets_tracked"];
+    println!("tap agent: {tracked} packets tracked, {duplicates} second copies passed over");
+    assert!(duplicates > 0 && duplicates <= tracked, "{tap_status:?}");
     // The exact heartbeat, from the capture too.
     let o = killing(&offline.report, "192.0.2.0/24:8080");
     assert_eq!(o.requested_heartbeat_seconds, Some(40.0), "{o:#?}");

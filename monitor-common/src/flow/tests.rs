@@ -446,3 +446,78 @@ fn a_second_client_rst_after_the_close_is_reported_once_with_the_firsts_number()
     let third = c.packet(Dir::In, TCP_RST, 0, 3921, 64);
     assert!(c.feed(S + 3, Dir::In, &third).is_none());
 }
+
+/// A frame from `src` to `dst` (ports as given), parsed.
+fn tap_packet(src: (&str, u16), dst: (&str, u16)) -> Packet {
+    let mut t = Tcp::syn(src.0.parse().unwrap(), dst.0.parse().unwrap()).flags(TCP_ACK);
+    t.sport = src.1;
+    t.dport = dst.1;
+    parse_ethernet(t.frame().as_slice()).unwrap()
+}
+
+#[test]
+fn tap_mode_tells_direction_by_the_tracked_server_port_in_both_families() {
+    let cfg = Config::DEFAULT;
+    let any = |_: &[u8; 16]| true;
+    for (client, server) in [("192.0.2.2", "192.0.2.1"), ("2001:db8::2", "2001:db8::1")] {
+        let to_server = tap_packet((client, 40000), (server, 443));
+        let to_client = tap_packet((server, 443), (client, 40000));
+        assert_eq!(tap_direction(&cfg, &to_server, any), Some(Dir::In));
+        assert_eq!(tap_direction(&cfg, &to_client, any), Some(Dir::Out));
+        // Both directions make one key: the same flow.
+        assert_eq!(
+            flow_key(&to_server, Dir::In),
+            flow_key(&to_client, Dir::Out)
+        );
+        let other = tap_packet((client, 40000), (server, 8080));
+        assert_eq!(tap_direction(&cfg, &other, any), None);
+    }
+}
+
+#[test]
+fn tap_mode_with_a_server_table_keeps_two_servers_apart() {
+    let cfg = Config::DEFAULT;
+    let server = parse_ethernet(
+        Tcp::syn("192.0.2.9".parse().unwrap(), "192.0.2.1".parse().unwrap())
+            .frame()
+            .as_slice(),
+    )
+    .unwrap()
+    .dst_addr;
+    let only = move |a: &[u8; 16]| *a == server;
+    // A client port of 443 on another host's connection: not ours.
+    let foreign = tap_packet(("198.51.100.7", 443), ("203.0.113.5", 443));
+    assert_eq!(tap_direction(&cfg, &foreign, only), None);
+    let ours = tap_packet(("198.51.100.7", 443), ("192.0.2.1", 443));
+    assert_eq!(tap_direction(&cfg, &ours, only), Some(Dir::In));
+    let back = tap_packet(("192.0.2.1", 443), ("198.51.100.7", 443));
+    assert_eq!(tap_direction(&cfg, &back, only), Some(Dir::Out));
+}
+
+#[test]
+fn a_mirrors_second_copy_is_passed_over_and_a_retransmission_is_not() {
+    let mut c = Conn::new();
+    c.handshake();
+    let data = c.packet(Dir::Out, TCP_ACK | TCP_PSH, 100, 5001, 64);
+    c.feed(S, Dir::Out, &data);
+    let pkts = c.flow().pkts_out;
+    // The copy from the other switch port, 20 us later.
+    assert!(c.feed(S + 20_000, Dir::Out, &data).is_none());
+    assert_eq!(c.flow().pkts_out, pkts, "counted once");
+    // The same bytes an RTO later are the server's retransmission.
+    c.feed(S + 300_000_000, Dir::Out, &data);
+    assert_eq!(c.flow().pkts_out, pkts + 1);
+    // The client's ACK is no copy of the server's packet; its own copy is.
+    let mut ack = c.packet(Dir::In, TCP_ACK, 0, 1001, 64);
+    ack.ack = 5101;
+    c.feed(S + 300_010_000, Dir::In, &ack);
+    c.feed(S + 300_020_000, Dir::In, &ack);
+    assert_eq!(c.flow().pkts_in, 3, "handshake SYN and ACK, then one ACK");
+    // A burst whose copies interleave (A, B, A', B'): each counted once.
+    let a = c.packet(Dir::Out, TCP_ACK, 100, 5101, 64);
+    let b = c.packet(Dir::Out, TCP_ACK, 100, 5201, 64);
+    for (t, p) in [(0, &a), (10_000, &b), (20_000, &a), (30_000, &b)] {
+        c.feed(2 * S + t, Dir::Out, p);
+    }
+    assert_eq!(c.flow().pkts_out, pkts + 3);
+}

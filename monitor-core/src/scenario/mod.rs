@@ -106,8 +106,14 @@ pub struct Outcome {
     pub packets: usize,
 }
 
-/// Write `g`'s packets as a pcap at `path`.
-fn write_capture(seed: u64, g: &Generated, path: &Path) -> Result<(), ScenarioError> {
+/// Write `g`'s packets as a pcap at `path`; `mirrored`: each packet twice,
+/// 1 us apart, as a switch mirroring both ports of a conversation shows it.
+pub(crate) fn write_capture(
+    seed: u64,
+    g: &Generated,
+    path: &Path,
+    mirrored: bool,
+) -> Result<(), ScenarioError> {
     let err = |e: &dyn std::fmt::Display| ScenarioError::Write {
         seed,
         path: path.to_path_buf(),
@@ -119,6 +125,10 @@ fn write_capture(seed: u64, g: &Generated, path: &Path) -> Result<(), ScenarioEr
         let seg = p.segment(server_addr(p.client.is_ipv6()));
         crate::analyze::synthetic::build_segment(&mut frame, &seg);
         sink.packet(EPOCH_NS + p.at, &frame).map_err(|e| err(&*e))?;
+        if mirrored {
+            sink.packet(EPOCH_NS + p.at + 1_000, &frame)
+                .map_err(|e| err(&*e))?;
+        }
     }
     sink.finish().map_err(|e| err(&*e))
 }
@@ -139,7 +149,7 @@ pub fn run_observed(
     let seed = knobs.seed;
     let g = generate::generate(knobs, GAP_THRESHOLD.as_secs_f64());
     let path = dir.join(format!("scenario-{seed}.pcap"));
-    write_capture(seed, &g, &path)?;
+    write_capture(seed, &g, &path, false)?;
     let opts = analyze_options(knobs.scale);
     let analysis = analyze_observed(&path, &opts, Limits::default(), observer);
     let _ = std::fs::remove_file(&path);

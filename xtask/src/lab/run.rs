@@ -4,14 +4,17 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use super::{device, Agent, Capture, Scenario, Topology, Traffic};
+use super::{device, Agent, Capture, Mirror, Scenario, Topology, Traffic};
 
 /// A whole lab run: topology, agent, traffic. Dropping it tears everything
-/// down in the right order (traffic, capture, agent, namespaces).
+/// down in the right order (traffic, capture, agents, namespaces).
 pub struct LabRun {
     pub traffic: Option<Traffic>,
     pub capture: Option<Capture>,
     pub agent: Option<Agent>,
+    /// The agent in tap mode on the switch's SPAN port, with its namespace.
+    pub tap_agent: Option<Agent>,
+    pub mirror: Option<Mirror>,
     pub topo: Topology,
     pub scenario: Scenario,
 }
@@ -28,8 +31,28 @@ impl LabRun {
         monitor_bin: &Path,
         capture: Option<&Path>,
     ) -> Result<LabRun> {
+        LabRun::start_with(s, monitor_bin, capture, false)
+    }
+
+    /// With `mirror`: also a SPAN port on the switch and an agent in tap
+    /// mode behind it, watching the same traffic.
+    pub fn start_with(
+        s: &Scenario,
+        monitor_bin: &Path,
+        capture: Option<&Path>,
+        mirror: bool,
+    ) -> Result<LabRun> {
         let topo = Topology::up(s)?;
         let agent = Agent::start(monitor_bin, &topo, s)?;
+        let mirror = if mirror {
+            Some(Mirror::up(&topo)?)
+        } else {
+            None
+        };
+        let tap_agent = match &mirror {
+            Some(m) => Some(m.start_agent(monitor_bin, &topo, s)?),
+            None => None,
+        };
         let capture = match capture {
             Some(p) => Some(Capture::start(&topo.server.name, &topo.server_if, p)?),
             None => None,
@@ -39,6 +62,8 @@ impl LabRun {
             traffic: Some(traffic),
             capture,
             agent: Some(agent),
+            tap_agent,
+            mirror,
             topo,
             scenario: s.clone(),
         })
@@ -72,6 +97,10 @@ impl LabRun {
         if let Some(t) = self.traffic.take() {
             t.stop();
         }
+        if let Some(a) = self.tap_agent.take() {
+            let log = a.stop()?;
+            anyhow::ensure!(!log.contains("panicked"), "the tap agent panicked: {log}");
+        }
         match self.agent.take() {
             Some(a) => a.stop(),
             None => Ok(String::new()),
@@ -84,6 +113,7 @@ impl Drop for LabRun {
         if let Some(t) = self.traffic.take() {
             t.stop();
         }
+        self.tap_agent.take();
         self.agent.take();
     }
 }

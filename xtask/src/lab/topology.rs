@@ -184,6 +184,18 @@ impl Topology {
             .context("starting haproxy (Debian package haproxy)")
     }
 
+    /// `lab<tag>`: the start of every namespace name of this lab.
+    pub fn namespace_stem(&self) -> String {
+        format!("{NETNS_PREFIX}{}", self.tag)
+    }
+
+    /// The switch's ports: the server's, then each path's router's.
+    pub fn switch_ports(&self) -> Vec<String> {
+        let mut ports = vec!["p-srv".to_string()];
+        ports.extend(self.paths.iter().map(|p| format!("p-r{}", p.index)));
+        ports
+    }
+
     /// Where path `p`'s devices connect (the proxy, or the server itself).
     pub fn target(&self, p: &PathRuntime, ipv6: bool) -> SocketAddr {
         let ip: IpAddr = match (p.spec.middlebox, ipv6) {

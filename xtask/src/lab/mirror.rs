@@ -1,0 +1,60 @@
+//! The mirror placement: a SPAN port on the lab's switch. Every switch
+//! port's ingress and egress is copied (tc `mirred`) to a port whose other
+//! end, `mir0`, sits in a namespace of its own, where an agent in tap mode
+//! watches: each packet arrives there twice (as it enters the switch and as
+//! it leaves), as on a switch mirroring both ports of a conversation.
+
+use anyhow::Result;
+
+use super::{agent::AgentOptions, Agent, Scenario, Topology};
+use crate::{
+    cmd::sh_in,
+    netns::{add_veth, link_up, Netns},
+};
+
+/// The capture interface in the mirror's namespace.
+pub const MIRROR_IF: &str = "mir0";
+/// Its peer on the switch: the SPAN destination (not a bridge port).
+const SPAN_PORT: &str = "p-mir";
+
+/// The SPAN port's namespace; removed on drop.
+pub struct Mirror {
+    pub ns: Netns,
+}
+
+impl Mirror {
+    /// Copy every port of `topo`'s switch, both ways, to `mir0`.
+    pub fn up(topo: &Topology) -> Result<Mirror> {
+        let ns = Netns::new(format!("{}-tap", topo.namespace_stem()));
+        let sw = &topo.switch.name;
+        add_veth((MIRROR_IF, &ns.name), (SPAN_PORT, sw));
+        link_up(&ns.name, MIRROR_IF);
+        link_up(sw, SPAN_PORT);
+        for port in topo.switch_ports() {
+            sh_in(
+                sw,
+                &format!(
+                    "tc qdisc add dev {port} clsact && \
+                     tc filter add dev {port} ingress protocol all u32 match u32 0 0 action mirred egress mirror dev {SPAN_PORT} && \
+                     tc filter add dev {port} egress protocol all u32 match u32 0 0 action mirred egress mirror dev {SPAN_PORT}"
+                ),
+            )?;
+        }
+        Ok(Mirror { ns })
+    }
+
+    /// An agent in tap mode on `mir0`, with the scenario's detector settings.
+    pub fn start_agent(
+        &self,
+        bin: &std::path::Path,
+        topo: &Topology,
+        s: &Scenario,
+    ) -> Result<Agent> {
+        let mut o = AgentOptions::new(MIRROR_IF, topo.workdir.join("tap"));
+        o.config.detector = s.detector.clone();
+        o.config.agent.mode = monitor_core::config::AgentMode::Tap;
+        // A veth: TC keeps GRO (XDP on veth gives it up).
+        o.config.agent.ingress = monitor_core::config::IngressHook::Tc;
+        Agent::start_in(bin, &self.ns, o)
+    }
+}
