@@ -353,9 +353,12 @@ pub fn step<T: FlowTables>(
         let mut opened = Event::zeroed();
         fill_event(&mut opened, EventKind::Opened, key, &before, pkt, dir, now);
         t.insert_flow(key, before);
-        let own = t
-            .flow(key)
-            .and_then(|f| on_packet(f, key, pkt, dir, now, gap_threshold_ns));
+        let own = t.flow(key).and_then(|f| {
+            let ev = on_packet(f, key, pkt, dir, now, gap_threshold_ns);
+            // Its mirror copy, next, is a copy too.
+            remember_sig(f, packet_sig(pkt, dir));
+            ev
+        });
         return [Some(opened), own];
     }
     if opens_flow(pkt) {
@@ -423,8 +426,7 @@ fn apply_client(flow: &mut Flow, pkt: &Packet, now: u64) {
         if pkt.ttl > flow.ttl_max {
             flow.ttl_max = pkt.ttl;
         }
-        // 0: a flow from a table an older agent pinned, without the field.
-        if flow.client_seq_next == 0 || seq_after(end, flow.client_seq_next) {
+        if seq_after(end, flow.client_seq_next) {
             flow.client_seq_next = end;
         }
     }

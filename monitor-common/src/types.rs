@@ -204,8 +204,6 @@ pub struct Flow {
     pub state: u8,
     /// Client payload segments since the server last sent payload (saturating).
     pub req_segments: u8,
-    // The fields below took the place of padding: a table pinned by an
-    // older agent keeps its meaning, and reads zero in them.
     /// RSTs arriving from the client's side (saturating): a second one is a burst.
     pub rsts_in: u8,
     /// The client's next sequence number: the end of its furthest non-RST

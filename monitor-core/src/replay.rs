@@ -45,15 +45,10 @@ impl Replay {
         }
     }
 
-    /// The direction of `pkt` as the server host sees it, if it is tracked.
+    /// The direction of `pkt` as the server host sees it, if it is tracked:
+    /// a capture is read as tap mode reads a mirror port.
     pub fn direction(&self, pkt: &Packet) -> Option<Dir> {
-        if self.cfg.tracks(pkt.dst_port) {
-            Some(Dir::In)
-        } else if self.cfg.tracks(pkt.src_port) {
-            Some(Dir::Out)
-        } else {
-            None
-        }
+        monitor_common::flow::tap_direction(&self.cfg, pkt, |_| true)
     }
 
     /// Apply one packet seen at `ts_ns` going `dir`; the events it causes

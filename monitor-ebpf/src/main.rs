@@ -336,6 +336,10 @@ fn track<C: Payload, const STOP: u8, const TAP: bool>(
             if known(ctx, unsafe { &mut *flow }, &key, &pkt, &step) {
                 mark_lost(flow);
             }
+            if TAP {
+                // Its mirror copy, next, is a copy too.
+                remember_sig(unsafe { &mut *flow }, packet_sig(&pkt, dir));
+            }
         }
     }
     true

@@ -432,6 +432,12 @@ pub async fn run(config: FileConfig) -> anyhow::Result<()> {
 /// leave the pins as configured and remove the socket.
 fn shutdown(mut readers: Readers, state: &State, config: &FileConfig, socket: &Path) {
     drain_events(&mut readers, state, &mut Vec::new());
+    {
+        // Resets held for a burst that has no time left to come.
+        let mut s = lock(state);
+        let out = s.pipeline.conclude_held();
+        s.absorb(out);
+    }
     if let Some(mut l) = readers.kernel_log.map(AsyncFd::into_inner) {
         l.flush();
     }

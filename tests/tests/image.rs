@@ -52,13 +52,15 @@ impl Run {
         let tag = unique_tag();
         let dir = std::env::temp_dir().join(format!("image-test-{tag}"));
         let bpffs = dir.join("bpffs");
-        std::fs::create_dir_all(&bpffs).expect("test directory");
-        sh(&["mount", "-t", "bpf", "bpf", &bpffs.to_string_lossy()]);
-        Run {
+        // The guard first: a failed mount still removes the directory.
+        let run = Run {
             container: format!("asm-image-{tag}"),
             dir,
             bpffs,
-        }
+        };
+        std::fs::create_dir_all(&run.bpffs).expect("test directory");
+        sh(&["mount", "-t", "bpf", "bpf", &run.bpffs.to_string_lossy()]);
+        run
     }
 
     fn running(&self) -> bool {

@@ -180,9 +180,16 @@ fn demo(
     xtask::demo::run(&s, seconds, png.as_deref(), agent.as_deref())
 }
 
-/// Set up what `needs` asks for; root only for Debian packages.
+/// Set up what `needs` asks for; root (or sudo) only if Debian packages
+/// are missing.
 fn setup_to_build(needs: xtask::setup::Needs, what: &str) -> Result<()> {
-    let root = xtask::elevate::detect(what)?;
+    use xtask::setup::{debian_packages, missing_packages};
+    let root = if missing_packages(&debian_packages(needs)).is_empty() {
+        // Nothing to install: nothing runs as root.
+        xtask::elevate::Elevation::Root
+    } else {
+        xtask::elevate::detect(what)?
+    };
     xtask::setup::setup_for(needs, &root)
 }
 
@@ -193,7 +200,7 @@ fn kib(path: &std::path::Path) -> Result<u64> {
 fn package() -> Result<()> {
     setup_to_build(xtask::setup::Needs::Package, "the package")?;
     let deb = xtask::package::build()?;
-    let bin = xtask::cmd::workspace_root().join("target/dist/monitor");
+    let bin = xtask::package::dist_binary();
     println!("{} ({} KiB, static)", bin.display(), kib(&bin)?);
     println!("{} ({} KiB)", deb.display(), kib(&deb)?);
     Ok(())

@@ -64,7 +64,12 @@ const MAINTAINER_SCRIPTS: &[&str] = &["postinst", "prerm", "postrm"];
 
 const UNIT: &str = "usr/lib/systemd/system/activesync-monitor.service";
 
-/// The release artefact: the static binary, stripped, at `target/dist/monitor`.
+/// Where [`static_binary`] puts the release artefact.
+pub fn dist_binary() -> PathBuf {
+    workspace_root().join("target/dist/monitor")
+}
+
+/// The release artefact: the static binary, stripped, at [`dist_binary`].
 pub fn static_binary() -> Result<PathBuf> {
     let target = static_target();
     cargo(&[
@@ -78,7 +83,7 @@ pub fn static_binary() -> Result<PathBuf> {
         "monitor",
     ])?;
     let ws = workspace_root();
-    let dist = ws.join("target/dist/monitor");
+    let dist = dist_binary();
     install(
         &ws.join("target").join(&target).join("release/monitor"),
         &dist,

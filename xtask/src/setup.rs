@@ -251,7 +251,8 @@ pub fn ensure_bpf_linker() -> Result<&'static str> {
     Ok("built")
 }
 
-fn missing_packages(wanted: &[&'static str]) -> Vec<&'static str> {
+/// Those of `wanted` not installed.
+pub fn missing_packages(wanted: &[&'static str]) -> Vec<&'static str> {
     wanted
         .iter()
         .copied()
@@ -278,7 +279,7 @@ pub fn ensure_packages(wanted: &[&'static str], root: &Elevation) -> Result<Stri
     Ok(format!("installed {}", missing.join(" ")))
 }
 
-/// Only what building the agent needs (container builds).
+/// Only what building the agent needs (from source).
 pub fn setup_build() -> Result<()> {
     setup_for(Needs::Build, &Elevation::Root)
 }

@@ -112,9 +112,7 @@ pub(super) fn forged_signals(ev: &FlowEvent) -> Vec<Signal> {
     if r.window != r.base_window {
         v.push(Signal::WindowOffClient);
     }
-    // A next number of 0 is unknown (a flow an older agent began).
-    let client_next_known = r.flow_state & state::CLIENT_SEEN != 0 && r.client_seq_next != 0;
-    if client_next_known && r.seq != r.client_seq_next {
+    if r.flow_state & state::CLIENT_SEEN != 0 && r.seq != r.client_seq_next {
         v.push(Signal::SeqOffClient);
     }
     if r.tcp_flags & TCP_ACK == 0 {

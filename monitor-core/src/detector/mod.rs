@@ -557,6 +557,9 @@ impl Detector {
         let now = ev.raw.ts_ns;
         let client = ev.client();
         let path = self.path_of(client.ip(), ev.server().port());
+        // The client's resets still held are judged first: a kill among
+        // them makes this reconnect churn.
+        self.conclude_held_of(client.ip(), out);
         // A client that opens a new flow when its wait for an old one's
         // unanswered answer ran out (within `black_hole_after` of its
         // request plus its heartbeat) has given up on it: a black hole.
@@ -732,7 +735,7 @@ impl Detector {
         if f.finalized {
             return;
         }
-        if let Some(f) = self.hold(ev, f) {
+        if let Some(f) = self.hold(ev, f, out) {
             self.conclude(ev, f, false, out);
         }
     }

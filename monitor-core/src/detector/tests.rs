@@ -1095,13 +1095,39 @@ fn a_held_reset_is_judged_once_its_window_has_passed() {
     let mut lab = Lab::new(cfg());
     let mut c = lab.connect("198.51.100.7", 0);
     let t = cycle(&mut lab, &mut c, S, 40 * S);
-    lab.send(&mut c, t + S, Dir::In, TCP_RST, 0, CLIENT_TTL, None);
     let judged = |lab: &Lab| lab.out.iter().any(|o| matches!(o, Output::Verdict(_)));
+    // Without a silence before it a burst decides nothing: judged at once.
+    lab.send(&mut c, t + S, Dir::In, TCP_RST, 0, CLIENT_TTL, None);
+    assert!(judged(&lab), "no silence, nothing to wait for");
+    lab.out.clear();
+    let mut c = lab.connect("198.51.100.7", t + 2 * S);
+    let t = cycle(&mut lab, &mut c, t + 3 * S, 40 * S);
+    let rst = t + 20 * S;
+    lab.send(&mut c, rst, Dir::In, TCP_RST, 0, CLIENT_TTL, None);
     assert!(!judged(&lab), "held for a possible burst");
-    lab.out.extend(lab.det.tick(t + S + 50 * MS));
+    lab.out.extend(lab.det.tick(rst + 50 * MS));
     assert!(!judged(&lab), "still within the window");
-    lab.out.extend(lab.det.tick(t + S + 101 * MS));
+    lab.out.extend(lab.det.tick(rst + 101 * MS));
     assert!(judged(&lab), "judged after the window");
+}
+
+#[test]
+fn a_client_reconnecting_while_its_reset_is_held_is_churn() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    let t = cycle(&mut lab, &mut c, S, 40 * S);
+    let t = cycle(&mut lab, &mut c, t, 40 * S);
+    // A proxy-like close (the server owes an answer), held, then a new
+    // connection 10 ms later: the close is judged first, so it is churn.
+    lab.ping(&mut c, t);
+    lab.send(&mut c, t + 20 * S, Dir::In, TCP_RST, 0, CLIENT_TTL, None);
+    lab.connect("198.51.100.7", t + 20 * S + 10 * MS);
+    let churn = lab
+        .out
+        .iter()
+        .filter(|o| matches!(o, Output::Churn { .. }))
+        .count();
+    assert_eq!(churn, 1, "{:?}", lab.last());
 }
 
 #[test]
