@@ -10,25 +10,15 @@ pub struct AttachmentInfo {
     pub interface: String,
     pub xdp_mode: String,
     pub tc_mode: String,
-    /// Tap mode: ingress only, both directions (a mirror port).
+    /// Where the agent sits (server, tap, router).
     #[serde(default)]
-    pub tap: bool,
+    pub mode: crate::placement::AgentMode,
 }
 
 impl AttachmentInfo {
     /// "XDP ingress (native), TC egress (tcx)" or "TC ingress and egress (tcx)".
     pub fn hooks(&self) -> String {
-        hooks(&self.xdp_mode, &self.tc_mode, self.tap)
-    }
-}
-
-/// The hooks of one attachment in words; `xdp_mode` "off" means TC ingress.
-pub fn hooks(xdp_mode: &str, tc_mode: &str, tap: bool) -> String {
-    match (xdp_mode, tap) {
-        ("off", true) => format!("TC ingress ({tc_mode}), tap: both directions"),
-        (_, true) => format!("XDP ingress ({xdp_mode}), tap: both directions"),
-        ("off", false) => format!("TC ingress and egress ({tc_mode})"),
-        _ => format!("XDP ingress ({xdp_mode}), TC egress ({tc_mode})"),
+        self.mode.hooks(&self.xdp_mode, &self.tc_mode)
     }
 }
 

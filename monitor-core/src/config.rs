@@ -72,10 +72,10 @@ pub struct AgentConfig {
     pub pin_path: Option<PathBuf>,
     /// With `pin_path`: remove the pins at exit (detach everything).
     pub detach_on_exit: bool,
-    /// Where the agent sits: `server` (or a router), or `tap` (a mirror port).
+    /// Where the agent sits: `server`, `tap` (a mirror port), or `router`.
     pub mode: AgentMode,
-    /// Tap mode: the servers' addresses or prefixes; empty: any address
-    /// with a tracked port is a server.
+    /// Tap and router modes: the servers' addresses or prefixes; empty: any
+    /// address with a tracked port is a server.
     pub servers: Vec<ServerPrefix>,
 }
 
@@ -175,7 +175,7 @@ pub enum ConfigError {
     FlowTableSize { got: u32, max: u32 },
     #[error("agent.half_open_table_size: must be between 1 and {max}, got {got}")]
     HalfOpenTableSize { got: u32, max: u32 },
-    #[error("agent.servers: only tap mode (agent.mode = \"tap\") tells servers by address")]
+    #[error("agent.servers: only tap and router modes (agent.mode = \"tap\" or \"router\") tell servers by address")]
     ServersWithoutTap,
     #[error("agent.servers: at most {max} addresses or prefixes, {given} given")]
     TooManyServers { given: usize, max: u32 },
@@ -192,7 +192,7 @@ impl AgentConfig {
         if self.interfaces.is_empty() {
             return Err(ConfigError::NoInterface);
         }
-        if !self.servers.is_empty() && self.mode != AgentMode::Tap {
+        if !self.servers.is_empty() && !self.mode.by_port() {
             return Err(ConfigError::ServersWithoutTap);
         }
         if self.servers.len() > MAX_SERVER_PREFIXES as usize {

@@ -1,6 +1,7 @@
 //! Where the agent sits: on the server (its client-facing interface, one
-//! direction per hook), or on a mirror port (tap mode: both directions on
-//! one interface's ingress, told apart by the server's port and address).
+//! direction per hook), on a mirror port (tap mode: both directions on one
+//! interface's ingress), or on a router (both hooks); off the server, the
+//! server's port and address tell the directions apart.
 
 use std::{fmt, net::IpAddr, str::FromStr};
 
@@ -17,9 +18,35 @@ pub enum AgentMode {
     /// ingress; the tracked port (and `servers`) say which side is the server.
     /// Nothing is ever transmitted.
     Tap,
+    /// On a router or firewall in the path, any interface: both hooks, and
+    /// as in tap mode the tracked port (and `servers`) say which side is
+    /// the server, whichever way the interface faces.
+    Router,
 }
 
-/// A server address or prefix (`192.0.2.1`, `2001:db8::/64`) for tap mode.
+impl AgentMode {
+    /// Direction from the ports (tap, router), not from the hook.
+    pub fn by_port(self) -> bool {
+        self != AgentMode::Server
+    }
+
+    /// Hooks in words, for `status` and the log.
+    pub fn hooks(self, xdp_mode: &str, tc_mode: &str) -> String {
+        let ingress = match xdp_mode {
+            "off" => format!("TC ingress ({tc_mode})"),
+            m => format!("XDP ingress ({m})"),
+        };
+        match self {
+            AgentMode::Server if xdp_mode == "off" => format!("TC ingress and egress ({tc_mode})"),
+            AgentMode::Server => format!("{ingress}, TC egress ({tc_mode})"),
+            AgentMode::Tap => format!("{ingress}, tap: both directions"),
+            AgentMode::Router => format!("{ingress}, TC egress ({tc_mode}), direction by port"),
+        }
+    }
+}
+
+/// A server address or prefix (`192.0.2.1`, `2001:db8::/64`) for tap and
+/// router modes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct ServerPrefix {

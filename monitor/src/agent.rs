@@ -285,7 +285,7 @@ fn log_attachments(monitor: &Monitor, config: &FileConfig) {
         log::info!(
             "attached to {}: {}; ports {:?}",
             a.iface,
-            crate::api::hooks(a.xdp_mode, a.tc_mode, a.tap),
+            a.mode.hooks(a.xdp_mode, a.tc_mode),
             config.agent.ports
         );
     }

@@ -249,11 +249,12 @@ pub struct RunArgs {
     /// XDP attach mode. Default auto. [agent] xdp_mode
     #[arg(long, value_enum)]
     pub xdp_mode: Option<XdpModeSetting>,
-    /// Where the agent sits: server (or a router), or tap (a mirror port:
-    /// both directions on the interface's ingress). Default server. [agent] mode
+    /// Where the agent sits: server; tap (a mirror port: both directions on
+    /// the interface's ingress); router (both hooks, direction by port).
+    /// Default server. [agent] mode
     #[arg(long, value_enum)]
     pub mode: Option<crate::config::AgentMode>,
-    /// Tap mode: a server address or prefix (repeat for more); without any,
+    /// Tap and router modes: a server address or prefix (repeat for more); without any,
     /// every address with a tracked port is a server. [agent] servers
     #[arg(long = "server", value_name = "ADDR[/LEN]")]
     pub servers: Vec<crate::config::ServerPrefix>,

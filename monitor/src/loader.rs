@@ -133,11 +133,11 @@ pub struct HookPlan {
 }
 
 impl HookPlan {
-    /// Every program to load: TC egress (not in tap mode), one ingress program.
+    /// Every program to load, once: TC egress (not in tap mode), one
+    /// ingress program (a router's TC program serves both hooks).
     pub fn programs(&self) -> impl Iterator<Item = &'static str> {
-        [self.egress, self.xdp, self.tc_ingress]
-            .into_iter()
-            .flatten()
+        let ingress_tc = self.tc_ingress.filter(|p| Some(*p) != self.egress);
+        [self.egress, self.xdp, ingress_tc].into_iter().flatten()
     }
 }
 
@@ -164,14 +164,17 @@ pub fn plan(cfg: &AgentConfig, kernel: &KernelFeatures) -> Result<HookPlan, Kern
     } else {
         TcMode::Clsact
     };
-    if cfg.mode == AgentMode::Tap {
+    if cfg.mode.by_port() {
         let (xdp, tc_ingress) = match cfg.ingress {
             IngressHook::Tc => (None, Some(TC_TAP_PROGRAM)),
             IngressHook::Xdp if kernel.xdp_frags => (Some(XDP_TAP_PROGRAM), None),
             IngressHook::Xdp => return Err(too_old(XDP_FRAGS, "; set ingress = \"tc\"")),
         };
+        // A router's interface: egress too (the same program: the ports,
+        // not the hook, say the direction).
+        let egress = (cfg.mode == AgentMode::Router).then_some(TC_TAP_PROGRAM);
         return Ok(HookPlan {
-            egress: None,
+            egress,
             xdp,
             tc_ingress,
             tc_mode,
@@ -266,8 +269,8 @@ pub struct Attachment {
     pub xdp_mode: &'static str,
     /// "tcx" (kernel >= 6.6) or "clsact"; "off" for a tap on XDP.
     pub tc_mode: &'static str,
-    /// Tap mode: ingress only, both directions.
-    pub tap: bool,
+    /// Where the agent sits (tap: ingress only; tap and router: direction by port).
+    pub mode: AgentMode,
 }
 
 /// Verifier figures for one loaded program.
@@ -482,7 +485,7 @@ fn attach_iface(attached: &mut Attached, cfg: &AgentConfig, iface: &str) -> Resu
         iface: iface.to_string(),
         xdp_mode,
         tc_mode,
-        tap: cfg.mode == AgentMode::Tap,
+        mode: cfg.mode,
     });
     Ok(())
 }
@@ -520,6 +523,7 @@ fn drop_unexpected_links(dir: &std::path::Path, cfg: &AgentConfig) -> Result<(),
     let mut want = Vec::new();
     for iface in &cfg.interfaces {
         if cfg.mode != AgentMode::Tap {
+            // Server and router modes use egress too.
             want.push(crate::pins::link_path(dir, HOOK_TC_EGRESS, iface));
         }
         want.push(crate::pins::link_path(
@@ -811,6 +815,29 @@ mod tests {
         let old = refusal(&tap(IngressHook::Xdp), 5, 15);
         assert!(old.contains("ingress = \"tc\""), "{old}");
         assert!(plan(&tap(IngressHook::Tc), &on(5, 15)).is_ok());
+    }
+
+    #[test]
+    fn router_mode_loads_the_by_port_programs_on_both_hooks_once_each() {
+        let router = |ingress| AgentConfig {
+            mode: AgentMode::Router,
+            ..cfg(ingress)
+        };
+        let xdp = plan(&router(IngressHook::Xdp), &on(6, 18)).unwrap();
+        assert_eq!(
+            xdp.programs().collect::<Vec<_>>(),
+            [TC_TAP_PROGRAM, XDP_TAP_PROGRAM]
+        );
+        let tc = plan(&router(IngressHook::Tc), &on(6, 18)).unwrap();
+        assert_eq!(
+            (tc.egress, tc.tc_ingress),
+            (Some(TC_TAP_PROGRAM), Some(TC_TAP_PROGRAM))
+        );
+        assert_eq!(
+            tc.programs().collect::<Vec<_>>(),
+            [TC_TAP_PROGRAM],
+            "loaded once"
+        );
     }
 
     #[test]

@@ -116,7 +116,7 @@ impl Shared {
                     interface: a.iface.clone(),
                     xdp_mode: a.xdp_mode.to_string(),
                     tc_mode: a.tc_mode.to_string(),
-                    tap: a.tap,
+                    mode: a.mode,
                 })
                 .collect(),
             programs: self

@@ -313,35 +313,40 @@ fn referenced_metrics() -> Vec<String> {
 /// Every killing path the live agent reported, offline analysis reports
 /// too: the same kill class, the same estimate within 0.2 s, the same number
 /// of kills give or take one (the capture and the report end a moment apart).
+/// `o` (another placement's, or the offline analysis's) gives `l`'s
+/// diagnosis of its path: the same manner, premature kills within one,
+/// estimates within 0.2 s.
+fn same_diagnosis(l: &PathReport, o: &PathReport) {
+    let name = &l.path;
+    let close = |a: f64, b: f64| (a - b).abs() <= 0.2;
+    assert_eq!(o.how, l.how, "{name}: other {o:#?} live {l:#?}");
+    let (lk, ok) = (l.premature_kills as i64, o.premature_kills as i64);
+    assert!((lk - ok).abs() <= 1, "{name}: {lk} live, {ok} other");
+    let same = match (&l.estimate, &o.estimate) {
+        (Some(Estimate::Point { seconds: a, .. }), Some(Estimate::Point { seconds: b, .. })) => {
+            close(*a, *b)
+        }
+        (
+            Some(Estimate::Bracket {
+                low_seconds: la,
+                high_seconds: ha,
+                ..
+            }),
+            Some(Estimate::Bracket {
+                low_seconds: lb,
+                high_seconds: hb,
+                ..
+            }),
+        ) => close(*la, *lb) && close(*ha, *hb),
+        _ => false,
+    };
+    assert!(same, "{name}: {:?} vs {:?}", l.estimate, o.estimate);
+}
+
 /// `other` (the offline analysis, the tap agent) gives `live`'s diagnosis.
 fn compare_reports(live: &Report, offline: &Report, other: &str) {
-    let close = |a: f64, b: f64| (a - b).abs() <= 0.2;
     for l in &live.killing_paths {
-        let name = &l.path;
-        let o = killing(offline, name);
-        assert_eq!(o.how, l.how, "{name}: offline {o:#?} live {l:#?}");
-        let (lk, ok) = (l.premature_kills as i64, o.premature_kills as i64);
-        assert!((lk - ok).abs() <= 1, "{name}: {lk} live, {ok} offline");
-        let same = match (&l.estimate, &o.estimate) {
-            (
-                Some(Estimate::Point { seconds: a, .. }),
-                Some(Estimate::Point { seconds: b, .. }),
-            ) => close(*a, *b),
-            (
-                Some(Estimate::Bracket {
-                    low_seconds: la,
-                    high_seconds: ha,
-                    ..
-                }),
-                Some(Estimate::Bracket {
-                    low_seconds: lb,
-                    high_seconds: hb,
-                    ..
-                }),
-            ) => close(*la, *lb) && close(*ha, *hb),
-            _ => false,
-        };
-        assert!(same, "{name}: {:?} vs {:?}", l.estimate, o.estimate);
+        same_diagnosis(l, killing(offline, &l.path));
     }
     for q in &live.quiet_paths {
         let offline_kills = offline.killing_paths.iter().any(|p| p.path == q.path);
@@ -374,6 +379,12 @@ fn lab_classifies_every_middlebox_side_by_side() {
     let tap = tap_agent.report().expect("the tap agent's report");
     let tap_text = tap_agent.cli(&["report"]).expect("the tap agent's report");
     let tap_status = tap_agent.status().expect("the tap agent's status");
+    let (router_path, router_agent) = lab.router_agent.as_ref().expect("a router placement");
+    let router_path = router_path.clone();
+    let router = router_agent.report().expect("the router agent's report");
+    let router_text = router_agent
+        .cli(&["report"])
+        .expect("the router agent's report");
     let pcap = lab
         .stop_capture()
         .expect("capture stops")
@@ -580,6 +591,14 @@ fn lab_classifies_every_middlebox_side_by_side() {
     let tracked = tap_status.kernel_counters["packets_tracked"];
     println!("tap agent: {tracked} packets tracked, {duplicates} second copies passed over");
     assert!(duplicates > 0 && duplicates <= tracked, "{tap_status:?}");
+    // The router placement: router mode on the interface toward the server
+    // of the path's own firewall router, its path's diagnosis the server's.
+    println!("router agent on {router_path}'s router:\n{router_text}");
+    same_diagnosis(
+        killing(&report, &router_path),
+        killing(&router, &router_path),
+    );
+    println!("the router agent matched the live agent on {router_path}");
     // The exact heartbeat, from the capture too.
     let o = killing(&offline.report, "192.0.2.0/24:8080");
     assert_eq!(o.requested_heartbeat_seconds, Some(40.0), "{o:#?}");

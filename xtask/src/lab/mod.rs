@@ -5,8 +5,9 @@
 //!   ([`addressing`] is the address plan);
 //! - [`traffic`]: the endpoint, the devices and the injectors on threads in
 //!   those namespaces ([`server`], [`device`], [`injector`]);
-//! - [`agent`]: the monitor under test; [`capture`]: tcpdump; [`mirror`]:
-//!   a SPAN port on the switch with a second agent in tap mode;
+//! - [`agent`]: the monitor under test; [`capture`]: tcpdump;
+//!   [`placement`]: a SPAN port on the switch with an agent in tap mode,
+//!   and an agent in router mode on a path's router;
 //! - [`run`]: all of them together, torn down in order.
 //!
 //! Path i's clients live in 100.64.i.0/24 and 2001:db8:i::/64 and start at
@@ -17,7 +18,7 @@
 pub mod addressing;
 pub mod agent;
 pub mod capture;
-pub mod mirror;
+pub mod placement;
 pub mod run;
 pub mod topology;
 pub mod traffic;
@@ -33,7 +34,7 @@ pub mod wbxml;
 pub use addressing::{DEVICE_TTL, PLAINTEXT_PORT, SERVER_PORT, SERVER_V4, SERVER_V6};
 pub use agent::{Agent, AgentOptions};
 pub use capture::Capture;
-pub use mirror::Mirror;
+pub use placement::Mirror;
 pub use run::LabRun;
 pub use scenario::{Middlebox, Scenario};
 pub use topology::{down_all, PathRuntime, Topology};

@@ -15,6 +15,8 @@ pub struct LabRun {
     /// The agent in tap mode on the switch's SPAN port, with its namespace.
     pub tap_agent: Option<Agent>,
     pub mirror: Option<Mirror>,
+    /// The agent in router mode on a path's router, and that path's name.
+    pub router_agent: Option<(String, Agent)>,
     pub topo: Topology,
     pub scenario: Scenario,
 }
@@ -34,18 +36,24 @@ impl LabRun {
         LabRun::start_with(s, monitor_bin, capture, false)
     }
 
-    /// With `mirror`: also a SPAN port on the switch and an agent in tap
-    /// mode behind it, watching the same traffic.
+    /// With `placements`: also a SPAN port on the switch and an agent in
+    /// tap mode behind it, and an agent in router mode on a router, watching
+    /// the same traffic.
     pub fn start_with(
         s: &Scenario,
         monitor_bin: &Path,
         capture: Option<&Path>,
-        mirror: bool,
+        placements: bool,
     ) -> Result<LabRun> {
         let topo = Topology::up(s)?;
         let agent = Agent::start(monitor_bin, &topo, s)?;
-        let mirror = if mirror {
+        let mirror = if placements {
             Some(Mirror::up(&topo)?)
+        } else {
+            None
+        };
+        let router_agent = if placements {
+            super::placement::start_router_agent(monitor_bin, &topo, s)?
         } else {
             None
         };
@@ -64,6 +72,7 @@ impl LabRun {
             agent: Some(agent),
             tap_agent,
             mirror,
+            router_agent,
             topo,
             scenario: s.clone(),
         })
@@ -97,9 +106,15 @@ impl LabRun {
         if let Some(t) = self.traffic.take() {
             t.stop();
         }
-        if let Some(a) = self.tap_agent.take() {
+        for a in [
+            self.tap_agent.take(),
+            self.router_agent.take().map(|(_, a)| a),
+        ]
+        .into_iter()
+        .flatten()
+        {
             let log = a.stop()?;
-            anyhow::ensure!(!log.contains("panicked"), "the tap agent panicked: {log}");
+            anyhow::ensure!(!log.contains("panicked"), "an agent panicked: {log}");
         }
         match self.agent.take() {
             Some(a) => a.stop(),
@@ -114,6 +129,7 @@ impl Drop for LabRun {
             t.stop();
         }
         self.tap_agent.take();
+        self.router_agent.take();
         self.agent.take();
     }
 }

@@ -27,7 +27,7 @@ use crate::{
 const NETNS_PREFIX: &str = "lab";
 const BRIDGE: &str = "br0";
 /// A router's interface towards the switch, and towards its clients.
-const ROUTER_UP: &str = "up0";
+pub const ROUTER_UP: &str = "up0";
 const ROUTER_DOWN: &str = "down0";
 /// The clients' interface.
 const CLIENTS_IF: &str = "cl0";

@@ -1,12 +1,15 @@
-//! The mirror placement: a SPAN port on the lab's switch. Every switch
-//! port's ingress and egress is copied (tc `mirred`) to a port whose other
-//! end, `mir0`, sits in a namespace of its own, where an agent in tap mode
-//! watches: each packet arrives there twice (as it enters the switch and as
-//! it leaves), as on a switch mirroring both ports of a conversation.
+//! Placements of the agent besides the server:
+//! - a SPAN port on the lab's switch ([`Mirror`]): every switch port's
+//!   ingress and egress is copied (tc `mirred`) to a port whose other end,
+//!   `mir0`, sits in a namespace of its own, where an agent in tap mode
+//!   watches: each packet arrives there twice (as it enters the switch and
+//!   as it leaves), as on a switch mirroring both ports of a conversation;
+//! - a router in the path ([`start_router_agent`]): an agent in router mode
+//!   on a path's router, on its interface toward the server.
 
 use anyhow::Result;
 
-use super::{agent::AgentOptions, Agent, Scenario, Topology};
+use super::{agent::AgentOptions, topology::ROUTER_UP, Agent, Middlebox, Scenario, Topology};
 use crate::{
     cmd::sh_in,
     netns::{add_veth, link_up, Netns},
@@ -57,4 +60,29 @@ impl Mirror {
         o.config.agent.ingress = monitor_core::config::IngressHook::Tc;
         Agent::start_in(bin, &self.ns, o)
     }
+}
+
+/// An agent in router mode on the router of the first path whose box is a
+/// Linux firewall (conntrack resetting forgotten flows), on the router's
+/// interface toward the server: the box then lies on the clients' side, as
+/// it does for the server. The path's name and the agent; none without such
+/// a path.
+pub fn start_router_agent(
+    bin: &std::path::Path,
+    topo: &Topology,
+    s: &Scenario,
+) -> Result<Option<(String, Agent)>> {
+    let Some(p) = topo
+        .paths
+        .iter()
+        .find(|p| p.spec.middlebox == Middlebox::ConntrackReset && !p.spec.nat_random_ports)
+    else {
+        return Ok(None);
+    };
+    let mut o = AgentOptions::new(ROUTER_UP, topo.workdir.join(format!("router-{}", p.index)));
+    o.config.detector = s.detector.clone();
+    o.config.agent.mode = monitor_core::config::AgentMode::Router;
+    o.config.agent.ingress = monitor_core::config::IngressHook::Tc;
+    let agent = Agent::start_in(bin, &p.router, o)?;
+    Ok(Some((p.monitor_path.clone(), agent)))
 }
