@@ -213,9 +213,11 @@ fn assert_black_hole_with_early_answers(
     // hold time: a device whose only delivered answer was early (mail) and
     // whose killed no-change answers have not repeated yet (README: the
     // heartbeat rule's failure cases); never most of them.
-    let right = stated.iter().filter(|h| (*h - 40.0).abs() <= 2.0).count();
+    // (With two kills stating one, one early hold is half, not most: a
+    // CI run saw [20.4, 40.0].)
+    let wrong = stated.iter().filter(|h| (*h - 40.0).abs() > 2.0).count();
     assert!(
-        2 * right > stated.len(),
+        2 * wrong <= stated.len(),
         "the devices' fixed 40 s, not an early answer's hold time: {stated:?}"
     );
 }
