@@ -19,3 +19,16 @@ pub fn agent_bin() -> std::path::PathBuf {
     );
     bin
 }
+
+/// Run `cmd` to its end: whether it succeeded, and its stdout then stderr.
+pub fn run_output(cmd: &mut std::process::Command) -> (bool, String) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}

@@ -4,23 +4,11 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-use monitor_tests::agent_bin;
+use monitor_tests::{agent_bin, run_output as run};
 use xtask::netns::{require_root, Pair};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn run(cmd: &mut Command) -> (bool, String) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 const UNIT: &str = "deploy/systemd/activesync-monitor.service";

@@ -24,19 +24,9 @@ use xtask::netns::{http_get_in, require_root, sh, unique_tag, wait_for, Pair, SE
 const METRICS: &str = "127.0.0.1:19443";
 const CONNECTIONS: usize = 3;
 
+/// `podman ARGS` (cargo xtask setup --all installs it).
 fn podman(args: &[&str]) -> (bool, String) {
-    let out = Command::new("podman")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("running podman {args:?} (cargo xtask setup --all installs it): {e}")
-        });
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    monitor_tests::run_output(Command::new("podman").args(args))
 }
 
 /// A test directory: the configuration and a bpffs standing for the host's;

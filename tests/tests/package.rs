@@ -10,6 +10,7 @@ use std::{
     process::Command,
 };
 
+use monitor_tests::run_output as run;
 use xtask::package::{BINARY, CONFFILE, PACKAGE};
 
 const UNIT: &str = "/usr/lib/systemd/system/activesync-monitor.service";
@@ -20,18 +21,6 @@ const DYNAMIC_UID: &str = "61184";
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
-}
-
-fn run(cmd: &mut Command) -> (bool, String) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 fn must(cmd: &mut Command) -> String {

@@ -236,21 +236,21 @@ impl Conn {
         } else {
             [SEGMENT, 2 * SEGMENT, 0]
         };
+        let window = self.window;
         for (k, ahead) in aheads.into_iter().enumerate() {
-            let at = at + k as u64 * 50_000;
-            let mut p = self.pkt(
-                at,
-                Origin::Middlebox,
-                flags,
-                self.cseq.wrapping_add(ahead),
-                self.sseq,
-            );
-            p.ttl = ttl;
-            p.ip_id = ip_id.wrapping_add(k as u16);
-            p.window = self.window;
-            out.push(p);
-            self.now = self.now.max(at);
+            let seq = self.cseq.wrapping_add(ahead);
+            let id = ip_id.wrapping_add(k as u16);
+            self.forged(out, at + k as u64 * 50_000, flags, seq, (ttl, id, window));
         }
+    }
+
+    /// One packet a middlebox writes in the client's name at `seq`, with
+    /// its (TTL, IP ID, window).
+    fn forged(&mut self, out: &mut Vec<Pkt>, at: u64, flags: u8, seq: u32, ip: (u8, u16, u16)) {
+        let mut p = self.pkt(at, Origin::Middlebox, flags, seq, self.sseq);
+        (p.ttl, p.ip_id, p.window) = ip;
+        out.push(p);
+        self.now = self.now.max(at);
     }
 
     /// A middlebox's packet in the client's name (an RST, a proxy's FIN).
@@ -264,12 +264,7 @@ impl Conn {
         ip_id: u16,
         window: u16,
     ) {
-        let mut p = self.pkt(at, Origin::Middlebox, flags, self.cseq, self.sseq);
-        p.ttl = ttl;
-        p.ip_id = ip_id;
-        p.window = window;
-        out.push(p);
+        self.forged(out, at, flags, self.cseq, (ttl, ip_id, window));
         Self::advance(&mut self.cseq, flags, 0);
-        self.now = self.now.max(at);
     }
 }
