@@ -57,7 +57,9 @@ pub fn packet_sig(pkt: &Packet, dir: Dir) -> u32 {
         ^ pkt.ack.rotate_left(11)
         ^ pkt.payload_len.rotate_left(22)
         ^ ((pkt.window as u32) << 16 | pkt.ip_id as u32).rotate_left(5)
-        ^ pkt.tcp_flags as u32;
+        // Clear of the direction's bit: FIN is flag bit 0, and a FIN right
+        // after an ACK with the same numbers is no copy of it.
+        ^ (pkt.tcp_flags as u32) << 1;
     (h & !1) | dir as u32
 }
 
@@ -380,6 +382,19 @@ fn seq_end(pkt: &Packet) -> u32 {
     }
 }
 
+/// A server segment that does not acknowledge all the client has sent was
+/// sent before the server saw the client's last data: it crossed the
+/// request on the wire (a TLS 1.3 session ticket after the handshake,
+/// passing the device's first request), so it answers nothing and the
+/// request is still owed.
+#[inline(always)]
+fn crosses_request(flow: &Flow, pkt: &Packet, dir: Dir) -> bool {
+    dir == Dir::Out
+        && pkt.tcp_flags & TCP_ACK != 0
+        && flow.state & state::CLIENT_SEEN != 0
+        && seq_after(flow.client_seq_next, pkt.ack)
+}
+
 /// Fold the packet into the flow's counters and baselines.
 #[inline(always)]
 fn apply(flow: &mut Flow, pkt: &Packet, dir: Dir, now: u64) {
@@ -387,7 +402,7 @@ fn apply(flow: &mut Flow, pkt: &Packet, dir: Dir, now: u64) {
         Dir::In => apply_client(flow, pkt, now),
         Dir::Out => apply_server(flow, pkt, now),
     }
-    if pkt.payload_len > 0 {
+    if pkt.payload_len > 0 && !crosses_request(flow, pkt, dir) {
         flow.last_payload_ns = now;
         flow.last_payload_dir = dir as u8;
         // A server answer ends the client's request: the next one is sampled again.

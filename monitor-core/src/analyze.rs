@@ -56,6 +56,10 @@ pub struct AnalyzeOptions {
     pub plaintext_ports: Vec<u16>,
     /// Server addresses; empty: any address on those ports.
     pub servers: Vec<IpAddr>,
+    /// A capture from a reverse proxy's host: the remote ports of its
+    /// upstream legs (also in `ports`), and the host's own addresses.
+    pub upstream_ports: Vec<u16>,
+    pub local_addresses: Vec<IpAddr>,
     /// Only packets from this many seconds after the first one...
     pub from: Option<f64>,
     /// ...to this many.
@@ -386,8 +390,11 @@ pub fn analyze_observed(
     observer: Option<&mut dyn Observer>,
 ) -> Result<Analysis, AnalyzeError> {
     let (opts, inferred) = resolve_ports(path, opts)?;
-    let pipeline =
+    let mut pipeline =
         Pipeline::new(opts.detector.clone()).map_err(|e| AnalyzeError::Options(e.to_string()))?;
+    if !opts.upstream_ports.is_empty() {
+        pipeline.set_upstream(&opts.upstream_ports, opts.local_addresses.iter().copied());
+    }
     let mut e = Engine {
         opts: &opts,
         observer,

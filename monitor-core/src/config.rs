@@ -77,6 +77,11 @@ pub struct AgentConfig {
     /// Tap and router modes: the servers' addresses or prefixes; empty: any
     /// address with a tracked port is a server.
     pub servers: Vec<ServerPrefix>,
+    /// Remote ports of upstream legs: on a reverse proxy's host, its
+    /// connections to Exchange (this host the client), e.g. 443. Followed
+    /// with the same state machine, roles swapped; the proxy's own timeout
+    /// shows there. Server and router modes.
+    pub upstream_ports: Vec<u16>,
 }
 
 impl Default for AgentConfig {
@@ -94,6 +99,7 @@ impl Default for AgentConfig {
             detach_on_exit: false,
             mode: AgentMode::Server,
             servers: Vec::new(),
+            upstream_ports: Vec::new(),
         }
     }
 }
@@ -167,7 +173,9 @@ pub enum ConfigError {
     PortZero,
     #[error("agent.ports: port {port} is listed twice")]
     DuplicatePort { port: u16 },
-    #[error("agent.plaintext_ports: port {port} is not one of agent.ports")]
+    #[error(
+        "agent.plaintext_ports: port {port} is not one of agent.ports or agent.upstream_ports"
+    )]
     PlaintextNotTracked { port: u16 },
     #[error("agent.gap_threshold_seconds: must be between 0.001 and 3600, got {got:?}")]
     GapThreshold { got: Duration },
@@ -179,6 +187,12 @@ pub enum ConfigError {
     ServersWithoutTap,
     #[error("agent.servers: at most {max} addresses or prefixes, {given} given")]
     TooManyServers { given: usize, max: u32 },
+    #[error(
+        "agent.upstream_ports: a mirror port (tap mode) has no host of its own to be a client"
+    )]
+    UpstreamInTap,
+    #[error("agent.upstream_ports: port 0 cannot be tracked")]
+    UpstreamPortZero,
     #[error("metrics.top_paths: must be between 1 and 1000, got {0}")]
     TopPaths(usize),
     #[error("detector.{0}")]
@@ -213,9 +227,16 @@ impl AgentConfig {
         if self.ports.is_empty() {
             return Err(ConfigError::NoPort);
         }
-        if self.ports.len() > MAX_PORTS {
+        if !self.upstream_ports.is_empty() && self.mode == AgentMode::Tap {
+            return Err(ConfigError::UpstreamInTap);
+        }
+        if self.upstream_ports.contains(&0) {
+            return Err(ConfigError::UpstreamPortZero);
+        }
+        let tracked = self.tracked_ports().len();
+        if tracked > MAX_PORTS {
             return Err(ConfigError::TooManyPorts {
-                given: self.ports.len(),
+                given: tracked,
                 max: MAX_PORTS,
             });
         }
@@ -227,11 +248,8 @@ impl AgentConfig {
                 return Err(ConfigError::DuplicatePort { port });
             }
         }
-        if let Some(&port) = self
-            .plaintext_ports
-            .iter()
-            .find(|p| !self.ports.contains(p))
-        {
+        let tracked = self.tracked_ports();
+        if let Some(&port) = self.plaintext_ports.iter().find(|p| !tracked.contains(p)) {
             return Err(ConfigError::PlaintextNotTracked { port });
         }
         if self.gap_threshold < Duration::from_millis(1)
@@ -256,9 +274,31 @@ impl AgentConfig {
         Ok(())
     }
 
+    /// The ports the kernel tracks: the local ones, then the upstream ones.
+    pub fn tracked_ports(&self) -> Vec<u16> {
+        let mut ports = self.ports.clone();
+        for p in &self.upstream_ports {
+            if !ports.contains(p) {
+                ports.push(*p);
+            }
+        }
+        ports
+    }
+
+    /// Direction from the ports, not the hook: away from the server (tap,
+    /// router), or with upstream legs (this host is then a client too:
+    /// its own packets to an upstream port go out on egress).
+    pub fn by_port(&self) -> bool {
+        self.mode.by_port() || !self.upstream_ports.is_empty()
+    }
+
     /// The settings the kernel programs read.
     pub fn kernel_config(&self) -> Config {
-        let mut c = kernel_config(&self.ports, &self.plaintext_ports, self.gap_threshold);
+        let mut c = kernel_config(
+            &self.tracked_ports(),
+            &self.plaintext_ports,
+            self.gap_threshold,
+        );
         c.server_filter = u32::from(!self.servers.is_empty());
         c
     }
@@ -418,6 +458,43 @@ mod tests {
             "test",
         );
         assert!(bad.unwrap_err().to_string().contains("prefix length"));
+    }
+
+    #[test]
+    fn upstream_ports_are_tracked_beside_the_local_ones_and_need_a_host() {
+        let f = FileConfig::parse(
+            "[agent]\ninterfaces = [\"eth0\"]\nports = [443]\nupstream_ports = [443, 8443]\n",
+            "test",
+        )
+        .expect("a proxy host's configuration");
+        f.validate().expect("valid");
+        assert!(
+            f.agent.by_port(),
+            "its own packets to Exchange go out on egress"
+        );
+        assert_eq!(f.agent.tracked_ports(), [443, 8443]);
+        let k = f.agent.kernel_config();
+        assert_eq!((k.port_count, &k.ports[..2]), (2, &[443, 8443][..]));
+        // A plain-HTTP upstream port: its Pings are read on the legs.
+        let plain = AgentConfig {
+            plaintext_ports: vec![8443],
+            ..f.agent.clone()
+        };
+        assert_eq!(plain.validate(), Ok(()));
+        let tap = AgentConfig {
+            mode: AgentMode::Tap,
+            ..f.agent.clone()
+        };
+        assert_eq!(tap.validate(), Err(ConfigError::UpstreamInTap));
+        let many = AgentConfig {
+            ports: (1..=6).collect(),
+            upstream_ports: vec![7, 8, 9],
+            ..valid()
+        };
+        assert_eq!(
+            many.validate(),
+            Err(ConfigError::TooManyPorts { given: 9, max: 8 })
+        );
     }
 
     #[test]

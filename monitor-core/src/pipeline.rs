@@ -111,6 +111,21 @@ impl Pipeline {
         wrap(self.detector.settle(now_ns, last_heard))
     }
 
+    /// On a proxy host: follow this host's connections to `ports` as
+    /// upstream legs (see [`detector::upstream`]).
+    pub fn set_upstream(
+        &mut self,
+        ports: &[u16],
+        local: impl IntoIterator<Item = std::net::IpAddr>,
+    ) {
+        self.detector.set_upstream(ports, local);
+    }
+
+    /// This host's addresses changed.
+    pub fn set_local_addresses(&mut self, local: impl IntoIterator<Item = std::net::IpAddr>) {
+        self.detector.set_local_addresses(local);
+    }
+
     pub fn detector(&self) -> &Detector {
         &self.detector
     }

@@ -104,6 +104,20 @@ pub fn report(r: &Report) -> String {
     for p in &r.killing_paths {
         killing_path(&mut s, p, r);
     }
+    for t in &r.local_proxy_timeouts {
+        local_timeout(&mut s, t);
+    }
+    if let Some(c) = &r.held_requests_capped {
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "HELD REQUESTS CAPPED: held requests end at {:.1} s for {} clients on {} though their Pings ask for at least {:.0} s: a proxy or server timeout, not the devices' heartbeat.",
+            c.seconds,
+            c.clients,
+            c.paths.join(", "),
+            c.asked_seconds
+        );
+    }
     quiet_paths(&mut s, &r.quiet_paths);
     window(&mut s, &r.window);
     s
@@ -125,7 +139,10 @@ fn killing_path(s: &mut String, p: &PathReport, r: &Report) {
             estimate(e)
         );
     }
-    likely_device(s, p);
+    let local = p.how.is_some_and(|h| h.is_local());
+    if !local {
+        likely_device(s, p);
+    }
     if let Some(l) = p.box_location {
         let _ = writeln!(s, "  where: {}", l.describe());
     }
@@ -136,7 +153,12 @@ fn killing_path(s: &mut String, p: &PathReport, r: &Report) {
             p.reset_bursts
         );
     }
-    if let Some(t) = p.recommended_idle_timeout_seconds {
+    if local {
+        let _ = writeln!(
+            s,
+            "  cure: this host's proxy timeout, not a box on the path (below: LOCAL PROXY TIMEOUT)"
+        );
+    } else if let Some(t) = p.recommended_idle_timeout_seconds {
         let _ = writeln!(
             s,
             "  cure: set its idle timeout to at least {t:.0} s (heartbeat {:.0} s + {:.0} s)",
@@ -160,6 +182,39 @@ fn killing_path(s: &mut String, p: &PathReport, r: &Report) {
         );
     }
     histogram(s, &p.kill_silence_histogram);
+}
+
+/// This host's proxy gives up on its upstream at a steady silence: the
+/// held requests it ended, and its own setting to change.
+fn local_timeout(s: &mut String, t: &crate::detector::report::LocalTimeoutReport) {
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "LOCAL PROXY TIMEOUT: this host gives up on {} after {:.1} s of silence while the server owes the answer ({} give-ups, spread {:.2} s).",
+        t.upstream, t.seconds, t.give_ups, t.spread_seconds
+    );
+    let ended: u64 = t.client_paths.iter().map(|(_, n)| n).sum();
+    if ended > 0 {
+        let paths: Vec<String> = t
+            .client_paths
+            .iter()
+            .map(|(p, n)| format!("{p} ({n})"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "  held requests end at {:.1} s on {}: this host's proxy timeout, not the devices' heartbeat",
+            t.seconds,
+            paths.join(", ")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  cure: let the proxy hold a Ping for at least {:.0} s:",
+        t.recommended_timeout_seconds
+    );
+    for c in &t.cure {
+        let _ = writeln!(s, "    {c}");
+    }
 }
 
 /// A device only where the estimate pins one; else the defaults it fits.

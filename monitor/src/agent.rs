@@ -283,10 +283,18 @@ fn watch_readers(monitor: &mut Monitor) -> anyhow::Result<Readers> {
 fn log_attachments(monitor: &Monitor, config: &FileConfig) {
     for a in monitor.attachments() {
         log::info!(
-            "attached to {}: {}; ports {:?}",
+            "attached to {}: {}; ports {:?}{}",
             a.iface,
             a.mode.hooks(a.xdp_mode, a.tc_mode),
-            config.agent.ports
+            config.agent.ports,
+            if config.agent.upstream_ports.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; upstream legs to ports {:?} (direction by port on both hooks)",
+                    config.agent.upstream_ports
+                )
+            }
         );
     }
     for p in monitor.programs() {
@@ -314,6 +322,8 @@ async fn serve(readers: &mut Readers, state: &State) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut batch = Vec::new();
+    let mut ticks = 0u64;
+    let upstream = !lock(state).config.agent.upstream_ports.is_empty();
     loop {
         tokio::select! {
             _ = sigint.recv() => { log::info!("SIGINT: detaching"); return Ok(()); }
@@ -333,13 +343,26 @@ async fn serve(readers: &mut Readers, state: &State) -> anyhow::Result<()> {
                 guard.clear_ready();
             }
             _ = tick.tick() => {
+                ticks += 1;
+                // Read outside the lock: a netlink dump takes its time.
+                let addrs = (ticks.is_multiple_of(LOCAL_ADDRS_EVERY_TICKS) && upstream)
+                    .then(crate::local_addrs::local_addresses);
                 let mut s = lock(state);
+                match addrs {
+                    Some(Ok(a)) => s.pipeline.set_local_addresses(a),
+                    Some(Err(e)) => log::warn!("{e}; keeping the last ones"),
+                    None => {}
+                }
                 let out = s.pipeline.tick(clock::boot_ns());
                 s.absorb(out);
             }
         }
     }
 }
+
+/// How often (ticks of 1 s) a proxy host's own addresses are read again:
+/// a floating or DHCP address moves seldom.
+const LOCAL_ADDRS_EVERY_TICKS: u64 = 30;
 
 /// Start the scanner task, if the tables can be scanned.
 fn start_scanner(state: &State) -> Option<(Scans, tokio::task::JoinHandle<()>)> {
@@ -369,7 +392,16 @@ async fn bind_metrics(config: &FileConfig) -> anyhow::Result<Option<tokio::net::
 }
 
 fn new_state(monitor: Monitor, config: &FileConfig) -> anyhow::Result<State> {
-    let pipeline = Pipeline::new(config.detector.clone()).context("detector configuration")?;
+    let mut pipeline = Pipeline::new(config.detector.clone()).context("detector configuration")?;
+    if !config.agent.upstream_ports.is_empty() {
+        let local = crate::local_addrs::local_addresses()?;
+        log::info!(
+            "upstream legs: this host's connections to ports {:?} from {} local addresses",
+            config.agent.upstream_ports,
+            local.len()
+        );
+        pipeline.set_upstream(&config.agent.upstream_ports, local);
+    }
     let metrics = Metrics::new(config.metrics.top_paths, config.metrics.client_addresses)
         .context("registering metrics")?;
     Ok(Arc::new(Mutex::new(Shared {

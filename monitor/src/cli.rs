@@ -149,6 +149,19 @@ pub struct AnalyzeArgs {
     /// Server address; repeat for several. Default: any address on those ports.
     #[arg(long = "server", value_name = "ADDR")]
     pub servers: Vec<std::net::IpAddr>,
+    /// A capture from a reverse proxy's host: the remote port of its
+    /// connections to Exchange (repeat for more; tracked too). Needs
+    /// --local-address.
+    #[arg(
+        long = "upstream-port",
+        value_name = "PORT",
+        requires = "local_addresses"
+    )]
+    pub upstream_ports: Vec<u16>,
+    /// The proxy host's own address in the capture (repeat for more): its
+    /// connections to an upstream port are its upstream legs.
+    #[arg(long = "local-address", value_name = "ADDR")]
+    pub local_addresses: Vec<std::net::IpAddr>,
     /// Only packets at least this many seconds after the capture's first.
     #[arg(long, value_name = "SECONDS")]
     pub from: Option<f64>,
@@ -198,10 +211,30 @@ impl AnalyzeArgs {
                 plaintext_ports.push(p);
             }
         }
+        let upstream_ports = if self.upstream_ports.is_empty() {
+            c.agent.upstream_ports.clone()
+        } else {
+            self.upstream_ports.clone()
+        };
+        if !upstream_ports.is_empty() && self.local_addresses.is_empty() {
+            return Err(ConfigError::File {
+                path: "command line".into(),
+                message: "upstream ports need --local-address: the proxy host's own address in the capture".into(),
+            });
+        }
+        if !ports.is_empty() {
+            for &p in &upstream_ports {
+                if !ports.contains(&p) {
+                    ports.push(p);
+                }
+            }
+        }
         Ok(crate::analyze::AnalyzeOptions {
             ports,
             plaintext_ports,
             servers: self.servers.clone(),
+            upstream_ports,
+            local_addresses: self.local_addresses.clone(),
             from: self.from,
             to: self.to,
             gap_threshold: gap,
@@ -258,6 +291,11 @@ pub struct RunArgs {
     /// every address with a tracked port is a server. [agent] servers
     #[arg(long = "server", value_name = "ADDR[/LEN]")]
     pub servers: Vec<crate::config::ServerPrefix>,
+    /// On a reverse proxy's host: the remote port of its connections to
+    /// Exchange (repeat for more); those legs are followed too and the
+    /// proxy's own timeout named. [agent] upstream_ports
+    #[arg(long = "upstream-port", value_name = "PORT")]
+    pub upstream_ports: Vec<u16>,
     #[command(flatten)]
     pub heartbeat: HeartbeatArgs,
     /// Address for /metrics. Default 0.0.0.0:19443. [metrics] listen
@@ -328,6 +366,9 @@ impl RunArgs {
         }
         if !self.servers.is_empty() {
             c.agent.servers = self.servers.clone();
+        }
+        if !self.upstream_ports.is_empty() {
+            c.agent.upstream_ports = self.upstream_ports.clone();
         }
         self.heartbeat.apply(&mut c.detector)?;
         if let Some(v) = self.metrics_listen {

@@ -9,6 +9,7 @@ pub mod clock;
 pub mod counters;
 pub mod exporter;
 pub mod loader;
+pub mod local_addrs;
 pub mod monitor;
 pub mod pins;
 pub mod privilege;

@@ -164,15 +164,15 @@ pub fn plan(cfg: &AgentConfig, kernel: &KernelFeatures) -> Result<HookPlan, Kern
     } else {
         TcMode::Clsact
     };
-    if cfg.mode.by_port() {
+    if cfg.by_port() {
         let (xdp, tc_ingress) = match cfg.ingress {
             IngressHook::Tc => (None, Some(TC_TAP_PROGRAM)),
             IngressHook::Xdp if kernel.xdp_frags => (Some(XDP_TAP_PROGRAM), None),
             IngressHook::Xdp => return Err(too_old(XDP_FRAGS, "; set ingress = \"tc\"")),
         };
-        // A router's interface: egress too (the same program: the ports,
-        // not the hook, say the direction).
-        let egress = (cfg.mode == AgentMode::Router).then_some(TC_TAP_PROGRAM);
+        // A router's interface, or a proxy host's: egress too (the same
+        // program: the ports, not the hook, say the direction).
+        let egress = (cfg.mode != AgentMode::Tap).then_some(TC_TAP_PROGRAM);
         return Ok(HookPlan {
             egress,
             xdp,
@@ -815,6 +815,19 @@ mod tests {
         let old = refusal(&tap(IngressHook::Xdp), 5, 15);
         assert!(old.contains("ingress = \"tc\""), "{old}");
         assert!(plan(&tap(IngressHook::Tc), &on(5, 15)).is_ok());
+    }
+
+    #[test]
+    fn upstream_legs_on_a_server_load_the_by_port_programs_on_both_hooks() {
+        let proxy = AgentConfig {
+            upstream_ports: vec![443],
+            ..cfg(IngressHook::Tc)
+        };
+        let p = plan(&proxy, &on(6, 18)).unwrap();
+        assert_eq!(
+            (p.egress, p.tc_ingress),
+            (Some(TC_TAP_PROGRAM), Some(TC_TAP_PROGRAM))
+        );
     }
 
     #[test]

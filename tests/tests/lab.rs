@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::Command, time::Duration};
 use monitor::{
     analyze::Analysis,
     detector::{
-        report::{PathReport, Report},
+        report::{LocalTimeoutReport, PathReport, Report},
         BoxLocation, Ending, Estimate, Verdict,
     },
 };
@@ -222,6 +222,102 @@ fn assert_black_hole_with_early_answers(
     );
 }
 
+/// What an agent on a reverse proxy's host said.
+struct ProxyHost {
+    name: String,
+    client_path: String,
+    report: Report,
+    text: String,
+}
+
+/// The local proxy timeout an agent on a proxy host names for `upstream`.
+fn local_timeout<'a>(h: &'a ProxyHost, upstream: &str) -> &'a LocalTimeoutReport {
+    h.report
+        .local_proxy_timeouts
+        .iter()
+        .find(|t| t.upstream == upstream)
+        .unwrap_or_else(|| {
+            panic!(
+                "{}: a local proxy timeout on {upstream}: {}",
+                h.name, h.text
+            )
+        })
+}
+
+/// nginx at its default 60 s and HAProxy at 30 s are named as this host's
+/// own timeouts, with their settings; the devices' requests they ended are
+/// kills of the proxy, not heartbeats; the raised nginx kills nothing.
+fn assert_proxy_hosts(proxies: &[ProxyHost], server: &Report, devices: &[DeviceReport]) {
+    let host = |name: &str| {
+        proxies
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("a proxy host agent on {name}"))
+    };
+    for h in proxies {
+        println!("agent on {}'s proxy host:\n{}", h.name, h.text);
+    }
+    let nginx = host("nginx-default");
+    let t = local_timeout(nginx, "upstream:[2001:db8:ffff::1/128]:443");
+    assert!((t.seconds - 60.0).abs() < 1.0, "{t:#?}");
+    assert!(
+        t.cure.iter().any(|c| c.contains("proxy_read_timeout")),
+        "{t:#?}"
+    );
+    assert!(
+        t.client_paths
+            .iter()
+            .any(|(p, n)| *p == nginx.client_path && *n >= 2),
+        "the devices' Pings it ended: {t:#?}"
+    );
+    assert!(
+        nginx.text.contains("held requests end at 6"),
+        "{}",
+        nginx.text
+    );
+    let facing = killing(&nginx.report, &nginx.client_path);
+    assert_eq!(facing.how, Some(Ending::LocalProxyTimeout), "{facing:#?}");
+    // nginx's 504 at 60 s is no heartbeat (the Android-like device's
+    // answered 47 s Pings are).
+    assert!(
+        facing
+            .median_heartbeat_seconds
+            .is_none_or(|h| (h - 60.0).abs() > 1.0),
+        "{facing:#?}"
+    );
+    // The server sees nginx give up too, as a proxy timeout at 60 s.
+    let seen = killing(server, "[2001:db8:ffff::/56]:443");
+    assert_eq!(seen.how, Some(Ending::ProxyTimeout), "{seen:#?}");
+    assert_point_near(seen, 60.0);
+
+    let fixed = host("nginx-fixed");
+    assert!(
+        fixed.report.local_proxy_timeouts.is_empty(),
+        "{}",
+        fixed.text
+    );
+    assert_eq!(fixed.report.premature_kills, 0, "{}", fixed.text);
+    for d in devices_of(devices, "nginx-fixed") {
+        assert!(d.pings_ok >= 1 && d.pings_failed == 0, "{d:?}");
+    }
+
+    let haproxy = host("haproxy-http");
+    let t = local_timeout(haproxy, "upstream:[2001:db8:ffff::1/128]:8080");
+    assert!((t.seconds - 30.0).abs() < 1.0, "{t:#?}");
+    assert!(
+        t.cure.iter().any(|c| c.contains("timeout server")),
+        "{t:#?}"
+    );
+    assert_eq!(
+        killing(&haproxy.report, &haproxy.client_path).how,
+        Some(Ending::LocalProxyTimeout)
+    );
+    // Its legs are plain HTTP: the Pings read there say what the devices asked for.
+    let leg = killing(&haproxy.report, "upstream:[2001:db8:ffff::1/128]:8080");
+    assert_eq!(leg.how, Some(Ending::UpstreamTimeout), "{leg:#?}");
+    assert_eq!(leg.requested_heartbeat_seconds, Some(45.0), "{leg:#?}");
+}
+
 /// Debian's Prometheus server in the lab's server namespace, scraping the
 /// agent every 2 s and evaluating the shipped rules.
 struct Prometheus {
@@ -387,6 +483,19 @@ fn lab_classifies_every_middlebox_side_by_side() {
     let router_text = router_agent
         .cli(&["report"])
         .expect("the router agent's report");
+    let proxies: Vec<ProxyHost> = lab
+        .proxy_agents
+        .iter()
+        .map(|p| ProxyHost {
+            name: p.name.clone(),
+            client_path: p.client_path.clone(),
+            report: p.agent.report().expect("a proxy host agent's report"),
+            text: p
+                .agent
+                .cli(&["report"])
+                .expect("a proxy host agent's report"),
+        })
+        .collect();
     let pcap = lab
         .stop_capture()
         .expect("capture stops")
@@ -601,6 +710,8 @@ fn lab_classifies_every_middlebox_side_by_side() {
         killing(&router, &router_path),
     );
     println!("the router agent matched the live agent on {router_path}");
+    // The reverse proxies' hosts: their own timeouts named, with the cure.
+    assert_proxy_hosts(&proxies, &report, &devices);
     // The exact heartbeat, from the capture too.
     let o = killing(&offline.report, "192.0.2.0/24:8080");
     assert_eq!(o.requested_heartbeat_seconds, Some(40.0), "{o:#?}");

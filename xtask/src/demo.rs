@@ -244,8 +244,11 @@ fn run_lab(s: &Scenario, scenario: &Path, png: Option<&Path>, bin: &Path) -> Res
     catch_interrupts();
     print_plan(s, scenario);
     let t0_ns = boot_ns();
-    let step = Step::start("demo", "starting the lab: namespaces, middleboxes, agent");
-    let lab = match LabRun::start(s, bin) {
+    let step = Step::start(
+        "demo",
+        "starting the lab: namespaces, middleboxes, agents (server, mirror, router, proxy hosts)",
+    );
+    let lab = match LabRun::start_with(s, bin, None, true) {
         Ok(lab) => {
             step.finish("up");
             lab
@@ -335,9 +338,31 @@ fn wait_with_progress(lab: &LabRun, total: Duration) {
 }
 
 /// The agent's report, status and path metrics, and what each device saw.
+/// The other placements' reports: the reverse proxies' hosts (their own
+/// timeout named), the mirror port, the router.
+fn print_placements(lab: &LabRun) -> Result<()> {
+    for p in &lab.proxy_agents {
+        println!(
+            "\n===== on {}'s proxy host (upstream legs followed) =====\n",
+            p.name
+        );
+        print!("{}", p.agent.cli(&["report"])?);
+    }
+    if let Some(tap) = &lab.tap_agent {
+        println!("\n===== on the switch's mirror port (tap mode) =====\n");
+        print!("{}", tap.cli(&["report"])?);
+    }
+    if let Some((path, router)) = &lab.router_agent {
+        println!("\n===== on {path}'s router (router mode) =====\n");
+        print!("{}", router.cli(&["report"])?);
+    }
+    Ok(())
+}
+
 fn print_results(lab: &LabRun) -> Result<()> {
     println!("\n===== monitor report =====\n");
     print!("{}", lab.agent().cli(&["report"])?);
+    print_placements(lab)?;
     println!("\n===== monitor status =====\n");
     print!("{}", lab.agent().cli(&["status"])?);
     println!("\n===== /metrics (excerpt) =====\n");

@@ -55,7 +55,8 @@ const PACKAGES: &[(&str, Use)] = &[
     ("iproute2", Use::Lab),       // ip netns, veth
     ("nftables", Use::Lab),       // lab middleboxes
     ("conntrack", Use::Lab),      // lab middleboxes (inspection)
-    ("haproxy", Use::Lab),        // lab full-proxy path
+    ("haproxy", Use::Lab),        // lab full-proxy path, a proxy host
+    ("nginx", Use::Lab),          // lab proxy host (reverse proxy)
     ("procps", Use::Lab),         // sysctl
     ("tcpdump", Use::Tests),      // captures for offline analysis
     ("iperf3", Use::Tests),       // throughput benchmark
@@ -270,14 +271,21 @@ pub fn ensure_packages(wanted: &[&'static str], root: &Elevation) -> Result<Stri
         return Ok("already there".into());
     }
     quiet(root.command("apt-get").args(["update", "-q"]))?;
-    quiet(
-        root.command("env")
-            .arg("DEBIAN_FRONTEND=noninteractive")
-            .args(["apt-get", "install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing),
-    )?;
+    // Packages with a service (nginx, haproxy, prometheus) must not start
+    // it on the host: the lab runs its own in namespaces. A policy denying
+    // starts, for the install only, unless the machine has one already.
+    let script = format!(
+        "if [ ! -e {POLICY} ]; then trap 'rm -f {POLICY}' EXIT; trap 'exit 130' INT TERM; \
+         printf '#!/bin/sh\\nexit 101\\n' > {POLICY} && chmod 755 {POLICY}; fi; \
+         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {}",
+        missing.join(" ")
+    );
+    quiet(root.command("sh").args(["-c", &script]))?;
     Ok(format!("installed {}", missing.join(" ")))
 }
+
+/// Debian's hook that may deny a package's service start (invoke-rc.d).
+const POLICY: &str = "/usr/sbin/policy-rc.d";
 
 /// Only what building the agent needs (from source).
 pub fn setup_build() -> Result<()> {

@@ -73,6 +73,11 @@ impl Conn {
         t.flags = flags;
         t.payload = payload;
         t.seq = seq;
+        // All the other side has sent, as a stack acknowledges.
+        t.ack = match dir {
+            Dir::In => self.server_seq,
+            Dir::Out => self.client_seq,
+        };
         t.ttl = ttl;
         parse_ethernet(t.frame().as_slice()).unwrap()
     }
@@ -520,4 +525,39 @@ fn a_mirrors_second_copy_is_passed_over_and_a_retransmission_is_not() {
         c.feed(2 * S + t, Dir::Out, p);
     }
     assert_eq!(c.flow().pkts_out, pkts + 3);
+}
+
+#[test]
+fn a_fin_right_after_an_ack_with_the_same_numbers_is_no_copy_of_it() {
+    // FIN is flag bit 0: it must not vanish under the signature's direction bit.
+    let mut c = Conn::new();
+    c.handshake();
+    let ack = c.packet(Dir::In, TCP_ACK, 0, 1001, 64);
+    let fin = c.packet(Dir::In, TCP_ACK | TCP_FIN, 0, 1001, 64);
+    assert_ne!(packet_sig(&ack, Dir::In), packet_sig(&fin, Dir::In));
+    c.feed(S, Dir::In, &ack);
+    let ev = c
+        .feed(S + 1_000_000, Dir::In, &fin)
+        .expect("the FIN's event");
+    assert_eq!(ev.kind, EventKind::Closed as u8);
+}
+
+#[test]
+fn a_server_segment_that_crossed_the_request_answers_nothing() {
+    // TLS 1.3: the server's session ticket, sent before it saw the device's
+    // request, arrives after it; the request stays owed.
+    let mut c = Conn::new();
+    c.handshake();
+    c.send(S, Dir::In, TCP_ACK | TCP_PSH, 300, 64);
+    let mut ticket = c.packet(Dir::Out, TCP_ACK | TCP_PSH, 250, 5001, 64);
+    ticket.ack = 1001; // the request's first byte: not acknowledged
+    c.feed(S + 40_000, Dir::Out, &ticket);
+    assert_eq!(c.flow().last_payload_dir, Dir::In as u8, "still owed");
+    assert_eq!(c.flow().last_payload_ns, S);
+    // The answer acknowledges the request: it answers.
+    let mut answer = c.packet(Dir::Out, TCP_ACK | TCP_PSH, 200, 5251, 64);
+    answer.ack = 1301;
+    let ev = c.feed(31 * S, Dir::Out, &answer).expect("a gap ended");
+    assert_eq!(ev.last_payload_dir, Dir::In as u8, "it answers the request");
+    assert_eq!(c.flow().last_payload_dir, Dir::Out as u8);
 }

@@ -2,7 +2,7 @@
 
 use std::{borrow::Cow, net::IpAddr, path::PathBuf, time::Duration};
 
-use monitor_common::{craft::Tcp, TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN};
+use monitor_common::{craft::Tcp, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN};
 use pcap_file::{
     pcap::{PcapHeader, PcapPacket, PcapWriter},
     pcapng::{
@@ -23,6 +23,8 @@ fn opts() -> AnalyzeOptions {
         ports: vec![443],
         plaintext_ports: vec![],
         servers: vec![],
+        upstream_ports: vec![],
+        local_addresses: vec![],
         from: None,
         to: None,
         gap_threshold: Duration::from_secs(5),
@@ -620,4 +622,112 @@ fn only_the_first_verdicts_of_each_kind_are_listed_and_the_rest_counted() {
     assert_eq!(a.capture.verdicts_not_listed, 1);
     assert_eq!(a.report.killing_paths[0].kills, 2, "the report counts both");
     assert!(a.capture.summary().contains("1 verdict(s) not listed"));
+}
+
+/// A reverse proxy's host (192.0.2.11) gives up on its leg to Exchange
+/// after 60 s (close_notify, FIN), answers the device with an error and
+/// the device closes: (timestamp, Ethernet frame).
+fn proxy_gives_up(t0: f64) -> Vec<(f64, Vec<u8>)> {
+    let dev: IpAddr = "100.64.1.10".parse().unwrap();
+    let proxy: IpAddr = "192.0.2.11".parse().unwrap();
+    let exchange: IpAddr = "192.0.2.1".parse().unwrap();
+    // (seq, ack): each side acknowledges all the other has sent.
+    let mk = |src, dst, sport, dport, flags, payload, (seq, ack)| {
+        let mut t = Tcp::syn(src, dst);
+        (t.sport, t.dport, t.flags, t.payload) = (sport, dport, flags, payload);
+        (t.seq, t.ack) = (seq, ack);
+        t.frame()
+    };
+    let (a, s, p) = (TCP_ACK, TCP_SYN, TCP_PSH);
+    vec![
+        (t0, mk(dev, proxy, 40001, 443, s, 0, (1000, 0))),
+        (
+            t0 + 0.001,
+            mk(proxy, dev, 443, 40001, s | a, 0, (9000, 1001)),
+        ),
+        (t0 + 0.002, mk(dev, proxy, 40001, 443, a, 0, (1001, 9001))),
+        (
+            t0 + 1.0,
+            mk(dev, proxy, 40001, 443, a | p, 300, (1001, 9001)),
+        ),
+        (t0 + 1.001, mk(proxy, dev, 443, 40001, a, 0, (9001, 1301))),
+        (t0 + 1.002, mk(proxy, exchange, 50001, 443, s, 0, (5000, 0))),
+        (
+            t0 + 1.003,
+            mk(exchange, proxy, 443, 50001, s | a, 0, (7000, 5001)),
+        ),
+        (
+            t0 + 1.004,
+            mk(proxy, exchange, 50001, 443, a, 0, (5001, 7001)),
+        ),
+        (
+            t0 + 1.005,
+            mk(proxy, exchange, 50001, 443, a | p, 300, (5001, 7001)),
+        ),
+        (
+            t0 + 1.006,
+            mk(exchange, proxy, 443, 50001, a, 0, (7001, 5301)),
+        ),
+        // 60 s later: the proxy's close_notify and FIN, its 504, the device's FIN.
+        (
+            t0 + 61.006,
+            mk(proxy, exchange, 50001, 443, a | p, 31, (5301, 7001)),
+        ),
+        (
+            t0 + 61.0061,
+            mk(proxy, exchange, 50001, 443, a | TCP_FIN, 0, (5332, 7001)),
+        ),
+        (
+            t0 + 61.007,
+            mk(proxy, dev, 443, 40001, a | p, 180, (9001, 1301)),
+        ),
+        (
+            t0 + 61.03,
+            mk(dev, proxy, 40001, 443, a | TCP_FIN, 0, (1301, 9181)),
+        ),
+    ]
+}
+
+#[test]
+fn a_proxy_hosts_capture_names_its_own_timeout_given_its_upstream_port_and_address() {
+    let p = tmp("proxy.pcap");
+    write_pcap(
+        &p,
+        DataLink::ETHERNET,
+        65535,
+        &proxy_gives_up(1_700_000_000.0),
+        0,
+        &[],
+    );
+    let proxy_host = AnalyzeOptions {
+        upstream_ports: vec![443],
+        local_addresses: vec!["192.0.2.11".parse().unwrap()],
+        ..opts()
+    };
+    let a = analyze(&p, &proxy_host).unwrap();
+    let endings: Vec<(String, Ending)> = a
+        .verdicts
+        .iter()
+        .map(|v| (v.path.clone(), v.ending))
+        .collect();
+    assert_eq!(
+        endings,
+        [
+            (
+                "upstream:192.0.2.1/32:443".to_string(),
+                Ending::UpstreamTimeout
+            ),
+            ("100.64.1.0/24:443".to_string(), Ending::LocalProxyTimeout),
+        ]
+    );
+    let t = &a.report.local_proxy_timeouts;
+    assert!(t.len() == 1 && (t[0].seconds - 60.0).abs() < 0.01, "{t:#?}");
+    // Without the proxy host's address the leg is one more client's flow.
+    let a = analyze(&p, &opts()).unwrap();
+    let _ = std::fs::remove_file(&p);
+    assert!(a.report.local_proxy_timeouts.is_empty());
+    assert!(a.verdicts.iter().all(|v| !matches!(
+        v.ending,
+        Ending::UpstreamTimeout | Ending::LocalProxyTimeout
+    )));
 }

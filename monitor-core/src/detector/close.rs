@@ -231,7 +231,10 @@ pub(super) fn is_premature(
     match ending {
         // Forgetting after a silence; without one, no timer expired.
         Ending::ResetOnNextPacket | Ending::BlackHole => e.silence_seconds >= min_silence,
-        Ending::InjectedReset | Ending::ProxyTimeout => {
+        Ending::InjectedReset
+        | Ending::ProxyTimeout
+        | Ending::UpstreamTimeout
+        | Ending::LocalProxyTimeout => {
             e.silence_seconds >= min_silence
                 && (e.server_owed_answer || heartbeat.is_some_and(|h| e.silence_seconds < h))
         }

@@ -29,10 +29,18 @@ pub enum Ending {
     ProxyTimeout = 7,
     /// The flow left the table without a close (evicted, expired).
     Vanished = 8,
+    /// An upstream leg (this host the client, a reverse proxy's connection
+    /// to Exchange): this host closed it after a silence while the server
+    /// owed an answer. The proxy on this host gave up: its own timeout.
+    UpstreamTimeout = 9,
+    /// A client-facing flow on a proxy host: this host answered the
+    /// device's waiting request when its upstream leg timed out (an error
+    /// such as nginx's 504), or closed the flow while the device waited.
+    LocalProxyTimeout = 10,
 }
 
 impl Ending {
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 11;
     pub const ALL: [Ending; Ending::COUNT] = [
         Ending::ClientFin,
         Ending::ServerFin,
@@ -43,12 +51,16 @@ impl Ending {
         Ending::BlackHole,
         Ending::ProxyTimeout,
         Ending::Vanished,
+        Ending::UpstreamTimeout,
+        Ending::LocalProxyTimeout,
     ];
-    pub const KILLS: [Ending; 4] = [
+    pub const KILLS: [Ending; 6] = [
         Ending::InjectedReset,
         Ending::ResetOnNextPacket,
         Ending::BlackHole,
         Ending::ProxyTimeout,
+        Ending::UpstreamTimeout,
+        Ending::LocalProxyTimeout,
     ];
 
     pub fn is_kill(self) -> bool {
@@ -57,7 +69,19 @@ impl Ending {
 
     /// The kill happens when the timer expires, so its silence is the timeout.
     pub fn kills_at_expiry(self) -> bool {
-        matches!(self, Ending::InjectedReset | Ending::ProxyTimeout)
+        matches!(
+            self,
+            Ending::InjectedReset
+                | Ending::ProxyTimeout
+                | Ending::UpstreamTimeout
+                | Ending::LocalProxyTimeout
+        )
+    }
+
+    /// This host's own proxy timed out: no box on a path to name, a
+    /// setting on this host to change.
+    pub fn is_local(self) -> bool {
+        matches!(self, Ending::UpstreamTimeout | Ending::LocalProxyTimeout)
     }
 
     /// Stable label for metrics and JSON.
@@ -72,6 +96,8 @@ impl Ending {
             Ending::BlackHole => "black_hole",
             Ending::ProxyTimeout => "proxy_timeout",
             Ending::Vanished => "vanished",
+            Ending::UpstreamTimeout => "upstream_timeout",
+            Ending::LocalProxyTimeout => "local_proxy_timeout",
         }
     }
 
@@ -91,6 +117,12 @@ impl Ending {
                 "closed by a proxy at its idle timeout while the server owed an answer"
             }
             Ending::Vanished => "left the flow table without a close",
+            Ending::UpstreamTimeout => {
+                "given up by this host's proxy while the upstream server owed an answer (the proxy's own timeout)"
+            }
+            Ending::LocalProxyTimeout => {
+                "answered with an error or closed by this host's proxy at its timeout while the device waited"
+            }
         }
     }
 }

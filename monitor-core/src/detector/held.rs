@@ -24,7 +24,7 @@ const HELD_MAX: usize = 4096;
 /// A closed flow whose verdict waits for a possible burst.
 pub(super) struct HeldClose {
     ev: FlowEvent,
-    flow: FlowTrack,
+    pub(super) flow: FlowTrack,
 }
 
 impl HeldClose {
@@ -44,7 +44,8 @@ impl Detector {
         flow: FlowTrack,
         out: &mut Vec<Output>,
     ) -> Option<FlowTrack> {
-        if !ev.is_rst() || ev.dir != monitor_common::Dir::In {
+        // An upstream leg's client is this host: its reset is its own.
+        if !ev.is_rst() || ev.dir != monitor_common::Dir::In || flow.upstream {
             return Some(flow);
         }
         let facts = self.close_facts(ev, &flow);
@@ -86,6 +87,7 @@ impl Detector {
     pub fn conclude_held(&mut self) -> Vec<Output> {
         let mut out = Vec::new();
         self.conclude_held_where(&mut out, |_| true);
+        self.judge_answers(None, &mut out);
         out
     }
 
@@ -119,7 +121,7 @@ impl Detector {
             self.conclude(&h.ev, h.flow, burst, out);
         }
         if burst {
-            let path = self.path_of(ev.client().ip(), ev.server().port());
+            let path = self.path_of_key(&ev.raw.key);
             if let Some(p) = self.paths.get_mut(&path) {
                 p.reset_bursts += 1;
             }

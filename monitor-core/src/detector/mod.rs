@@ -9,6 +9,7 @@ mod held;
 pub mod middlebox;
 pub mod path;
 pub mod report;
+pub mod upstream;
 pub mod window;
 
 use std::{
@@ -29,6 +30,7 @@ use crate::{
 };
 use close::{classify_close, is_premature, CloseFacts, ServerSend};
 use path::Kill;
+use upstream::{Answer, GiveUp, Judged, Upstream};
 
 const NS: f64 = 1e9;
 /// Verdicts kept for `monitor events` and the report.
@@ -57,6 +59,10 @@ struct Gap {
     /// The server answered a request with it, after holding it this long
     /// (seconds): a heartbeat sample once the answer is proven delivered.
     hold_s: Option<f64>,
+    /// The server owed the client an answer when it ended.
+    owed: bool,
+    /// Its payload could be a TLS alert (a close_notify: 24 to 31 bytes).
+    alert_sized: bool,
 }
 
 impl Gap {
@@ -104,6 +110,11 @@ struct FlowTrack {
     rtt_s: Option<f64>,
     /// A verdict was already given (black hole by timeout); ignore the rest.
     finalized: bool,
+    /// An upstream leg: this host is the client (see [`upstream`]).
+    upstream: bool,
+    /// This host's proxy answered the device's request at its upstream
+    /// timeout: when, and after how long a wait (see [`upstream`]).
+    proxy_answered: Option<(u64, f64)>,
     /// The kernel lost an event of this flow (ring buffer full): what we
     /// know is incomplete, so its ending is not used for estimates.
     incomplete: bool,
@@ -139,6 +150,8 @@ struct ClientTrack {
     /// Hold times of every answer, delivered or not (a killed no-change
     /// answer still shows the heartbeat it was held for).
     held: Samples,
+    /// The heartbeat the client's latest Ping asked for (plaintext ports).
+    asked_s: Option<f64>,
 }
 
 /// A client's recent hold times (those of at least the minimum heartbeat).
@@ -242,6 +255,8 @@ pub struct DetectorStats {
     pub pings_stated: u64,
     pub paths_evicted: u64,
     pub flows_not_tracked: u64,
+    /// Client-facing answers that were this host's proxy timing out.
+    pub proxy_timeout_answers: u64,
     /// Flows that ended with events missing (ring buffer full).
     pub incomplete: u64,
 }
@@ -261,6 +276,8 @@ pub struct Detector {
     recent: VecDeque<Verdict>,
     /// Client-side resets awaiting a possible second one: see [`held`].
     held: HashMap<FlowKey, held::HeldClose>,
+    /// Upstream legs and the proxy's answers awaiting their pairing.
+    upstream: Upstream,
     max_heartbeat_seen_s: f64,
     /// When idle clients and devices were last forgotten.
     last_forget_ns: u64,
@@ -271,6 +288,17 @@ pub struct Detector {
 /// server answers a Ping up to one store poll late; Microsoft: 28-min
 /// heartbeat, 30-min timeout).
 pub const CURE_MARGIN_SECONDS: f64 = 120.0;
+
+/// The largest TLS alert record (TLS 1.2 with an explicit nonce and a
+/// 16-byte tag: 31 bytes; TLS 1.3: 24), with room to spare.
+const TLS_ALERT_MAX_BYTES: u32 = 64;
+/// A close_notify and the FIN or RST after it leave together.
+const CLOSE_NOTIFY_NS: u64 = 1_000_000_000;
+
+/// A client-facing flow closing this soon after the proxy's timeout
+/// answer closed because of it (a device drops a connection whose Ping
+/// failed at once).
+const CLOSE_AFTER_PROXY_ANSWER_NS: u64 = 5_000_000_000;
 
 /// Idle clients and devices are forgotten after hours: looking for them
 /// once a minute is enough (every tick, it cost a day-long capture's
@@ -291,6 +319,7 @@ impl Detector {
             suspects: HashMap::new(),
             recent: VecDeque::new(),
             held: HashMap::new(),
+            upstream: Upstream::default(),
             max_heartbeat_seen_s: 0.0,
             last_forget_ns: 0,
             stats: DetectorStats::default(),
@@ -299,6 +328,27 @@ impl Detector {
 
     pub fn config(&self) -> &DetectorConfig {
         &self.cfg
+    }
+
+    /// On a proxy host: follow flows from this host's `local` addresses to
+    /// `ports` as upstream legs (see [`upstream`]).
+    pub fn set_upstream(&mut self, ports: &[u16], local: impl IntoIterator<Item = IpAddr>) {
+        self.upstream.set(ports, local);
+    }
+
+    /// This host's addresses changed.
+    pub fn set_local_addresses(&mut self, local: impl IntoIterator<Item = IpAddr>) {
+        self.upstream.set_local(local);
+    }
+
+    /// A flow's path: its client prefix and port, or its upstream server.
+    fn path_of_key(&self, key: &FlowKey) -> PathKey {
+        if self.upstream.is_upstream(key) {
+            let server = crate::event::server_of(key);
+            PathKey::upstream(server.ip(), server.port())
+        } else {
+            self.path_of(crate::event::client_of(key).ip(), key.server_port)
+        }
     }
 
     pub fn flows_tracked(&self) -> usize {
@@ -352,8 +402,11 @@ impl Detector {
         } else if let Some(d) = self.devices.get_mut(&device) {
             d.1 = now;
         }
-        let path = self.path_of(client.ip(), key.server_port);
+        let path = self.path_of_key(key);
         self.path_mut(path, now).record_ping(&device, h);
+        if let Some(h) = h {
+            self.clients.entry(client.ip()).or_default().asked_s = Some(h);
+        }
         if let (Some(f), Some(h)) = (self.flows.get_mut(key), h) {
             f.ping_heartbeat_s = Some(h);
         }
@@ -370,6 +423,7 @@ impl Detector {
         let now = ev.raw.ts_ns;
         let client = ev.client();
         self.conclude_held_due(now, &mut out);
+        self.judge_answers(Some(now), &mut out);
         self.clients.entry(client.ip()).or_default().last_seen_ns = now;
         if ev.raw.flow_state & state::EVENT_LOST != 0 {
             if let Some(f) = self.flows.get_mut(&key) {
@@ -437,24 +491,86 @@ impl Detector {
             return;
         }
         let path = f.path;
-        // The server answering a client request after a silence: a hold time.
-        let hold_s =
-            (ev.dir == Dir::Out && ev.has_payload() && ev.raw.last_payload_dir == Dir::In as u8)
-                .then(|| ev.since_payload())
-                .flatten()
-                .map(|d| d.as_secs_f64());
+        // The server answering a client request after a silence: a hold
+        // time. Not on an upstream leg: its client is this host, for every
+        // device at once; the device's own flow has the answer too.
+        let hold_s = (!f.upstream
+            && ev.dir == Dir::Out
+            && ev.has_payload()
+            && ev.raw.last_payload_dir == Dir::In as u8)
+            .then(|| ev.since_payload())
+            .flatten()
+            .map(|d| d.as_secs_f64());
         let previous = f.pending_gap.replace(Gap {
             silence_s: ev.silence().as_secs_f64(),
             dir: ev.dir,
             payload: ev.has_payload(),
             end_ns: now,
             hold_s,
+            owed: ev.raw.last_payload_dir == Dir::In as u8,
+            alert_sized: ev.raw.payload_len <= TLS_ALERT_MAX_BYTES,
         });
+        let upstream_leg = f.upstream;
         if let Some(g) = previous.filter(|g| g.proven_by(ev)) {
             self.survived(client, path, g, now, out);
         }
-        if let Some(h) = hold_s {
+        let Some(h) = hold_s else { return };
+        if self.upstream.serves(&ev.raw.key) && !upstream_leg {
+            // On a proxy host an answer may be the proxy's timeout: it
+            // waits for its upstream leg's give-up (see [`upstream`]).
+            let a = Answer {
+                key: ev.raw.key,
+                path,
+                at_ns: now,
+                hold_s: h,
+                delivered: false,
+            };
+            if let Some(old) = self.upstream.answered(a) {
+                let judged = self.upstream.judge(&old);
+                self.judged_answer(old, judged, now, out);
+            }
+        } else {
             self.heartbeat_sample(client, path, h, false, now);
+        }
+    }
+
+    /// Client-facing answers whose pairing window has passed (all, with
+    /// `None`: the end of the input).
+    fn judge_answers(&mut self, now_ns: Option<u64>, out: &mut Vec<Output>) {
+        if !self.upstream.enabled() {
+            return;
+        }
+        for (a, judged) in self.upstream.due(now_ns) {
+            let now = now_ns.unwrap_or(a.at_ns);
+            self.judged_answer(a, judged, now, out);
+        }
+    }
+
+    /// A client-facing answer, judged: a hold time, or the proxy's timeout
+    /// (never a heartbeat sample).
+    fn judged_answer(&mut self, a: Answer, judged: Judged, now: u64, out: &mut Vec<Output>) {
+        let client = crate::event::client_of(&a.key).ip();
+        match judged {
+            Judged::Answer => {
+                self.heartbeat_sample(client, a.path, a.hold_s, false, now);
+                if a.delivered {
+                    self.hold_time(a.path, a.hold_s, now, out);
+                    self.heartbeat_sample(client, a.path, a.hold_s, true, now);
+                }
+            }
+            Judged::ProxyTimeout { path, .. } => {
+                self.stats.proxy_timeout_answers += 1;
+                self.path_mut(a.path, now).proxy_timeout_answers += 1;
+                self.path_mut(path, now).record_answered_path(a.path);
+                let held = self.held.get_mut(&a.key).map(|h| &mut h.flow);
+                for f in self.flows.get_mut(&a.key).into_iter().chain(held) {
+                    f.proxy_answered = Some((a.at_ns, a.hold_s));
+                    // Its gap, proven later, is no hold time either.
+                    if let Some(g) = f.pending_gap.as_mut().filter(|g| g.end_ns == a.at_ns) {
+                        g.hold_s = None;
+                    }
+                }
+            }
         }
     }
 
@@ -463,6 +579,10 @@ impl Detector {
     fn survived(&mut self, client: IpAddr, path: PathKey, g: Gap, now: u64, out: &mut Vec<Output>) {
         self.path_mut(path, now).record_survival(g.silence_s);
         if let Some(h) = g.hold_s {
+            // An answer still waiting for its pairing waits delivered.
+            if self.upstream.enabled() && self.upstream.deliver_of(client, g.end_ns) {
+                return;
+            }
             self.hold_time(path, h, now, out);
             self.heartbeat_sample(client, path, h, true, now);
         }
@@ -474,6 +594,7 @@ impl Detector {
     pub fn tick(&mut self, now_ns: u64) -> Vec<Output> {
         let mut out = Vec::new();
         self.conclude_held_due(now_ns, &mut out);
+        self.judge_answers(Some(now_ns), &mut out);
         // Past `black_hole_after` without the client coming back, a suspect
         // can no longer be told from a device gone dark: it waits for its
         // flow's end (vanished) and no later reconnect resolves it.
@@ -556,7 +677,13 @@ impl Detector {
     fn opened(&mut self, ev: &FlowEvent, out: &mut Vec<Output>) {
         let now = ev.raw.ts_ns;
         let client = ev.client();
-        let path = self.path_of(client.ip(), ev.server().port());
+        let path = self.path_of_key(&ev.raw.key);
+        if path.upstream {
+            // This host opens a leg per request or pool: no device
+            // reconnecting, no churn, no give-up on an older leg.
+            self.insert_flow(ev, path);
+            return;
+        }
         // The client's resets still held are judged first: a kill among
         // them makes this reconnect churn.
         self.conclude_held_of(client.ip(), out);
@@ -610,6 +737,8 @@ impl Detector {
                 suspect: None,
                 rtt_s: handshake_rtt(ev),
                 finalized: false,
+                upstream: path.upstream,
+                proxy_answered: None,
                 incomplete: ev.raw.flow_state & state::EVENT_LOST != 0,
             },
         );
@@ -619,7 +748,7 @@ impl Detector {
     /// The flow's track, created if the flow predates us (or its Opened was lost).
     fn track(&mut self, ev: &FlowEvent) -> Option<&mut FlowTrack> {
         if !self.flows.contains_key(&ev.raw.key) {
-            let path = self.path_of(ev.client().ip(), ev.server().port());
+            let path = self.path_of_key(&ev.raw.key);
             if !self.insert_flow(ev, path) {
                 return None;
             }
@@ -735,6 +864,10 @@ impl Detector {
         if f.finalized {
             return;
         }
+        if !f.upstream && self.upstream.serves(&key) {
+            self.upstream
+                .device_closed(ev.raw.ts_ns, self.close_facts(ev, &f).silence);
+        }
         if let Some(f) = self.hold(ev, f, out) {
             self.conclude(ev, f, false, out);
         }
@@ -749,10 +882,14 @@ impl Detector {
         }
         let mut evidence = facts.evidence(ev);
         let ending = classify_close(&facts, &mut evidence);
+        let ending = self.local_ending(ev, &f, &facts, ending, &mut evidence);
         // A kill's own packet (a box's RST, a proxy's FIN) proves nothing:
-        // only the client heard before it.
+        // only the client heard before it. The proxy's error answer
+        // survived nothing either.
         let proven = |g: &Gap| {
-            if ending.is_kill() {
+            if ending == Ending::LocalProxyTimeout {
+                false
+            } else if ending.is_kill() {
                 g.heard_after(ev)
             } else {
                 g.proven_by(ev)
@@ -767,10 +904,149 @@ impl Detector {
         self.finish(f.path, v, now, out);
     }
 
+    /// On a proxy host, what its own timeouts make of a close (see
+    /// [`upstream`]): an upstream leg this host closed after a silence
+    /// while the server owed an answer is its give-up (remembered for
+    /// pairing); a client-facing flow this host closed while the device
+    /// waited, or that closed right after the proxy answered it at its
+    /// timeout, is the local proxy's timeout.
+    fn local_ending(
+        &mut self,
+        ev: &FlowEvent,
+        f: &FlowTrack,
+        facts: &CloseFacts,
+        ending: Ending,
+        evidence: &mut Evidence,
+    ) -> Ending {
+        if !self.upstream.enabled() {
+            return ending;
+        }
+        let now = ev.raw.ts_ns;
+        if f.upstream {
+            return self.upstream_leg_ending(ev, f, facts, ending, evidence);
+        }
+        if !self.upstream.serves(&ev.raw.key) {
+            // Forwarded through this host (a router): not its proxy's.
+            return ending;
+        }
+        if ev.dir == Dir::Out && facts.owed {
+            self.upstream.forget_answers_of(&ev.raw.key);
+            evidence.note =
+                Some("this host closed the device's flow while the device waited".into());
+            return Ending::LocalProxyTimeout;
+        }
+        let answered = self
+            .upstream
+            .timed_out_answer(&ev.raw.key)
+            .map(|(a, _)| (a.at_ns, a.hold_s))
+            .or(f.proxy_answered)
+            .filter(|(at, _)| now.saturating_sub(*at) <= CLOSE_AFTER_PROXY_ANSWER_NS);
+        match answered {
+            Some((_, hold)) => {
+                evidence.silence_seconds = hold;
+                evidence.server_owed_answer = true;
+                evidence.note = Some(
+                    "this host's proxy answered the device at its upstream timeout, then the flow closed"
+                        .into(),
+                );
+                Ending::LocalProxyTimeout
+            }
+            None => ending,
+        }
+    }
+
+    /// An upstream leg's close. This host's own (seen leaving it: no box
+    /// forged it) while the server owed an answer is its give-up, unless it
+    /// relayed a device's close. From the server's side, an RST while this
+    /// host waited (Exchange answers a Ping, it never resets one) is a box
+    /// between them, or the server failing: after this host's send
+    /// following a silence, within the next-packet window, a box that
+    /// forgot the leg; after a silence, one resetting at expiry.
+    fn upstream_leg_ending(
+        &mut self,
+        ev: &FlowEvent,
+        f: &FlowTrack,
+        facts: &CloseFacts,
+        ending: Ending,
+        evidence: &mut Evidence,
+    ) -> Ending {
+        let now = ev.raw.ts_ns;
+        if ev.dir == Dir::Out {
+            if !ev.is_rst() {
+                return ending;
+            }
+            let sent_after_silence = f
+                .pending_gap
+                .filter(|g| g.dir == Dir::In && g.payload && g.silence_s >= facts.min_silence);
+            let quick = ev
+                .since_client()
+                .is_some_and(|d| d.as_secs_f64() <= facts.window_s);
+            if let (Some(g), true) = (sent_after_silence, quick) {
+                evidence.silence_seconds = g.silence_s;
+                evidence.server_owed_answer = true;
+                evidence.signals = vec![Signal::NextPacketTiming];
+                evidence.note = Some("reset from the server's side right after this host's send on its upstream leg: a box between them forgot it".into());
+                return Ending::ResetOnNextPacket;
+            }
+            if facts.owed {
+                evidence.signals = vec![Signal::AfterSilence, Signal::AnswerOwed];
+                evidence.note = Some("reset from the server's side after a silence while this host waited: a box between them at its timeout (or the server failing)".into());
+                return Ending::InjectedReset;
+            }
+            return ending;
+        }
+        {
+            if facts.owed && !self.upstream.relays_a_device_close(now, facts.silence) {
+                self.upstream.gave_up(GiveUp {
+                    at_ns: now,
+                    silence_s: facts.silence,
+                    server: f.server,
+                    path: f.path,
+                });
+                evidence.note = Some(
+                    "this host closed its upstream leg while the server owed an answer".into(),
+                );
+                // This host, not a box: no place on a path to name.
+                evidence.location = None;
+                return Ending::UpstreamTimeout;
+            }
+            if facts.owed {
+                evidence.note = Some("this host closed its upstream leg as the device's flow closed: the device's close, relayed".into());
+                evidence.location = None;
+                return if ev.is_rst() {
+                    Ending::ClientReset
+                } else {
+                    Ending::ClientFin
+                };
+            }
+            ending
+        }
+    }
+
     /// What the closing packet and the flow's history say, for [`classify_close`].
     fn close_facts(&self, ev: &FlowEvent, f: &FlowTrack) -> CloseFacts {
-        let silence = ev.silence().as_secs_f64();
         let min_silence = self.cfg.min_silence.as_secs_f64();
+        // A TLS-terminating side closes with a close_notify alert, then the
+        // FIN or RST: the silence and the answer owed are those before the
+        // alert.
+        let notify = f.pending_gap.filter(|g| {
+            g.dir == ev.dir
+                && g.payload
+                && g.alert_sized
+                && g.owed
+                && g.silence_s >= min_silence
+                && ev.raw.ts_ns.saturating_sub(g.end_ns) <= CLOSE_NOTIFY_NS
+        });
+        let (silence, owed) = match notify {
+            Some(g) => (g.silence_s, true),
+            None => {
+                let s = ev.silence().as_secs_f64();
+                (
+                    s,
+                    ev.raw.last_payload_dir == Dir::In as u8 && s >= min_silence,
+                )
+            }
+        };
         let tol = self.cfg.ttl_tolerance;
         let ttl = ev.raw.ttl;
         let configured = self.cfg.next_packet_window.as_secs_f64();
@@ -780,7 +1056,7 @@ impl Detector {
             silence,
             min_silence,
             since_server: ev.since_server().map(|d| d.as_secs_f64()),
-            owed: ev.raw.last_payload_dir == Dir::In as u8 && silence >= min_silence,
+            owed,
             // None: no baseline to compare with.
             ttl_is_clients: ev
                 .ttl_baseline()
@@ -857,7 +1133,7 @@ impl Detector {
         if v.ending.is_kill() {
             self.clients.entry(v.client.ip()).or_default().last_kill_ns = Some(now);
         }
-        if counts_for_estimate {
+        if counts_for_estimate && !path.upstream {
             // The device waited this long and got nothing: its heartbeat
             // effectively was the silence. This is what drags Exchange's mean down.
             if let Some(a) = self

@@ -12,14 +12,21 @@ use serde::{Deserialize, Serialize};
 
 use super::ending::{BoxLocation, Ending};
 
-/// Client prefix (address masked, as 16 bytes) + prefix length + server port.
+/// Client prefix (address masked, as 16 bytes) + prefix length + server
+/// port; or, for an upstream leg (this host the client: a reverse proxy's
+/// connection to Exchange), the server's address and port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PathKey {
     pub net: [u8; 16],
     pub v4: bool,
     pub prefix: u8,
     pub port: u16,
+    /// An upstream leg: `net` is the server's address, not the clients'.
+    pub upstream: bool,
 }
+
+/// How an upstream leg's path is printed first: `upstream:192.0.2.1/32:443`.
+pub const UPSTREAM_PREFIX: &str = "upstream:";
 
 impl PathKey {
     pub fn new(client: IpAddr, port: u16, v4_prefix: u8, v6_prefix: u8) -> PathKey {
@@ -45,6 +52,16 @@ impl PathKey {
             v4,
             prefix,
             port,
+            upstream: false,
+        }
+    }
+
+    /// The upstream leg to `server`: each server its own path (this host
+    /// is every such flow's client, so the clients' prefix says nothing).
+    pub fn upstream(server: IpAddr, port: u16) -> PathKey {
+        PathKey {
+            upstream: true,
+            ..PathKey::new(server, port, 32, 128)
         }
     }
 
@@ -69,6 +86,9 @@ impl PathKey {
 
 impl fmt::Display for PathKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.upstream {
+            f.write_str(UPSTREAM_PREFIX)?;
+        }
         match self.network() {
             IpAddr::V4(a) => write!(f, "{a}/{}:{}", self.prefix, self.port),
             IpAddr::V6(a) => write!(f, "[{a}/{}]:{}", self.prefix, self.port),
@@ -78,7 +98,7 @@ impl fmt::Display for PathKey {
 
 /// A string that does not name a path.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{0:?} is not a path like 198.51.100.0/24:443 or [2001:db8::/56]:443")]
+#[error("{0:?} is not a path like 198.51.100.0/24:443, [2001:db8::/56]:443 or upstream:192.0.2.1/32:443")]
 pub struct BadPath(pub String);
 
 /// A path as printed: `198.51.100.0/24:443` or `[2001:db8::/56]:443`.
@@ -86,12 +106,19 @@ impl std::str::FromStr for PathKey {
     type Err = BadPath;
     fn from_str(s: &str) -> Result<PathKey, BadPath> {
         let bad = || BadPath(s.to_string());
+        let (upstream, s) = match s.strip_prefix(UPSTREAM_PREFIX) {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
         let (net, port) = s.rsplit_once(':').ok_or_else(bad)?;
         let port: u16 = port.parse().map_err(|_| bad())?;
         let net = net.trim_start_matches('[').trim_end_matches(']');
         let net: ipnet::IpNet = net.parse().map_err(|_| bad())?;
         let len = net.prefix_len();
-        Ok(PathKey::new(net.addr(), port, len, len))
+        Ok(PathKey {
+            upstream,
+            ..PathKey::new(net.addr(), port, len, len)
+        })
     }
 }
 
@@ -100,6 +127,9 @@ impl Serialize for PathKey {
         s.collect_str(self)
     }
 }
+
+/// Client-facing paths an upstream leg remembers ending requests on.
+pub const ANSWERED_PATHS_KEPT: usize = 32;
 
 /// How many kill silences each path keeps (the most recent).
 pub const KILLS_KEPT: usize = 256;
@@ -200,6 +230,11 @@ pub struct PathStats {
     /// Closed flows whose client side sent a second RST with another
     /// sequence number right after the first: an injector's spray.
     pub reset_bursts: u64,
+    /// Client-facing answers that were this host's proxy timing out.
+    pub proxy_timeout_answers: u64,
+    /// An upstream leg's: the client-facing paths whose requests its
+    /// give-ups ended (at most [`ANSWERED_PATHS_KEPT`]).
+    pub answered_paths: std::collections::BTreeMap<PathKey, u64>,
     pub kills: VecDeque<Kill>,
     /// Recent heartbeat samples (hold times), most recent last.
     pub heartbeats: VecDeque<f64>,
@@ -234,6 +269,16 @@ impl PathStats {
     pub fn record_survival(&mut self, silence_s: f64) {
         if silence_s > self.longest_survived_s {
             self.longest_survived_s = silence_s;
+        }
+    }
+
+    /// A client-facing request on `client_path` ended by this upstream
+    /// leg's give-up.
+    pub fn record_answered_path(&mut self, client_path: PathKey) {
+        if self.answered_paths.len() < ANSWERED_PATHS_KEPT
+            || self.answered_paths.contains_key(&client_path)
+        {
+            *self.answered_paths.entry(client_path).or_default() += 1;
         }
     }
 
@@ -403,6 +448,19 @@ mod tests {
             PathKey::new(v6, 443, 24, 56).to_string(),
             "[2001:db8:aa:bb00::/56]:443"
         );
+    }
+
+    #[test]
+    fn an_upstream_leg_is_its_servers_own_path_apart_from_a_client_prefix() {
+        let exchange: IpAddr = "192.0.2.1".parse().unwrap();
+        let up = PathKey::upstream(exchange, 443);
+        assert_eq!(up.to_string(), "upstream:192.0.2.1/32:443");
+        assert_ne!(up, PathKey::new(exchange, 443, 32, 128));
+        assert_eq!("upstream:192.0.2.1/32:443".parse::<PathKey>(), Ok(up));
+        let v6: IpAddr = "2001:db8:ffff::1".parse().unwrap();
+        let up6 = PathKey::upstream(v6, 443);
+        assert_eq!(up6.to_string(), "upstream:[2001:db8:ffff::1/128]:443");
+        assert_eq!(up6.to_string().parse::<PathKey>(), Ok(up6));
     }
 
     fn kill(silence_s: f64, ending: Ending) -> Kill {

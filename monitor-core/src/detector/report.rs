@@ -45,6 +45,47 @@ pub struct PathReport {
     pub pings_read: u64,
     /// (upper bound in seconds, kills) bins of the silences before kills.
     pub kill_silence_histogram: Vec<(f64, usize)>,
+    /// Answers that were this host's proxy timing out (a proxy host with
+    /// upstream legs followed): never heartbeat samples.
+    #[serde(default)]
+    pub proxy_timeout_answers: u64,
+}
+
+/// Held requests that end at one value, below what the devices' Pings ask
+/// for: a proxy or server timeout caps them, not the devices' heartbeat.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HoldCap {
+    /// Where their hold times end (the median of the clients' estimates).
+    pub seconds: f64,
+    /// Clients whose held requests end there though their Pings ask for more.
+    pub clients: usize,
+    /// The least their Pings asked for.
+    pub asked_seconds: f64,
+    /// The paths those clients are on.
+    pub paths: Vec<String>,
+}
+
+/// Clients that must agree before a cap is named: one or two devices may
+/// share a heartbeat by chance, a population does not.
+pub const HOLD_CAP_MIN_CLIENTS: usize = 3;
+
+/// This host's own proxy timeout, from its upstream legs (see
+/// [`super::upstream`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LocalTimeoutReport {
+    /// The upstream leg's path whose give-ups show it.
+    pub upstream: String,
+    /// The silence after which this host gives up (median of give-ups).
+    pub seconds: f64,
+    pub spread_seconds: f64,
+    pub give_ups: usize,
+    /// Client-facing paths whose requests its give-ups ended (answered
+    /// with an error or closed at that moment), with how many.
+    pub client_paths: Vec<(String, u64)>,
+    /// The setting that holds the Ping for the heartbeat to cover.
+    pub recommended_timeout_seconds: f64,
+    /// Where to set it, per proxy.
+    pub cure: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -71,6 +112,12 @@ pub struct Report {
     pub killing_paths: Vec<PathReport>,
     pub quiet_paths: Vec<PathReport>,
     pub window: WindowReport,
+    /// This host's own proxy timeouts (a proxy host following upstream legs).
+    #[serde(default)]
+    pub local_proxy_timeouts: Vec<LocalTimeoutReport>,
+    /// Held requests capped below the heartbeat the Pings ask for.
+    #[serde(default)]
+    pub held_requests_capped: Option<HoldCap>,
 }
 
 impl Detector {
@@ -108,7 +155,84 @@ impl Detector {
             killing_paths: killing,
             quiet_paths: quiet,
             window: self.window_report(),
+            local_proxy_timeouts: self.local_timeouts(),
+            held_requests_capped: self.hold_cap(),
         }
+    }
+
+    /// Clients whose held requests end below what their Pings ask for
+    /// (plaintext ports): where most of them end at one value (within 2 %),
+    /// that value caps the holds. Evidence: the Ping's stated interval
+    /// against the hold times the server (or a proxy) kept. Fails where a
+    /// device states one interval and ends its Pings sooner itself (none
+    /// known), and where Pings are unreadable (TLS): then nothing is said.
+    fn hold_cap(&self) -> Option<HoldCap> {
+        let capped: Vec<(std::net::IpAddr, f64, f64)> = self
+            .clients
+            .iter()
+            .filter_map(|(ip, c)| {
+                let (held, asked) = (c.heartbeat_s?, c.asked_s?);
+                (held * (1.0 + super::SAME_HEARTBEAT) < asked).then_some((*ip, held, asked))
+            })
+            .collect();
+        let near = |a: f64, b: f64| (a - b).abs() <= super::SAME_HEARTBEAT * a.max(b);
+        let (v, _) = capped
+            .iter()
+            .map(|(_, h, _)| (*h, capped.iter().filter(|(_, o, _)| near(*h, *o)).count()))
+            .fold(None, |best: Option<(f64, usize)>, (h, n)| match best {
+                Some((_, m)) if m >= n => best,
+                _ => Some((h, n)),
+            })
+            .filter(|(_, n)| *n >= HOLD_CAP_MIN_CLIENTS)?;
+        let at: Vec<&(std::net::IpAddr, f64, f64)> =
+            capped.iter().filter(|(_, h, _)| near(v, *h)).collect();
+        let mut held: Vec<f64> = at.iter().map(|c| c.1).collect();
+        let mut paths: Vec<String> = self
+            .paths
+            .iter()
+            .filter(|(_, p)| at.iter().any(|c| p.latest_by_client.contains_key(&c.0)))
+            .map(|(k, _)| k.to_string())
+            .collect();
+        paths.sort();
+        Some(HoldCap {
+            seconds: median(&mut held),
+            clients: at.len(),
+            asked_seconds: at.iter().map(|c| c.2).fold(f64::INFINITY, f64::min),
+            paths,
+        })
+    }
+
+    /// Upstream legs this host gave up on at a steady silence: its proxy's
+    /// timeout, with the client-facing requests it ended.
+    fn local_timeouts(&self) -> Vec<LocalTimeoutReport> {
+        let recommended = self.recommended_idle_timeout();
+        let mut out: Vec<LocalTimeoutReport> = self
+            .paths
+            .iter()
+            .filter(|(k, p)| k.upstream && p.by_ending[Ending::UpstreamTimeout as usize] > 0)
+            .filter_map(|(k, p)| match p.estimate()? {
+                Estimate::Point {
+                    seconds,
+                    spread_seconds,
+                    samples: _,
+                } => Some(LocalTimeoutReport {
+                    upstream: k.to_string(),
+                    seconds,
+                    spread_seconds,
+                    give_ups: p.by_ending[Ending::UpstreamTimeout as usize] as usize,
+                    client_paths: p
+                        .answered_paths
+                        .iter()
+                        .map(|(c, n)| (c.to_string(), *n))
+                        .collect(),
+                    recommended_timeout_seconds: recommended,
+                    cure: proxy_cure(recommended),
+                }),
+                Estimate::Bracket { .. } => None,
+            })
+            .collect();
+        out.sort_by(|a, b| a.upstream.cmp(&b.upstream));
+        out
     }
 
     fn path_report(&self, key: &PathKey, p: &PathStats) -> PathReport {
@@ -143,6 +267,7 @@ impl Detector {
             requested_heartbeat_seconds: p.median_requested_heartbeat(),
             pings_read: p.pings_read,
             kill_silence_histogram: p.kill_histogram(8),
+            proxy_timeout_answers: p.proxy_timeout_answers,
         }
     }
 
@@ -207,6 +332,18 @@ impl Detector {
                 .collect(),
         }
     }
+}
+
+/// The proxies' own settings that end a held request, at `seconds`
+/// (their documentation: nginx ngx_http_proxy_module, HAProxy's
+/// configuration manual, Apache mod_proxy).
+pub fn proxy_cure(seconds: f64) -> Vec<String> {
+    let t = seconds.ceil();
+    vec![
+        format!("nginx: proxy_read_timeout {t:.0}s; (default 60 s) in the location that proxies /Microsoft-Server-ActiveSync"),
+        format!("HAProxy: timeout server {t:.0}s (HTTP mode; the backend of ActiveSync), and timeout client at least as long"),
+        format!("Apache httpd: ProxyTimeout {t:.0} (default: Timeout, 60 s), or timeout={t:.0} on the ProxyPass"),
+    ]
 }
 
 fn describe(m: &middlebox::Middlebox) -> String {

@@ -31,6 +31,7 @@ fn cfg() -> DetectorConfig {
 /// One scripted TCP connection seen from the server host.
 struct Conn {
     client: IpAddr,
+    server: IpAddr,
     port: u16,
     cseq: u32,
     sseq: u32,
@@ -73,7 +74,7 @@ impl Lab {
         ttl: u8,
         seq: Option<u32>,
     ) {
-        let server: IpAddr = SERVER.parse().unwrap();
+        let server = c.server;
         let mut t = match dir {
             Dir::In => Tcp::syn(c.client, server),
             Dir::Out => Tcp::syn(server, c.client),
@@ -91,6 +92,11 @@ impl Lab {
             t.window = window;
             t.ip_id = ip_id;
         }
+        // Each side acknowledges all the other has sent, as a stack does.
+        t.ack = match dir {
+            Dir::In => c.sseq,
+            Dir::Out => c.cseq,
+        };
         let own = match dir {
             Dir::In => &mut c.cseq,
             Dir::Out => &mut c.sseq,
@@ -116,9 +122,15 @@ impl Lab {
 
     /// Handshake at `at` over a path of round-trip time `rtt`.
     fn connect_rtt(&mut self, client: &str, at: u64, rtt: u64) -> Conn {
+        self.connect_between(client, SERVER, at, rtt)
+    }
+
+    /// Handshake from `client` to `server` at `at` over a round trip `rtt`.
+    fn connect_between(&mut self, client: &str, server: &str, at: u64, rtt: u64) -> Conn {
         self.next_port += 1;
         let mut c = Conn {
             client: client.parse().unwrap(),
+            server: server.parse().unwrap(),
             port: self.next_port,
             cseq: 1000,
             sseq: 9000,
@@ -242,6 +254,53 @@ fn rst_ttl_exactly_at_tolerance_is_the_clients_and_one_beyond_is_injected() {
             (Some(60), Some(60))
         );
     }
+}
+
+#[test]
+fn a_tls_close_notify_before_the_fin_keeps_the_silence_and_the_answer_owed() {
+    // A TLS-terminating proxy closing at its timeout: the 31-byte alert
+    // ends the silence, the FIN follows at once.
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    lab.ping(&mut c, S);
+    let at = S + MS + 20 * S;
+    lab.send(&mut c, at, Dir::In, TCP_ACK | TCP_PSH, 31, CLIENT_TTL, None);
+    lab.send(
+        &mut c,
+        at + MS,
+        Dir::In,
+        TCP_FIN | TCP_ACK,
+        0,
+        CLIENT_TTL,
+        None,
+    );
+    let v = lab.last();
+    assert_eq!(v.ending, Ending::ProxyTimeout, "{v:#?}");
+    assert!(v.premature);
+    assert!((v.evidence.silence_seconds - 20.0).abs() < 0.01, "{v:#?}");
+    // A request (more than an alert) before the FIN is no close_notify.
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    lab.ping(&mut c, S);
+    lab.send(
+        &mut c,
+        at,
+        Dir::In,
+        TCP_ACK | TCP_PSH,
+        300,
+        CLIENT_TTL,
+        None,
+    );
+    lab.send(
+        &mut c,
+        at + MS,
+        Dir::In,
+        TCP_FIN | TCP_ACK,
+        0,
+        CLIENT_TTL,
+        None,
+    );
+    assert_eq!(lab.last().ending, Ending::ClientFin);
 }
 
 #[test]
@@ -1153,3 +1212,5 @@ fn a_clients_own_reset_at_its_next_number_repeated_is_no_burst() {
     let bursts: u64 = lab.det.paths.values().map(|p| p.reset_bursts).sum();
     assert_eq!(bursts, 0);
 }
+
+mod upstream;

@@ -90,6 +90,8 @@ pub fn analyze_options(scale: f64) -> AnalyzeOptions {
         ports: vec![wire::SERVER_PORT],
         plaintext_ports: vec![],
         servers: vec![],
+        upstream_ports: vec![],
+        local_addresses: vec![],
         from: None,
         to: None,
         gap_threshold: GAP_THRESHOLD,

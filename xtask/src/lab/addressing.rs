@@ -20,6 +20,9 @@ pub const DEVICE_TTL: u32 = 50;
 
 /// The switch's IPv4 network (the server and every router's uplink).
 pub(super) const UPLINK_NET_V4: &str = "192.0.2.0/24";
+/// The switch's IPv6 network as the monitor names a path (its /56): the
+/// proxy hosts reach the server over IPv6, apart from the IPv4 proxies.
+pub(super) const UPLINK_PATH_V6: &str = "[2001:db8:ffff::/56]";
 /// The client-side host number of a path's router.
 pub(super) const ROUTER_HOST: usize = 1;
 /// The host number of a path's first device.

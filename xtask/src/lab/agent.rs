@@ -42,7 +42,7 @@ pub struct Agent {
 
 /// Where and how to run the agent.
 pub struct AgentOptions {
-    pub iface: String,
+    pub interfaces: Vec<String>,
     pub workdir: PathBuf,
     /// The agent's configuration; interfaces, ports, the /metrics address
     /// and the socket are set from the lab's.
@@ -53,7 +53,7 @@ impl AgentOptions {
     /// Defaults but for the interface and working directory.
     pub fn new(iface: &str, workdir: PathBuf) -> AgentOptions {
         AgentOptions {
-            iface: iface.to_string(),
+            interfaces: vec![iface.to_string()],
             workdir,
             config: FileConfig::default(),
         }
@@ -66,7 +66,7 @@ impl Agent {
             bin,
             &topo.server,
             AgentOptions {
-                iface: topo.server_if.clone(),
+                interfaces: vec![topo.server_if.clone()],
                 workdir: topo.workdir.clone(),
                 config: FileConfig {
                     detector: s.detector.clone(),
@@ -197,7 +197,7 @@ impl Drop for Agent {
 /// ports, the metrics address and the query socket filled in.
 fn config(o: &AgentOptions, socket: &Path, metrics: SocketAddr) -> FileConfig {
     let mut c = o.config.clone();
-    c.agent.interfaces = vec![o.iface.clone()];
+    c.agent.interfaces = o.interfaces.clone();
     c.agent.ports = vec![SERVER_PORT, PLAINTEXT_PORT];
     c.agent.plaintext_ports = vec![PLAINTEXT_PORT];
     c.metrics.listen = metrics;

@@ -7,7 +7,8 @@
 //!   those namespaces ([`server`], [`device`], [`injector`]);
 //! - [`agent`]: the monitor under test; [`capture`]: tcpdump;
 //!   [`placement`]: a SPAN port on the switch with an agent in tap mode,
-//!   and an agent in router mode on a path's router;
+//!   an agent in router mode on a path's router, and agents on the
+//!   reverse proxies' hosts (nginx, HAProxy) following upstream legs;
 //! - [`run`]: all of them together, torn down in order.
 //!
 //! Path i's clients live in 100.64.i.0/24 and 2001:db8:i::/64 and start at

@@ -5,11 +5,19 @@
 //!   watches: each packet arrives there twice (as it enters the switch and
 //!   as it leaves), as on a switch mirroring both ports of a conversation;
 //! - a router in the path ([`start_router_agent`]): an agent in router mode
-//!   on a path's router, on its interface toward the server.
+//!   on a path's router, on its interface toward the server;
+//! - a reverse proxy's host ([`start_proxy_agents`]): an agent on each
+//!   nginx or HTTP-mode HAProxy router, on both its interfaces, following
+//!   the proxy's upstream legs to the server too.
 
 use anyhow::Result;
 
-use super::{agent::AgentOptions, topology::ROUTER_UP, Agent, Middlebox, Scenario, Topology};
+use super::{
+    addressing::{PLAINTEXT_PORT, SERVER_PORT},
+    agent::AgentOptions,
+    topology::{ROUTER_DOWN, ROUTER_UP},
+    Agent, Middlebox, Scenario, Topology,
+};
 use crate::{
     cmd::sh_in,
     netns::{add_veth, link_up, Netns},
@@ -85,4 +93,44 @@ pub fn start_router_agent(
     o.config.agent.ingress = monitor_core::config::IngressHook::Tc;
     let agent = Agent::start_in(bin, &p.router, o)?;
     Ok(Some((p.monitor_path.clone(), agent)))
+}
+
+/// An agent on a reverse proxy's host, and the path it sits on.
+pub struct ProxyAgent {
+    /// The path as the scenario names it.
+    pub name: String,
+    /// Its devices' path as the agent names it (client prefix and port).
+    pub client_path: String,
+    pub agent: Agent,
+}
+
+/// An agent on each proxy host's router (nginx, HAProxy in HTTP mode):
+/// server mode on its interfaces toward the devices and toward the
+/// server, with the proxy's connections to the server as upstream legs.
+pub fn start_proxy_agents(
+    bin: &std::path::Path,
+    topo: &Topology,
+    s: &Scenario,
+) -> Result<Vec<ProxyAgent>> {
+    let mut agents = Vec::new();
+    for p in topo
+        .paths
+        .iter()
+        .filter(|p| p.spec.middlebox.is_proxy_host())
+    {
+        let mut o = AgentOptions::new(ROUTER_DOWN, topo.workdir.join(format!("proxy-{}", p.index)));
+        o.interfaces.push(ROUTER_UP.to_string());
+        o.config.detector = s.detector.clone();
+        o.config.agent.upstream_ports = vec![SERVER_PORT, PLAINTEXT_PORT];
+        o.config.agent.ingress = monitor_core::config::IngressHook::Tc;
+        agents.push(ProxyAgent {
+            name: p.spec.name.clone(),
+            client_path: format!(
+                "{}:{SERVER_PORT}",
+                super::addressing::client_net_v4(p.index)
+            ),
+            agent: Agent::start_in(bin, &p.router, o)?,
+        });
+    }
+    Ok(agents)
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use super::{device, Agent, Capture, Mirror, Scenario, Topology, Traffic};
+use super::{device, placement::ProxyAgent, Agent, Capture, Mirror, Scenario, Topology, Traffic};
 
 /// A whole lab run: topology, agent, traffic. Dropping it tears everything
 /// down in the right order (traffic, capture, agents, namespaces).
@@ -17,6 +17,8 @@ pub struct LabRun {
     pub mirror: Option<Mirror>,
     /// The agent in router mode on a path's router, and that path's name.
     pub router_agent: Option<(String, Agent)>,
+    /// The agents on the reverse proxies' hosts (upstream legs followed).
+    pub proxy_agents: Vec<ProxyAgent>,
     pub topo: Topology,
     pub scenario: Scenario,
 }
@@ -57,6 +59,11 @@ impl LabRun {
         } else {
             None
         };
+        let proxy_agents = if placements {
+            super::placement::start_proxy_agents(monitor_bin, &topo, s)?
+        } else {
+            Vec::new()
+        };
         let tap_agent = match &mirror {
             Some(m) => Some(m.start_agent(monitor_bin, &topo, s)?),
             None => None,
@@ -73,6 +80,7 @@ impl LabRun {
             tap_agent,
             mirror,
             router_agent,
+            proxy_agents,
             topo,
             scenario: s.clone(),
         })
@@ -106,12 +114,16 @@ impl LabRun {
         if let Some(t) = self.traffic.take() {
             t.stop();
         }
+        let proxies = std::mem::take(&mut self.proxy_agents)
+            .into_iter()
+            .map(|p| p.agent);
         for a in [
             self.tap_agent.take(),
             self.router_agent.take().map(|(_, a)| a),
         ]
         .into_iter()
         .flatten()
+        .chain(proxies)
         {
             let log = a.stop()?;
             anyhow::ensure!(!log.contains("panicked"), "an agent panicked: {log}");
@@ -130,6 +142,7 @@ impl Drop for LabRun {
         }
         self.tap_agent.take();
         self.router_agent.take();
+        self.proxy_agents.clear();
         self.agent.take();
     }
 }

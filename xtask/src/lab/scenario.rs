@@ -22,6 +22,29 @@ pub enum Middlebox {
     Injector,
     /// HAProxy in TCP mode with idle timeouts of `timeout_seconds`.
     Proxy,
+    /// A reverse proxy's host: nginx terminating the devices' TLS and
+    /// proxying to the server over HTTPS (IPv6), `proxy_read_timeout` of
+    /// `timeout_seconds` (nginx's default is 60).
+    Nginx,
+    /// A reverse proxy's host: HAProxy in HTTP mode terminating the
+    /// devices' TLS, plain HTTP to the server's plaintext port (IPv6),
+    /// `timeout server` of `timeout_seconds`.
+    HaproxyHttp,
+}
+
+impl Middlebox {
+    /// Devices connect to the router itself (a proxy), not through it.
+    pub fn terminates(self) -> bool {
+        matches!(
+            self,
+            Middlebox::Proxy | Middlebox::Nginx | Middlebox::HaproxyHttp
+        )
+    }
+
+    /// A reverse proxy's host, where an agent follows the upstream legs.
+    pub fn is_proxy_host(self) -> bool {
+        matches!(self, Middlebox::Nginx | Middlebox::HaproxyHttp)
+    }
 }
 
 /// (Not strict about unknown keys: serde cannot be, with a flattened profile.)
@@ -155,9 +178,12 @@ impl PathSpec {
         if self.middlebox == Middlebox::Injector && ipv6 {
             bail!("the injector is IPv4 only");
         }
+        if self.middlebox.is_proxy_host() && self.plaintext {
+            bail!("the proxy host terminates the devices' TLS: no plaintext");
+        }
         if self.nat_random_ports {
-            // The injector and the proxy see the clients' own addresses.
-            if matches!(self.middlebox, Middlebox::Injector | Middlebox::Proxy) {
+            // The injector and the proxies see the clients' own addresses.
+            if self.middlebox == Middlebox::Injector || self.middlebox.terminates() {
                 bail!("nat_random_ports goes with a conntrack or control router");
             }
             if ipv6 {

@@ -14,6 +14,9 @@ pub const SERVER_NAME: &str = "mail.lab.example";
 pub struct LabTls {
     pub server: Arc<ServerConfig>,
     pub client: Arc<ClientConfig>,
+    /// The certificate and its key in PEM, for the lab's nginx and HAProxy.
+    pub cert_pem: String,
+    pub key_pem: String,
 }
 
 pub fn lab_tls() -> Result<LabTls> {
@@ -21,6 +24,7 @@ pub fn lab_tls() -> Result<LabTls> {
     let cert = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])
         .context("generating the lab certificate")?;
     let der: CertificateDer<'static> = cert.cert.der().clone();
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.signing_key.serialize_pem());
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
     let server = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -38,5 +42,7 @@ pub fn lab_tls() -> Result<LabTls> {
     Ok(LabTls {
         server: Arc::new(server),
         client: Arc::new(client),
+        cert_pem,
+        key_pem,
     })
 }

@@ -1,7 +1,7 @@
 //! The lab's namespaces, links, routes and middleboxes.
 //!
 //! ```text
-//!  clients ns (path i) ── router ns (path i: conntrack/nftables, injector, HAProxy)
+//!  clients ns (path i) ── router ns (path i: conntrack/nftables, injector, HAProxy, nginx)
 //!                                  │ 192.0.2.(10+i)
 //!                        switch ns (bridge) ── server ns: srv0 192.0.2.1, agent, endpoint :443
 //! ```
@@ -17,6 +17,7 @@ use anyhow::{Context, Result};
 use super::{
     addressing::*,
     scenario::{Middlebox, PathSpec, Scenario},
+    tls::{lab_tls, LabTls},
 };
 use crate::{
     cmd::{self, sh_in},
@@ -28,7 +29,7 @@ const NETNS_PREFIX: &str = "lab";
 const BRIDGE: &str = "br0";
 /// A router's interface towards the switch, and towards its clients.
 pub const ROUTER_UP: &str = "up0";
-const ROUTER_DOWN: &str = "down0";
+pub const ROUTER_DOWN: &str = "down0";
 /// The clients' interface.
 const CLIENTS_IF: &str = "cl0";
 
@@ -50,6 +51,8 @@ pub struct Topology {
     pub paths: Vec<PathRuntime>,
     children: Vec<Child>,
     pub(super) workdir: PathBuf,
+    /// The lab's certificate: the server's, and the proxy hosts'.
+    pub tls: LabTls,
 }
 
 impl Topology {
@@ -74,6 +77,14 @@ impl Topology {
         std::fs::create_dir_all(&workdir)?;
         let switch = Netns::new(format!("{NETNS_PREFIX}{tag}-sw"));
         let server = Netns::new(format!("{NETNS_PREFIX}{tag}-srv"));
+        let tls = lab_tls()?;
+        std::fs::write(workdir.join("lab.crt"), &tls.cert_pem)?;
+        std::fs::write(workdir.join("lab.key"), &tls.key_pem)?;
+        // HAProxy takes the certificate and its key in one file.
+        std::fs::write(
+            workdir.join("lab.pem"),
+            format!("{}{}", tls.cert_pem, tls.key_pem),
+        )?;
         Ok(Topology {
             tag,
             switch,
@@ -82,6 +93,7 @@ impl Topology {
             paths: Vec::new(),
             children: Vec::new(),
             workdir,
+            tls,
         })
     }
 
@@ -157,8 +169,111 @@ impl Topology {
                 let child = self.start_haproxy(i)?;
                 self.children.push(child);
             }
+            Middlebox::Nginx => {
+                let child = self.start_nginx(i)?;
+                self.children.push(child);
+            }
+            Middlebox::HaproxyHttp => {
+                let child = self.start_haproxy_http(i)?;
+                self.children.push(child);
+            }
         }
         Ok(())
+    }
+
+    /// nginx on path `paths[i]`'s router, the proxy host: the devices' TLS
+    /// on 443, HTTPS to the server's IPv6 address, `proxy_read_timeout` of
+    /// the path's timeout. Its files in a directory of its own.
+    fn start_nginx(&self, i: usize) -> Result<Child> {
+        let p = &self.paths[i];
+        let dir = self.workdir.join(format!("nginx-{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let cfg = dir.join("nginx.conf");
+        let d = dir.display();
+        let w = self.workdir.display();
+        std::fs::write(
+            &cfg,
+            format!(
+                "daemon off;
+master_process off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+                 events {{ worker_connections 512; }}
+                 http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+                 fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+                 server {{
+    listen {v4}:443 ssl;
+    listen [{v6}]:443 ssl;
+                 ssl_certificate {w}/lab.crt;
+    ssl_certificate_key {w}/lab.key;
+                 location / {{
+      proxy_pass https://[{SERVER_V6}]:{SERVER_PORT};
+      proxy_read_timeout {t}s;
+    }}
+  }}
+}}
+",
+                v4 = client_v4(p.index, ROUTER_HOST),
+                v6 = client_v6(p.index, ROUTER_HOST),
+                t = p.spec.timeout_seconds,
+            ),
+        )?;
+        cmd::child_in_netns(&p.router.name)
+            .args(["nginx", "-p"])
+            .arg(&dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nginx (Debian package nginx)")
+    }
+
+    /// HAProxy in HTTP mode on path `paths[i]`'s router, the proxy host:
+    /// the devices' TLS on 443, plain HTTP to the server's IPv6 plaintext
+    /// port, `timeout server` of the path's timeout.
+    fn start_haproxy_http(&self, i: usize) -> Result<Child> {
+        let p = &self.paths[i];
+        let cfg = self.workdir.join(format!("haproxy-http-{i}.cfg"));
+        let pem = self.workdir.join("lab.pem");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global
+  maxconn 1000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 600s
+  timeout server {t}s
+  timeout http-keep-alive 600s
+                 frontend fe
+  bind {v4}:443 ssl crt {pem}
+  bind [{v6}]:443 ssl crt {pem}
+  default_backend be
+                 backend be
+  server exchange [{SERVER_V6}]:{PLAINTEXT_PORT}
+",
+                v4 = client_v4(p.index, ROUTER_HOST),
+                v6 = client_v6(p.index, ROUTER_HOST),
+                pem = pem.display(),
+                t = p.spec.timeout_seconds,
+            ),
+        )?;
+        cmd::child_in_netns(&p.router.name)
+            .args(["haproxy", "-db", "-f"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting haproxy (Debian package haproxy)")
     }
 
     /// HAProxy in TCP mode on path `paths[i]`'s router, idle timeouts of the path's timeout.
@@ -198,11 +313,12 @@ impl Topology {
 
     /// Where path `p`'s devices connect (the proxy, or the server itself).
     pub fn target(&self, p: &PathRuntime, ipv6: bool) -> SocketAddr {
-        let ip: IpAddr = match (p.spec.middlebox, ipv6) {
-            (Middlebox::Proxy, false) => client_v4(p.index, ROUTER_HOST).parse().expect("address"),
-            (Middlebox::Proxy, true) => client_v6(p.index, ROUTER_HOST).parse().expect("address"),
-            (_, false) => SERVER_V4.parse().expect("address"),
-            (_, true) => SERVER_V6.parse().expect("address"),
+        let proxy = p.spec.middlebox.terminates();
+        let ip: IpAddr = match (proxy, ipv6) {
+            (true, false) => client_v4(p.index, ROUTER_HOST).parse().expect("address"),
+            (true, true) => client_v6(p.index, ROUTER_HOST).parse().expect("address"),
+            (false, false) => SERVER_V4.parse().expect("address"),
+            (false, true) => SERVER_V6.parse().expect("address"),
         };
         SocketAddr::new(ip, p.spec.port())
     }
@@ -237,6 +353,9 @@ fn monitor_path(i: usize, spec: &PathSpec) -> String {
     match spec.middlebox {
         // The proxy is the client the server sees.
         Middlebox::Proxy => format!("{UPLINK_NET_V4}:{port}"),
+        // The proxy hosts reach the server over IPv6 (HAProxy on its plaintext port).
+        Middlebox::Nginx => format!("{UPLINK_PATH_V6}:{SERVER_PORT}"),
+        Middlebox::HaproxyHttp => format!("{UPLINK_PATH_V6}:{PLAINTEXT_PORT}"),
         _ if spec.nat_random_ports => format!("{}:{port}", nat_net_v4(i)),
         _ => format!("{}:{port}", client_net_v4(i)),
     }

@@ -18,7 +18,7 @@ use super::{
     device, injector,
     scenario::{DeviceGroup, Middlebox, Scenario},
     server,
-    tls::{self, LabTls},
+    tls::LabTls,
     PathRuntime, Topology,
 };
 
@@ -43,7 +43,7 @@ fn started(ready: &mpsc::Receiver<()>, stop: &AtomicBool, what: &str) -> Result<
 
 impl Traffic {
     pub fn start(topo: &Topology, s: &Scenario) -> Result<Traffic> {
-        let tls = tls::lab_tls()?;
+        let tls = &topo.tls;
         let mut traffic = Traffic {
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
@@ -51,13 +51,13 @@ impl Traffic {
             server_stats: Arc::new(server::ServerStats::default()),
             injector_stats: Arc::new(injector::InjectorStats::default()),
         };
-        traffic.start_servers(topo, s, &tls)?;
+        traffic.start_servers(topo, s, tls)?;
         std::thread::sleep(Duration::from_millis(200));
         for p in &topo.paths {
             if p.spec.middlebox == Middlebox::Injector {
                 traffic.start_injector(p)?;
             }
-            traffic.start_devices(topo, p, s, &tls);
+            traffic.start_devices(topo, p, s, tls);
         }
         Ok(traffic)
     }
