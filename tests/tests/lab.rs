@@ -483,6 +483,14 @@ fn lab_classifies_every_middlebox_side_by_side() {
     let router_text = router_agent
         .cli(&["report"])
         .expect("the router agent's report");
+    let (edge_paths, edge_agent) = lab
+        .client_side_router_agent
+        .as_ref()
+        .expect("a router agent on a client-facing interface");
+    let edge_paths = edge_paths.clone();
+    let edge = edge_agent
+        .report()
+        .expect("the client-side router agent's report");
     let proxies: Vec<ProxyHost> = lab
         .proxy_agents
         .iter()
@@ -710,6 +718,30 @@ fn lab_classifies_every_middlebox_side_by_side() {
         killing(&router, &router_path),
     );
     println!("the router agent matched the live agent on {router_path}");
+    // Router mode on a plain router's client-facing interface: the same
+    // flows, endings and heartbeats as the server saw on that path.
+    for name in &edge_paths {
+        let (l, o) = (
+            path(&report, name).unwrap_or_else(|| panic!("{name} on the server")),
+            path(&edge, name).unwrap_or_else(|| panic!("{name} on the router: {edge:#?}")),
+        );
+        assert_eq!((l.premature_kills, o.premature_kills), (0, 0), "{name}");
+        assert!(
+            l.flows_ended.abs_diff(o.flows_ended) <= 1,
+            "{name}: {} flows ended at the server, {} at the router",
+            l.flows_ended,
+            o.flows_ended
+        );
+        // The devices' answered Pings: hold times at both, the same.
+        let (Some(a), Some(b)) = (l.median_heartbeat_seconds, o.median_heartbeat_seconds) else {
+            panic!("{name}: heartbeats at both: server {l:#?} router {o:#?}")
+        };
+        assert!((a - b).abs() < 1.0, "{name}: heartbeat {a} vs {b}");
+        println!(
+            "router agent on {name}'s client-facing interface: {} flows ended (server {}), median heartbeat {:?} (server {:?})",
+            o.flows_ended, l.flows_ended, o.median_heartbeat_seconds, l.median_heartbeat_seconds
+        );
+    }
     // The reverse proxies' hosts: their own timeouts named, with the cure.
     assert_proxy_hosts(&proxies, &report, &devices);
     // The exact heartbeat, from the capture too.

@@ -61,7 +61,7 @@ struct Gap {
     hold_s: Option<f64>,
     /// The server owed the client an answer when it ended.
     owed: bool,
-    /// Its payload could be a TLS alert (a close_notify: 24 to 31 bytes).
+    /// Its payload could be a TLS alert (a close_notify): see [`TLS_ALERT_BYTES`].
     alert_sized: bool,
 }
 
@@ -289,9 +289,10 @@ pub struct Detector {
 /// heartbeat, 30-min timeout).
 pub const CURE_MARGIN_SECONDS: f64 = 120.0;
 
-/// The largest TLS alert record (TLS 1.2 with an explicit nonce and a
-/// 16-byte tag: 31 bytes; TLS 1.3: 24), with room to spare.
-const TLS_ALERT_MAX_BYTES: u32 = 64;
+/// The sizes of an encrypted TLS alert record: 23 (TLS 1.2 ChaCha20), 24
+/// (TLS 1.3), 31 (TLS 1.2 AES-GCM) up to 69 (TLS 1.2 CBC with SHA-256). A
+/// few bytes of a client's own data before its FIN are no alert.
+const TLS_ALERT_BYTES: std::ops::RangeInclusive<u32> = 23..=69;
 /// A close_notify and the FIN or RST after it leave together.
 const CLOSE_NOTIFY_NS: u64 = 1_000_000_000;
 
@@ -508,7 +509,7 @@ impl Detector {
             end_ns: now,
             hold_s,
             owed: ev.raw.last_payload_dir == Dir::In as u8,
-            alert_sized: ev.raw.payload_len <= TLS_ALERT_MAX_BYTES,
+            alert_sized: TLS_ALERT_BYTES.contains(&ev.raw.payload_len),
         });
         let upstream_leg = f.upstream;
         if let Some(g) = previous.filter(|g| g.proven_by(ev)) {

@@ -278,29 +278,25 @@ fn a_tls_close_notify_before_the_fin_keeps_the_silence_and_the_answer_owed() {
     assert_eq!(v.ending, Ending::ProxyTimeout, "{v:#?}");
     assert!(v.premature);
     assert!((v.evidence.silence_seconds - 20.0).abs() < 0.01, "{v:#?}");
-    // A request (more than an alert) before the FIN is no close_notify.
-    let mut lab = Lab::new(cfg());
-    let mut c = lab.connect("198.51.100.7", 0);
-    lab.ping(&mut c, S);
-    lab.send(
-        &mut c,
-        at,
-        Dir::In,
-        TCP_ACK | TCP_PSH,
-        300,
-        CLIENT_TTL,
-        None,
-    );
-    lab.send(
-        &mut c,
-        at + MS,
-        Dir::In,
-        TCP_FIN | TCP_ACK,
-        0,
-        CLIENT_TTL,
-        None,
-    );
-    assert_eq!(lab.last().ending, Ending::ClientFin);
+    // A request (more than an alert), or a few bytes of the client's own
+    // data (less than one), before the FIN is no close_notify.
+    for bytes in [300, 5] {
+        let mut lab = Lab::new(cfg());
+        let mut c = lab.connect("198.51.100.7", 0);
+        lab.ping(&mut c, S);
+        let psh = TCP_ACK | TCP_PSH;
+        lab.send(&mut c, at, Dir::In, psh, bytes, CLIENT_TTL, None);
+        lab.send(
+            &mut c,
+            at + MS,
+            Dir::In,
+            TCP_FIN | TCP_ACK,
+            0,
+            CLIENT_TTL,
+            None,
+        );
+        assert_eq!(lab.last().ending, Ending::ClientFin, "{bytes} bytes");
+    }
 }
 
 #[test]

@@ -40,6 +40,11 @@ pub(super) fn client_net_v4(path: usize) -> String {
     format!("100.64.{path}.0/24")
 }
 
+/// Path `path`'s IPv6 clients as the monitor names their path (its /56).
+pub(super) fn client_path_v6(path: usize) -> String {
+    format!("2001:db8:{path:x}::/56")
+}
+
 pub(super) fn client_net_v6(path: usize) -> String {
     format!("2001:db8:{path:x}::/64")
 }

@@ -5,7 +5,9 @@
 //!   watches: each packet arrives there twice (as it enters the switch and
 //!   as it leaves), as on a switch mirroring both ports of a conversation;
 //! - a router in the path ([`start_router_agent`]): an agent in router mode
-//!   on a path's router, on its interface toward the server;
+//!   on a path's router, on its interface toward the server; and one on a
+//!   plain router's interface toward its clients
+//!   ([`start_client_side_router_agent`]);
 //! - a reverse proxy's host ([`start_proxy_agents`]): an agent on each
 //!   nginx or HTTP-mode HAProxy router, on both its interfaces, following
 //!   the proxy's upstream legs to the server too.
@@ -93,6 +95,39 @@ pub fn start_router_agent(
     o.config.agent.ingress = monitor_core::config::IngressHook::Tc;
     let agent = Agent::start_in(bin, &p.router, o)?;
     Ok(Some((p.monitor_path.clone(), agent)))
+}
+
+/// An agent in router mode on the plain router of the first control path,
+/// on its interface toward the clients: forwarded flows cross it both
+/// ways, and the ports alone say which way is which. The path's names
+/// (IPv4 and IPv6, as the monitor prints them) and the agent.
+pub fn start_client_side_router_agent(
+    bin: &std::path::Path,
+    topo: &Topology,
+    s: &Scenario,
+) -> Result<Option<(Vec<String>, Agent)>> {
+    let Some(p) = topo
+        .paths
+        .iter()
+        .find(|p| p.spec.middlebox == Middlebox::Control && !p.spec.plaintext)
+    else {
+        return Ok(None);
+    };
+    let dir = topo.workdir.join(format!("router-down-{}", p.index));
+    let mut o = AgentOptions::new(ROUTER_DOWN, dir);
+    o.config.detector = s.detector.clone();
+    o.config.agent.mode = monitor_core::config::AgentMode::Router;
+    o.config.agent.ingress = monitor_core::config::IngressHook::Tc;
+    let agent = Agent::start_in(bin, &p.router, o)?;
+    let names = vec![
+        p.monitor_path.clone(),
+        format!(
+            "[{}]:{}",
+            super::addressing::client_path_v6(p.index),
+            p.spec.port()
+        ),
+    ];
+    Ok(Some((names, agent)))
 }
 
 /// An agent on a reverse proxy's host, and the path it sits on.

@@ -17,6 +17,9 @@ pub struct LabRun {
     pub mirror: Option<Mirror>,
     /// The agent in router mode on a path's router, and that path's name.
     pub router_agent: Option<(String, Agent)>,
+    /// The agent in router mode on a plain router's client-facing
+    /// interface, and its path's names.
+    pub client_side_router_agent: Option<(Vec<String>, Agent)>,
     /// The agents on the reverse proxies' hosts (upstream legs followed).
     pub proxy_agents: Vec<ProxyAgent>,
     pub topo: Topology,
@@ -59,6 +62,11 @@ impl LabRun {
         } else {
             None
         };
+        let client_side_router_agent = if placements {
+            super::placement::start_client_side_router_agent(monitor_bin, &topo, s)?
+        } else {
+            None
+        };
         let proxy_agents = if placements {
             super::placement::start_proxy_agents(monitor_bin, &topo, s)?
         } else {
@@ -80,6 +88,7 @@ impl LabRun {
             tap_agent,
             mirror,
             router_agent,
+            client_side_router_agent,
             proxy_agents,
             topo,
             scenario: s.clone(),
@@ -120,6 +129,7 @@ impl LabRun {
         for a in [
             self.tap_agent.take(),
             self.router_agent.take().map(|(_, a)| a),
+            self.client_side_router_agent.take().map(|(_, a)| a),
         ]
         .into_iter()
         .flatten()
@@ -142,6 +152,7 @@ impl Drop for LabRun {
         }
         self.tap_agent.take();
         self.router_agent.take();
+        self.client_side_router_agent.take();
         self.proxy_agents.clear();
         self.agent.take();
     }

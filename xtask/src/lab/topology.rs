@@ -189,51 +189,41 @@ impl Topology {
         let dir = self.workdir.join(format!("nginx-{i}"));
         std::fs::create_dir_all(&dir)?;
         let cfg = dir.join("nginx.conf");
-        let d = dir.display();
-        let w = self.workdir.display();
-        std::fs::write(
-            &cfg,
-            format!(
-                "daemon off;
-master_process off;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-                 events {{ worker_connections 512; }}
-                 http {{
-  access_log off;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-                 fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-                 server {{
-    listen {v4}:443 ssl;
-    listen [{v6}]:443 ssl;
-                 ssl_certificate {w}/lab.crt;
-    ssl_certificate_key {w}/lab.key;
-                 location / {{
-      proxy_pass https://[{SERVER_V6}]:{SERVER_PORT};
-      proxy_read_timeout {t}s;
-    }}
-  }}
-}}
-",
-                v4 = client_v4(p.index, ROUTER_HOST),
-                v6 = client_v6(p.index, ROUTER_HOST),
-                t = p.spec.timeout_seconds,
-            ),
-        )?;
-        cmd::child_in_netns(&p.router.name)
-            .args(["nginx", "-p"])
+        let (d, w) = (dir.display(), self.workdir.display());
+        let conf = [
+            "daemon off;".to_string(),
+            "master_process off;".into(),
+            format!("pid {d}/nginx.pid;"),
+            format!("error_log {d}/error.log warn;"),
+            "events { worker_connections 512; }".into(),
+            "http {".into(),
+            "  access_log off;".into(),
+            format!("  client_body_temp_path {d}/body;"),
+            format!("  proxy_temp_path {d}/proxy;"),
+            format!("  fastcgi_temp_path {d}/fastcgi;"),
+            format!("  uwsgi_temp_path {d}/uwsgi;"),
+            format!("  scgi_temp_path {d}/scgi;"),
+            "  server {".into(),
+            format!("    listen {}:443 ssl;", client_v4(p.index, ROUTER_HOST)),
+            format!("    listen [{}]:443 ssl;", client_v6(p.index, ROUTER_HOST)),
+            format!("    ssl_certificate {w}/lab.crt;"),
+            format!("    ssl_certificate_key {w}/lab.key;"),
+            "    location / {".into(),
+            format!("      proxy_pass https://[{SERVER_V6}]:{SERVER_PORT};"),
+            format!("      proxy_read_timeout {}s;", p.spec.timeout_seconds),
+            "    }".into(),
+            "  }".into(),
+            "}".into(),
+        ];
+        std::fs::write(&cfg, conf.join("\n") + "\n")?;
+        let mut c = cmd::child_in_netns(&p.router.name);
+        c.args(["nginx", "-p"])
             .arg(&dir)
             .arg("-e")
             .arg(dir.join("error.log"))
             .arg("-c")
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting nginx (Debian package nginx)")
+            .arg(&cfg);
+        spawn_quiet(c, "nginx")
     }
 
     /// HAProxy in HTTP mode on path `paths[i]`'s router, the proxy host:
@@ -243,37 +233,31 @@ error_log {d}/error.log warn;
         let p = &self.paths[i];
         let cfg = self.workdir.join(format!("haproxy-http-{i}.cfg"));
         let pem = self.workdir.join("lab.pem");
-        std::fs::write(
-            &cfg,
+        let pem = pem.display();
+        let conf = [
+            "global".to_string(),
+            "  maxconn 1000".into(),
+            "defaults".into(),
+            "  mode http".into(),
+            "  timeout connect 5s".into(),
+            "  timeout client 600s".into(),
+            format!("  timeout server {}s", p.spec.timeout_seconds),
+            "  timeout http-keep-alive 600s".into(),
+            "frontend fe".into(),
             format!(
-                "global
-  maxconn 1000
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 600s
-  timeout server {t}s
-  timeout http-keep-alive 600s
-                 frontend fe
-  bind {v4}:443 ssl crt {pem}
-  bind [{v6}]:443 ssl crt {pem}
-  default_backend be
-                 backend be
-  server exchange [{SERVER_V6}]:{PLAINTEXT_PORT}
-",
-                v4 = client_v4(p.index, ROUTER_HOST),
-                v6 = client_v6(p.index, ROUTER_HOST),
-                pem = pem.display(),
-                t = p.spec.timeout_seconds,
+                "  bind {}:443 ssl crt {pem}",
+                client_v4(p.index, ROUTER_HOST)
             ),
-        )?;
-        cmd::child_in_netns(&p.router.name)
-            .args(["haproxy", "-db", "-f"])
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting haproxy (Debian package haproxy)")
+            format!(
+                "  bind [{}]:443 ssl crt {pem}",
+                client_v6(p.index, ROUTER_HOST)
+            ),
+            "  default_backend be".into(),
+            "backend be".into(),
+            format!("  server exchange [{SERVER_V6}]:{PLAINTEXT_PORT}"),
+        ];
+        std::fs::write(&cfg, conf.join("\n") + "\n")?;
+        haproxy(&p.router.name, &cfg)
     }
 
     /// HAProxy in TCP mode on path `paths[i]`'s router, idle timeouts of the path's timeout.
@@ -290,13 +274,7 @@ defaults
                 port = p.spec.port(),
             ),
         )?;
-        cmd::child_in_netns(&p.router.name)
-            .args(["haproxy", "-db", "-f"])
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting haproxy (Debian package haproxy)")
+        haproxy(&p.router.name, &cfg)
     }
 
     /// `lab<tag>`: the start of every namespace name of this lab.
@@ -333,6 +311,21 @@ impl Drop for Topology {
         // Namespaces go with their `Netns` guards (paths first, then the rest).
         self.paths.clear();
     }
+}
+
+/// HAProxy in the foreground in namespace `ns`, configured by `cfg`.
+fn haproxy(ns: &str, cfg: &std::path::Path) -> Result<Child> {
+    let mut c = cmd::child_in_netns(ns);
+    c.args(["haproxy", "-db", "-f"]).arg(cfg);
+    spawn_quiet(c, "haproxy")
+}
+
+/// Start `c` (Debian package `package`) with its output discarded.
+fn spawn_quiet(mut c: Command, package: &str) -> Result<Child> {
+    c.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {package} (Debian package {package})"))
 }
 
 /// Path `i`'s clients namespace `c`: an address per device, default routes via the router.
