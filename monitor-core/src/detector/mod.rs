@@ -515,22 +515,32 @@ impl Detector {
         if let Some(g) = previous.filter(|g| g.proven_by(ev)) {
             self.survived(client, path, g, now, out);
         }
-        let Some(h) = hold_s else { return };
         if self.upstream.serves(&ev.raw.key) && !upstream_leg {
             // On a proxy host an answer may be the proxy's timeout: it
-            // waits for its upstream leg's give-up (see [`upstream`]).
+            // waits for its upstream leg's give-up (see [`upstream`]). So
+            // may a send after a silence that follows a send of its own:
+            // a TLS 1.3 session ticket written just after the device's
+            // request makes the request look answered; the silence then
+            // stands for the wait (and is never a hold time).
+            let wait = hold_s.or_else(|| {
+                let s = ev.silence().as_secs_f64();
+                (ev.dir == Dir::Out && ev.has_payload() && s >= self.cfg.min_silence.as_secs_f64())
+                    .then_some(s)
+            });
+            let Some(wait) = wait else { return };
             let a = Answer {
                 key: ev.raw.key,
                 path,
                 at_ns: now,
-                hold_s: h,
+                hold_s: wait,
+                is_hold: hold_s.is_some(),
                 delivered: false,
             };
             if let Some(old) = self.upstream.answered(a) {
                 let judged = self.upstream.judge(&old);
                 self.judged_answer(old, judged, now, out);
             }
-        } else {
+        } else if let Some(h) = hold_s {
             self.heartbeat_sample(client, path, h, false, now);
         }
     }
@@ -552,6 +562,7 @@ impl Detector {
     fn judged_answer(&mut self, a: Answer, judged: Judged, now: u64, out: &mut Vec<Output>) {
         let client = crate::event::client_of(&a.key).ip();
         match judged {
+            Judged::Answer if !a.is_hold => {}
             Judged::Answer => {
                 self.heartbeat_sample(client, a.path, a.hold_s, false, now);
                 if a.delivered {

@@ -65,7 +65,11 @@ pub(super) struct Answer {
     pub key: FlowKey,
     pub path: PathKey,
     pub at_ns: u64,
+    /// How long the device had waited (its request's hold time, or the
+    /// silence before the send where the request looked answered).
     pub hold_s: f64,
+    /// `hold_s` is a hold time (a heartbeat sample unless the proxy's).
+    pub is_hold: bool,
     /// The client was heard after it (a delivered hold time).
     pub delivered: bool,
 }
@@ -278,6 +282,7 @@ mod tests {
             path: PathKey::test(1),
             at_ns,
             hold_s,
+            is_hold: true,
             delivered: false,
         }
     }

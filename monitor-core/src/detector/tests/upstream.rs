@@ -363,3 +363,33 @@ fn a_reset_from_exchanges_side_while_this_host_waits_is_a_box_on_the_upstream_le
     assert_eq!(v.ending, Ending::InjectedReset, "{v:#?}");
     assert!(v.premature);
 }
+
+#[test]
+fn a_proxy_timeout_after_a_session_ticket_that_trailed_the_request_is_still_paired() {
+    // TLS 1.3: the proxy's session ticket, written as the request arrived
+    // (it acknowledges it), makes the request look answered; the proxy's
+    // 504 after 30 s of silence is still its timeout.
+    let mut lab = proxy_lab();
+    let t = S;
+    let (mut d, mut up) = ping_through(&mut lab, &device(1, 10), t);
+    lab.send(
+        &mut d,
+        t + 12 * MS,
+        Dir::Out,
+        TCP_ACK | TCP_PSH,
+        250,
+        64,
+        None,
+    );
+    proxy_times_out(&mut lab, &mut d, &mut up, t, 30 * S);
+    let out = lab.det.tick(t + 40 * S);
+    lab.out.extend(out);
+    let v = lab
+        .verdicts()
+        .into_iter()
+        .find(|v| v.path.starts_with("100.64."))
+        .expect("the device's verdict");
+    assert_eq!(v.ending, Ending::LocalProxyTimeout, "{v:#?}");
+    assert_eq!(lab.det.stats.proxy_timeout_answers, 1);
+    assert_eq!(lab.det.stats.hold_times, 0);
+}
