@@ -275,7 +275,7 @@ pub fn ensure_packages(wanted: &[&'static str], root: &Elevation) -> Result<Stri
     // it on the host: the lab runs its own in namespaces. A policy denying
     // starts, for the install only, unless the machine has one already.
     let script = format!(
-        "if [ ! -e {POLICY} ]; then trap 'rm -f {POLICY}' EXIT; trap 'exit 130' INT TERM; \
+        "if [ ! -e {POLICY} ]; then trap 'rm -f {POLICY}' EXIT; trap 'exit 130' INT TERM HUP; \
          printf '#!/bin/sh\\nexit 101\\n' > {POLICY} && chmod 755 {POLICY}; fi; \
          DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {}",
         missing.join(" ")

@@ -290,9 +290,10 @@ pub struct Detector {
 pub const CURE_MARGIN_SECONDS: f64 = 120.0;
 
 /// The sizes of an encrypted TLS alert record: 23 (TLS 1.2 ChaCha20), 24
-/// (TLS 1.3), 31 (TLS 1.2 AES-GCM) up to 69 (TLS 1.2 CBC with SHA-256). A
-/// few bytes of a client's own data before its FIN are no alert.
-const TLS_ALERT_BYTES: std::ops::RangeInclusive<u32> = 23..=69;
+/// (TLS 1.3), 31 (TLS 1.2 AES-GCM) up to 85 (TLS 1.2 CBC with SHA-384,
+/// in Schannel's default order). A few bytes of a client's own data
+/// before its FIN are no alert.
+const TLS_ALERT_BYTES: std::ops::RangeInclusive<u32> = 23..=85;
 /// A close_notify and the FIN or RST after it leave together.
 const CLOSE_NOTIFY_NS: u64 = 1_000_000_000;
 
@@ -522,10 +523,13 @@ impl Detector {
             // a TLS 1.3 session ticket written just after the device's
             // request makes the request look answered; the silence then
             // stands for the wait (and is never a hold time).
+            // (Since the last data, as a hold time: a bare ACK or keepalive
+            // in the silence does not shorten it.)
             let wait = hold_s.or_else(|| {
                 let s = ev.silence().as_secs_f64();
+                let since_data = ev.since_payload()?.as_secs_f64();
                 (ev.dir == Dir::Out && ev.has_payload() && s >= self.cfg.min_silence.as_secs_f64())
-                    .then_some(s)
+                    .then_some(since_data)
             });
             let Some(wait) = wait else { return };
             let a = Answer {
@@ -876,7 +880,10 @@ impl Detector {
         if f.finalized {
             return;
         }
-        if !f.upstream && self.upstream.serves(&key) {
+        // The device's close (or a box's on its side), not this host's own:
+        // a leg this host closes after its own close of the device's flow
+        // is still its give-up.
+        if !f.upstream && ev.dir == Dir::In && self.upstream.serves(&key) {
             self.upstream
                 .device_closed(ev.raw.ts_ns, self.close_facts(ev, &f).silence);
         }
