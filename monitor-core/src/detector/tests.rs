@@ -256,46 +256,43 @@ fn rst_ttl_exactly_at_tolerance_is_the_clients_and_one_beyond_is_injected() {
     }
 }
 
-#[test]
-fn a_tls_close_notify_before_the_fin_keeps_the_silence_and_the_answer_owed() {
-    // A TLS-terminating proxy closing at its timeout: the 31-byte alert
-    // ends the silence, the FIN follows at once.
+/// A Ping at 1 s, then after 20 s of silence `bytes` of client data and at
+/// once its FIN: the verdict.
+fn data_then_fin(bytes: usize) -> Verdict {
     let mut lab = Lab::new(cfg());
     let mut c = lab.connect("198.51.100.7", 0);
     lab.ping(&mut c, S);
     let at = S + MS + 20 * S;
-    lab.send(&mut c, at, Dir::In, TCP_ACK | TCP_PSH, 31, CLIENT_TTL, None);
     lab.send(
         &mut c,
-        at + MS,
+        at,
         Dir::In,
-        TCP_FIN | TCP_ACK,
-        0,
+        TCP_ACK | TCP_PSH,
+        bytes,
         CLIENT_TTL,
         None,
     );
-    let v = lab.last();
+    let fin = TCP_FIN | TCP_ACK;
+    lab.send(&mut c, at + MS, Dir::In, fin, 0, CLIENT_TTL, None);
+    lab.last()
+}
+
+#[test]
+fn a_tls_close_notify_before_the_fin_keeps_the_silence_and_the_answer_owed() {
+    // A TLS-terminating proxy closing at its timeout: the 31-byte alert
+    // ends the silence, the FIN follows at once.
+    let v = data_then_fin(31);
     assert_eq!(v.ending, Ending::ProxyTimeout, "{v:#?}");
     assert!(v.premature);
     assert!((v.evidence.silence_seconds - 20.0).abs() < 0.01, "{v:#?}");
     // A request (more than an alert), or a few bytes of the client's own
     // data (less than one), before the FIN is no close_notify.
     for bytes in [300, 5] {
-        let mut lab = Lab::new(cfg());
-        let mut c = lab.connect("198.51.100.7", 0);
-        lab.ping(&mut c, S);
-        let psh = TCP_ACK | TCP_PSH;
-        lab.send(&mut c, at, Dir::In, psh, bytes, CLIENT_TTL, None);
-        lab.send(
-            &mut c,
-            at + MS,
-            Dir::In,
-            TCP_FIN | TCP_ACK,
-            0,
-            CLIENT_TTL,
-            None,
+        assert_eq!(
+            data_then_fin(bytes).ending,
+            Ending::ClientFin,
+            "{bytes} bytes"
         );
-        assert_eq!(lab.last().ending, Ending::ClientFin, "{bytes} bytes");
     }
 }
 
