@@ -15,14 +15,15 @@ pub fn flow_key(pkt: &Packet, dir: Dir) -> FlowKey {
         Dir::In => (pkt.src_addr, pkt.dst_addr, pkt.src_port, pkt.dst_port),
         Dir::Out => (pkt.dst_addr, pkt.src_addr, pkt.dst_port, pkt.src_port),
     };
-    FlowKey {
-        client_addr,
-        server_addr,
-        client_port,
-        server_port,
-        family: pkt.family,
-        _pad: [0; 3],
-    }
+    // From zero, then the fields: the padding then joins the zero words
+    // (built field by field, its 3 bytes are a call to memset).
+    let mut key = FlowKey::ZERO;
+    key.client_addr = client_addr;
+    key.server_addr = server_addr;
+    key.client_port = client_port;
+    key.server_port = server_port;
+    key.family = pkt.family;
+    key
 }
 
 /// Tap mode (a mirror port, both directions arriving on one interface): the
@@ -310,20 +311,15 @@ pub trait FlowTables {
     fn duplicate(&mut self) {}
 }
 
-/// What a packet does outside the flow table. `Some(before)`: the
-/// connection is established by this packet; `before` (the connection as
-/// it was) goes into the flow table with an `Opened` event, then the packet
-/// is applied to it as to any known flow. The kernel and [`step`] both
-/// follow this.
+/// What a packet does to a half-open connection `h`. True: the connection
+/// is established by this packet; the connection as it was before the call
+/// (the caller keeps a copy: the kernel in a map value, not its stack) goes
+/// into the flow table with an `Opened` event, then the packet is applied to
+/// it as to any known flow. The kernel and [`step`] both follow this.
 #[inline(always)]
-pub fn half_open_packet(h: &mut Flow, pkt: &Packet, dir: Dir, now: u64) -> Option<Flow> {
-    let before = *h;
+pub fn half_open_packet(h: &mut Flow, pkt: &Packet, dir: Dir, now: u64) -> bool {
     update(h, pkt, dir, now, None);
-    if established(h) {
-        Some(before)
-    } else {
-        None
-    }
+    established(h)
 }
 
 /// One packet through both tables, on a host: at most two events (the
@@ -348,9 +344,10 @@ pub fn step<T: FlowTables>(
         return [ev, None];
     }
     if let Some(h) = t.half_open(key) {
-        let Some(before) = half_open_packet(h, pkt, dir, now) else {
+        let before = *h;
+        if !half_open_packet(h, pkt, dir, now) {
             return [None, None];
-        };
+        }
         t.remove_half_open(key);
         let mut opened = Event::zeroed();
         fill_event(&mut opened, EventKind::Opened, key, &before, pkt, dir, now);

@@ -16,5 +16,5 @@ pub mod tables;
 pub mod types;
 
 pub use flow::{on_packet, step, FlowTables};
-pub use parse::{glance, parse_ethernet, Frame, Glance, Packet, ParseError};
+pub use parse::{glance, parse_ethernet, quick, Frame, Glance, Packet, ParseError, Quick};
 pub use types::*;

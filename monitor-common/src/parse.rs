@@ -10,17 +10,18 @@ use crate::types::{Config, FAMILY_V4, FAMILY_V6};
 /// bounds-checked, and return `None` past the end. One check per header keeps
 /// the kernel verifier happy (a one-byte check can be folded by LLVM into a
 /// form the verifier cannot use) and costs fewer instructions.
+///
+/// A read is a reference into the frame, not a copy: fields are then loaded
+/// where they are used, as wide loads (a copied header array is split into
+/// single bytes and spilled to the stack).
 pub trait Frame {
-    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
+    fn read<const N: usize>(&self, off: usize) -> Option<&[u8; N]>;
 }
 
 impl Frame for [u8] {
     #[inline(always)]
-    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
-        let b = self.get(off..off.checked_add(N)?)?;
-        let mut a = [0u8; N];
-        a.copy_from_slice(b);
-        Some(a)
+    fn read<const N: usize>(&self, off: usize) -> Option<&[u8; N]> {
+        self.get(off..off.checked_add(N)?)?.try_into().ok()
     }
 }
 
@@ -55,26 +56,33 @@ impl ParseError {
 }
 
 /// The header fields the state machine needs from one TCP packet.
+///
+/// A fixed layout, aligned to 8 with the addresses first: the kernel builds
+/// addresses as 8-byte words, and a word the verifier finds misaligned on
+/// the stack is refused (the object allows misaligned packet loads, so
+/// LLVM merges stores freely).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Packet {
-    pub family: u8,
     pub src_addr: [u8; 16],
     pub dst_addr: [u8; 16],
-    pub src_port: u16,
-    pub dst_port: u16,
     pub seq: u32,
     pub ack: u32,
-    pub tcp_flags: u8,
-    pub ttl: u8,
-    pub ip_id: u16,
-    pub window: u16,
     /// Bytes of IP packet (header included), as the IP header states.
     pub ip_len: u32,
     /// TCP payload bytes, as the headers state (not what was captured).
     pub payload_len: u32,
     /// Offset of the TCP payload from the start of the frame.
     pub payload_off: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub ip_id: u16,
+    pub window: u16,
+    pub family: u8,
+    pub tcp_flags: u8,
+    pub ttl: u8,
 }
+const _: () = assert!(core::mem::size_of::<Packet>() == 64);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -99,18 +107,20 @@ pub enum Glance {
     Unsure,
 }
 
-/// The cheap first look every packet gets: most packets on a server are not
-/// for a tracked port, and this settles them in a few loads. Never decides
-/// anything the full parse would count as a failure.
+/// A cheap first look: settles most packets (not for a tracked port) in a
+/// few loads, never deciding anything the full parse would count as a
+/// failure. The kernel's first step before [`quick`] replaced it; kept as
+/// the reference the property test holds [`quick`] to (glance, then the
+/// full parse, must agree with the one pass wherever it settles a frame).
 #[inline(always)]
 pub fn glance<F: Frame + ?Sized>(f: &F, ingress: bool) -> Glance {
     // Ethernet header and the first 10 bytes of an IP header, in one read.
-    let Some(h): Option<[u8; 24]> = f.read(0) else {
+    let Some(h): Option<&[u8; 24]> = f.read(0) else {
         return Glance::Unsure;
     };
-    let (l4, proto_ok) = match be16(&h, 12) {
+    let (l4, proto_ok) = match be16(h, 12) {
         ETH_P_IP => {
-            if h[14] >> 4 != 4 || h[14] & 0x0f < 5 || be16(&h, 20) & 0x1fff != 0 {
+            if h[14] >> 4 != 4 || h[14] & 0x0f < 5 || be16(h, 20) & 0x1fff != 0 {
                 return Glance::Unsure;
             }
             (
@@ -135,13 +145,13 @@ pub fn glance<F: Frame + ?Sized>(f: &F, ingress: bool) -> Glance {
     if !proto_ok {
         return Glance::NotTcp;
     }
-    let Some(ports): Option<[u8; 4]> = f.read(l4) else {
+    let Some(ports): Option<&[u8; 4]> = f.read(l4) else {
         return Glance::Unsure;
     };
     Glance::LocalPort(if ingress {
-        be16(&ports, 2)
+        be16(ports, 2)
     } else {
-        be16(&ports, 0)
+        be16(ports, 0)
     })
 }
 
@@ -167,11 +177,11 @@ pub enum Quick {
 #[inline(always)]
 pub fn quick<F: Frame + ?Sized>(f: &F, ingress: bool, cfg: &Config) -> Quick {
     // Ethernet and a 20-byte IPv4 header (or the start of IPv6) in one read.
-    let Some(h): Option<[u8; ETH_HLEN + 20]> = f.read(0) else {
+    let Some(h): Option<&[u8; ETH_HLEN + 20]> = f.read(0) else {
         return Quick::Unsure;
     };
-    match be16(&h, 12) {
-        ETH_P_IP => quick_v4(f, ingress, cfg, &h),
+    match be16(h, 12) {
+        ETH_P_IP => quick_v4(f, ingress, cfg, h),
         ETH_P_IPV6 => quick_v6(f, ingress, cfg),
         ETH_P_8021Q | ETH_P_8021AD => Quick::Unsure,
         _ => Quick::Pass,
@@ -190,19 +200,21 @@ fn quick_v4<F: Frame + ?Sized>(f: &F, ingress: bool, cfg: &Config, h: &[u8; 34])
     }
     let ihl = ((vihl & 0x0f) as usize) * 4;
     let l4 = ETH_HLEN + ihl;
-    let Some(t): Option<[u8; 20]> = f.read(l4) else {
+    let Some(t): Option<&[u8; 20]> = f.read(l4) else {
         return Quick::Unsure;
     };
-    let Some(index) = cfg.port_index(local_port(&t, ingress)) else {
+    let Some(index) = cfg.port_index(local_port(t, ingress)) else {
         return Quick::Pass;
     };
-    let mut ip = [0u8; 20];
-    ip.copy_from_slice(&h[ETH_HLEN..]);
-    let total_len = be16(&ip, 2) as u32;
+    // The IPv4 header as its own view (already bounds-checked: no copy).
+    let Some(ip): Option<&[u8; 20]> = f.read(ETH_HLEN) else {
+        return Quick::Unsure;
+    };
+    let total_len = be16(ip, 2) as u32;
     if total_len < ihl as u32 {
         return Quick::Unsure;
     }
-    match tcp_fields(&t, l4, total_len - ihl as u32, v4_packet(&ip)) {
+    match tcp_fields(t, l4, total_len - ihl as u32, v4_packet(ip)) {
         Ok(p) => Quick::Tracked(p, index),
         Err(_) => Quick::Unsure,
     }
@@ -210,7 +222,7 @@ fn quick_v4<F: Frame + ?Sized>(f: &F, ingress: bool, cfg: &Config, h: &[u8; 34])
 
 #[inline(always)]
 fn quick_v6<F: Frame + ?Sized>(f: &F, ingress: bool, cfg: &Config) -> Quick {
-    let Some(ip): Option<[u8; IPV6_HLEN]> = f.read(ETH_HLEN) else {
+    let Some(ip): Option<&[u8; IPV6_HLEN]> = f.read(ETH_HLEN) else {
         return Quick::Unsure;
     };
     if ip[0] >> 4 != 6 {
@@ -223,13 +235,13 @@ fn quick_v6<F: Frame + ?Sized>(f: &F, ingress: bool, cfg: &Config) -> Quick {
         _ => return Quick::Pass,
     }
     let l4 = ETH_HLEN + IPV6_HLEN;
-    let Some(t): Option<[u8; 20]> = f.read(l4) else {
+    let Some(t): Option<&[u8; 20]> = f.read(l4) else {
         return Quick::Unsure;
     };
-    let Some(index) = cfg.port_index(local_port(&t, ingress)) else {
+    let Some(index) = cfg.port_index(local_port(t, ingress)) else {
         return Quick::Pass;
     };
-    match tcp_fields(&t, l4, be16(&ip, 4) as u32, v6_packet(&ip)) {
+    match tcp_fields(t, l4, be16(ip, 4) as u32, v6_packet(ip)) {
         Ok(p) => Quick::Tracked(p, index),
         Err(_) => Quick::Unsure,
     }
@@ -248,13 +260,13 @@ fn local_port(t: &[u8; 20], ingress: bool) -> u16 {
 /// Parse an Ethernet frame down to TCP.
 #[inline(always)]
 pub fn parse_ethernet<F: Frame + ?Sized>(f: &F) -> Result<Packet, ParseError> {
-    let eth: [u8; ETH_HLEN] = f.read(0).ok_or(ParseError::Truncated)?;
-    let mut ethertype = be16(&eth, 12);
+    let eth: &[u8; ETH_HLEN] = f.read(0).ok_or(ParseError::Truncated)?;
+    let mut ethertype = be16(eth, 12);
     let mut l3 = ETH_HLEN;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         // One tag only: stacked tags (QinQ) fall through as "not IP".
-        let tag: [u8; 4] = f.read(ETH_HLEN).ok_or(ParseError::Truncated)?;
-        ethertype = be16(&tag, 2);
+        let tag: &[u8; 4] = f.read(ETH_HLEN).ok_or(ParseError::Truncated)?;
+        ethertype = be16(tag, 2);
         l3 += 4;
     }
     match ethertype {
@@ -267,7 +279,7 @@ pub fn parse_ethernet<F: Frame + ?Sized>(f: &F) -> Result<Packet, ParseError> {
 /// Parse from an IP header at `l3` (raw-IP captures).
 #[inline(always)]
 pub fn parse_ip<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Packet, ParseError> {
-    let v: [u8; 1] = f.read(l3).ok_or(ParseError::Truncated)?;
+    let v: &[u8; 1] = f.read(l3).ok_or(ParseError::Truncated)?;
     match v[0] >> 4 {
         4 => parse_ipv4(f, l3),
         6 => parse_ipv6(f, l3),
@@ -277,7 +289,7 @@ pub fn parse_ip<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Packet, ParseErro
 
 #[inline(always)]
 fn parse_ipv4<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Packet, ParseError> {
-    let h: [u8; 20] = f.read(l3).ok_or(ParseError::Truncated)?;
+    let h: &[u8; 20] = f.read(l3).ok_or(ParseError::Truncated)?;
     if h[0] >> 4 != 4 {
         return Err(ParseError::Malformed);
     }
@@ -285,15 +297,15 @@ fn parse_ipv4<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Packet, ParseError>
     if ihl < 20 {
         return Err(ParseError::Malformed);
     }
-    let total_len = be16(&h, 2) as u32;
-    if h[9] != IPPROTO_TCP || be16(&h, 6) & 0x1fff != 0 {
+    let total_len = be16(h, 2) as u32;
+    if h[9] != IPPROTO_TCP || be16(h, 6) & 0x1fff != 0 {
         // Non-first fragments carry no TCP header.
         return Err(ParseError::NotTcp);
     }
     if total_len < ihl as u32 {
         return Err(ParseError::Malformed);
     }
-    parse_tcp(f, l3 + ihl, total_len - ihl as u32, v4_packet(&h))
+    parse_tcp(f, l3 + ihl, total_len - ihl as u32, v4_packet(h))
 }
 
 /// The IPv4 header's share of a [`Packet`].
@@ -306,18 +318,26 @@ fn v4_packet(h: &[u8; 20]) -> Packet {
         ip_len: be16(h, 2) as u32,
         ..Packet::default()
     };
-    p.src_addr[..4].copy_from_slice(&h[12..16]);
-    p.dst_addr[..4].copy_from_slice(&h[16..20]);
+    p.src_addr = v4_addr(h, 12);
+    p.dst_addr = v4_addr(h, 16);
     p
+}
+
+/// An IPv4 address at `i` in its 16-byte field, built as one wide value:
+/// written byte by byte, the kernel's copy of the packet is split into
+/// single bytes and spilled to the stack.
+#[inline(always)]
+fn v4_addr(h: &[u8; 20], i: usize) -> [u8; 16] {
+    (u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]) as u128).to_le_bytes()
 }
 
 #[inline(always)]
 fn parse_ipv6<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Packet, ParseError> {
-    let h: [u8; IPV6_HLEN] = f.read(l3).ok_or(ParseError::Truncated)?;
+    let h: &[u8; IPV6_HLEN] = f.read(l3).ok_or(ParseError::Truncated)?;
     if h[0] >> 4 != 6 {
         return Err(ParseError::Malformed);
     }
-    let payload_len = be16(&h, 4) as u32;
+    let payload_len = be16(h, 4) as u32;
     let mut next = h[6];
     let mut off = l3 + IPV6_HLEN;
     let mut ext_len: u32 = 0;
@@ -327,7 +347,7 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Packet, ParseError>
         match next {
             // Hop-by-hop, routing, destination options: length in 8-byte units, minus one.
             0 | 43 | 60 => {
-                let e: [u8; 8] = f.read(off).ok_or(ParseError::Truncated)?;
+                let e: &[u8; 8] = f.read(off).ok_or(ParseError::Truncated)?;
                 let len = (e[1] as usize + 1) * 8;
                 next = e[0];
                 off += len;
@@ -335,8 +355,8 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Packet, ParseError>
             }
             // Fragment header: fixed 8 bytes; only the first fragment carries TCP.
             44 => {
-                let e: [u8; 8] = f.read(off).ok_or(ParseError::Truncated)?;
-                if be16(&e, 2) & 0xfff8 != 0 {
+                let e: &[u8; 8] = f.read(off).ok_or(ParseError::Truncated)?;
+                if be16(e, 2) & 0xfff8 != 0 {
                     return Err(ParseError::NotTcp);
                 }
                 next = e[0];
@@ -353,7 +373,7 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Packet, ParseError>
     if payload_len < ext_len {
         return Err(ParseError::Malformed);
     }
-    parse_tcp(f, off, payload_len - ext_len, v6_packet(&h))
+    parse_tcp(f, off, payload_len - ext_len, v6_packet(h))
 }
 
 /// The IPv6 header's share of a [`Packet`].
@@ -378,8 +398,8 @@ fn parse_tcp<F: Frame + ?Sized>(
     l4_len: u32,
     p: Packet,
 ) -> Result<Packet, ParseError> {
-    let t: [u8; 20] = f.read(l4).ok_or(ParseError::Truncated)?;
-    tcp_fields(&t, l4, l4_len, p)
+    let t: &[u8; 20] = f.read(l4).ok_or(ParseError::Truncated)?;
+    tcp_fields(t, l4, l4_len, p)
 }
 
 /// The TCP header's share of a [`Packet`]; `t` read at `l4`.

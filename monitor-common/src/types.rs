@@ -140,7 +140,9 @@ impl Dir {
 }
 
 /// A TCP flow, normalised so the server side is always `server_*`.
-#[repr(C)]
+/// Aligned to 8 so the kernel builds and copies it in 8-byte words (at
+/// alignment 2 every copy is 16-bit moves and a call to fill the padding).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
     /// IPv4 addresses use the first 4 bytes; the rest are zero.
@@ -152,6 +154,18 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 const _: () = assert!(size_of::<FlowKey>() == 40);
+
+impl FlowKey {
+    pub const ZERO: FlowKey = FlowKey {
+        client_addr: [0; 16],
+        server_addr: [0; 16],
+        client_port: 0,
+        server_port: 0,
+        family: 0,
+        _pad: [0; 3],
+    };
+}
+const _: () = assert!(core::mem::align_of::<FlowKey>() == 8);
 
 /// Bits of [`Flow::state`].
 pub mod state {
@@ -170,7 +184,7 @@ pub mod state {
     pub const EVENT_LOST: u8 = 0x20;
 }
 
-/// Per-flow state kept in the kernel's LRU table. Times are boot-time ns.
+/// Per-flow state kept in the kernel's LRU table. Times are CLOCK_MONOTONIC ns.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
@@ -261,7 +275,7 @@ impl EventKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
     pub key: FlowKey,
-    /// When the packet was seen (boot-time ns).
+    /// When the packet was seen (CLOCK_MONOTONIC ns).
     pub ts_ns: u64,
     pub first_seen_ns: u64,
     /// Silence in both directions before this packet.
@@ -311,14 +325,7 @@ const _: () = assert!(size_of::<Event>() == 160);
 impl Event {
     pub const fn zeroed() -> Event {
         Event {
-            key: FlowKey {
-                client_addr: [0; 16],
-                server_addr: [0; 16],
-                client_port: 0,
-                server_port: 0,
-                family: 0,
-                _pad: [0; 3],
-            },
+            key: FlowKey::ZERO,
             ts_ns: 0,
             first_seen_ns: 0,
             silence_ns: 0,
@@ -377,11 +384,11 @@ const _: () = assert!(size_of::<Sample>() != size_of::<Event>());
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Packets either program parsed in full: TCP to a tracked port, and
-    /// packets a first glance could not settle. Not TCP, or TCP to another
-    /// port, is not counted (a counter update on every packet of the host
-    /// was most of their cost).
-    PacketsSeen = 0,
+    /// Packets the first pass could not settle, parsed in full (a VLAN tag,
+    /// IPv6 extension headers, short or malformed headers; every packet in
+    /// tap mode). The common frames count nothing here: a counter update on
+    /// every packet was much of their cost.
+    FullParses = 0,
     /// Packets of tracked flows (TCP, tracked local port).
     PacketsTracked = 1,
     /// IP/TCP packets too short or malformed to parse (passed untouched).
@@ -408,7 +415,7 @@ pub enum Counter {
 impl Counter {
     pub const COUNT: u32 = 11;
     pub const ALL: [Counter; 11] = [
-        Counter::PacketsSeen,
+        Counter::FullParses,
         Counter::PacketsTracked,
         Counter::ParseFailures,
         Counter::FlowInsertFailed,
@@ -423,7 +430,7 @@ impl Counter {
 
     pub fn name(self) -> &'static str {
         match self {
-            Counter::PacketsSeen => "packets_seen",
+            Counter::FullParses => "full_parses",
             Counter::PacketsTracked => "packets_tracked",
             Counter::ParseFailures => "parse_failures",
             Counter::FlowInsertFailed => "flow_insert_failed",

@@ -55,6 +55,11 @@ pub struct Status {
     pub events_dropped: u64,
     pub event_decode_errors: u64,
     pub flows_followed: usize,
+    /// Bytes the detector's followed flows hold (by capacity).
+    pub flows_followed_memory_bytes: u64,
+    /// Bytes the last table snapshot holds (for `flows` queries and for
+    /// retiring flows that left the table), by capacity.
+    pub snapshot_memory_bytes: u64,
     pub paths: usize,
     pub metrics_listen: Option<String>,
 }

@@ -56,7 +56,7 @@ pub enum FlowState {
 }
 
 impl FlowState {
-    pub fn of(f: &Flow) -> FlowState {
+    pub fn of(f: &FlowSummary) -> FlowState {
         if f.state & state::CLOSED != 0 {
             FlowState::Closed
         } else if f.state & state::RETRANS_REPORTED != 0 {
@@ -108,13 +108,46 @@ pub struct FlowList {
     pub rows: Vec<FlowRow>,
 }
 
+/// What a snapshot keeps of a kernel flow: what queries show, sort and
+/// filter by, and what the detector settles on (the client last heard).
+/// 56 bytes instead of the kernel's 96: a snapshot holds a million.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSummary {
+    pub first_seen_ns: u64,
+    pub last_in_ns: u64,
+    pub last_out_ns: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub pkts_in: u32,
+    pub pkts_out: u32,
+    /// [`Flow::state`]'s bits.
+    pub state: u8,
+}
+
+const _: () = assert!(std::mem::size_of::<(FlowKey, FlowSummary)>() == 96);
+
+impl From<&Flow> for FlowSummary {
+    fn from(f: &Flow) -> FlowSummary {
+        FlowSummary {
+            first_seen_ns: f.first_seen_ns,
+            last_in_ns: f.last_in_ns,
+            last_out_ns: f.last_out_ns,
+            bytes_in: f.bytes_in,
+            bytes_out: f.bytes_out,
+            pkts_in: f.pkts_in,
+            pkts_out: f.pkts_out,
+            state: f.state,
+        }
+    }
+}
+
 /// The flow table as one walk found it.
 #[derive(Clone, Debug, Default)]
 pub struct FlowSnapshot {
-    /// When the walk ended (boot-time ns).
+    /// When the walk ended (kernel clock ns).
     pub taken_ns: u64,
     /// Sorted by key.
-    entries: Vec<(FlowKey, Flow)>,
+    entries: Vec<(FlowKey, FlowSummary)>,
     /// Indexes of `entries` in each sort order (by [`FlowSort`] as usize),
     /// sorted by the scanner: a query without `--path` reads its rows off
     /// the front of one, and counts `--min-silence` matches by binary search
@@ -133,8 +166,11 @@ impl FlowSort {
 
 impl FlowSnapshot {
     /// Sorts the walk's entries (on the scanning thread, off the lock).
-    pub fn new(taken_ns: u64, mut entries: Vec<(FlowKey, Flow)>) -> FlowSnapshot {
+    pub fn new(taken_ns: u64, mut entries: Vec<(FlowKey, FlowSummary)>) -> FlowSnapshot {
         entries.sort_unstable_by_key(|e| e.0);
+        // A walk of a table that changes under it restarts from the first
+        // key when its current key is deleted: the same entry twice.
+        entries.dedup_by_key(|e| e.0);
         let orders = FlowSort::ALL.map(|sort| {
             let mut idx: Vec<u32> = (0..entries.len() as u32).collect();
             idx.sort_unstable_by_key(|&i| {
@@ -150,12 +186,18 @@ impl FlowSnapshot {
         }
     }
 
-    pub fn entries(&self) -> &[(FlowKey, Flow)] {
+    pub fn entries(&self) -> &[(FlowKey, FlowSummary)] {
         &self.entries
     }
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Bytes held, by capacity: the entries and the sort orders.
+    pub fn memory_bytes(&self) -> usize {
+        self.entries.capacity() * std::mem::size_of::<(FlowKey, FlowSummary)>()
+            + self.orders.iter().map(|o| o.capacity() * 4).sum::<usize>()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -167,7 +209,7 @@ impl FlowSnapshot {
         self.get(key).is_some()
     }
 
-    pub fn get(&self, key: &FlowKey) -> Option<&Flow> {
+    pub fn get(&self, key: &FlowKey) -> Option<&FlowSummary> {
         self.entries
             .binary_search_by(|e| e.0.cmp(key))
             .ok()
@@ -188,12 +230,12 @@ impl Paths {
     }
 }
 
-fn last_seen(f: &Flow) -> u64 {
+fn last_seen(f: &FlowSummary) -> u64 {
     f.last_in_ns.max(f.last_out_ns)
 }
 
 /// Ascending order for `sort`: smaller first.
-fn sort_key(sort: FlowSort, k: &FlowKey, f: &Flow) -> (u64, u128, u16) {
+fn sort_key(sort: FlowSort, k: &FlowKey, f: &FlowSummary) -> (u64, u128, u16) {
     match sort {
         FlowSort::Silence => (last_seen(f), 0, 0),
         FlowSort::Age => (f.first_seen_ns, 0, 0),
@@ -277,11 +319,17 @@ fn from_index(
 pub struct Selection<'a> {
     /// Entries that matched the filters (before the limit).
     pub matching: usize,
-    pub rows: Vec<&'a (FlowKey, Flow)>,
+    pub rows: Vec<&'a (FlowKey, FlowSummary)>,
 }
 
 /// One row as the CLI shows it.
-pub fn row(key: &FlowKey, f: &Flow, now_ns: u64, path: PathKey, heartbeat: Option<f64>) -> FlowRow {
+pub fn row(
+    key: &FlowKey,
+    f: &FlowSummary,
+    now_ns: u64,
+    path: PathKey,
+    heartbeat: Option<f64>,
+) -> FlowRow {
     FlowRow {
         client: client_of(key).to_string(),
         server: server_of(key).to_string(),
@@ -302,7 +350,7 @@ pub fn row(key: &FlowKey, f: &Flow, now_ns: u64, path: PathKey, heartbeat: Optio
 mod tests {
     use super::*;
 
-    fn entry(port: u16, last_ns: u64, bytes: u64) -> (FlowKey, Flow) {
+    fn entry(port: u16, last_ns: u64, bytes: u64) -> (FlowKey, FlowSummary) {
         let key = FlowKey {
             client_addr: [198, 51, 100, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             server_addr: [192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -317,7 +365,7 @@ mod tests {
             bytes_in: bytes,
             ..Flow::default()
         };
-        (key, f)
+        (key, FlowSummary::from(&f))
     }
 
     const PATHS: Paths = Paths {

@@ -149,9 +149,9 @@ macro_rules! reg {
 /// short names so dashboards do not break when a counter is renamed.
 fn kernel_metric(c: Counter) -> (&'static str, &'static str) {
     match c {
-        Counter::PacketsSeen => (
-            "kernel_packets_seen_total",
-            "Packets the kernel programs parsed in full (TCP to a tracked port, or not settled by a first glance); other traffic is not counted.",
+        Counter::FullParses => (
+            "kernel_full_parses_total",
+            "Packets the first pass could not settle (VLAN tag, IPv6 extension headers, short or malformed headers; all in tap mode), parsed in full.",
         ),
         Counter::PacketsTracked => (
             "kernel_packets_tracked_total",

@@ -39,6 +39,12 @@ pub fn status(s: &Status) -> String {
     );
     let _ = writeln!(
         o,
+        "memory: followed flows {:.1} MiB, table snapshot {:.1} MiB",
+        s.flows_followed_memory_bytes as f64 / 1048576.0,
+        s.snapshot_memory_bytes as f64 / 1048576.0
+    );
+    let _ = writeln!(
+        o,
         "events dropped (ring buffer full): {}; undecodable: {}",
         s.events_dropped, s.event_decode_errors
     );

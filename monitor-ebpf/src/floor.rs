@@ -16,7 +16,7 @@
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns},
+    helpers::bpf_ktime_get_coarse_ns,
     macros::{classifier, map, xdp},
     maps::LruHashMap,
     programs::{TcContext, XdpContext},
@@ -104,8 +104,8 @@ fn port() -> u16 {
 }
 
 /// The whole floor: parse, port check, then one lookup, one clock read, plain stores.
-/// `CHEAP`: the 16-byte key and the coarse clock; otherwise our 40-byte
-/// [`FlowKey`] in our flow table and the boot clock.
+/// `CHEAP`: the 16-byte key; otherwise our 40-byte [`FlowKey`] in our flow
+/// table. Both read the coarse clock, as ours does.
 #[inline(always)]
 fn established<const CHEAP: bool>(start: usize, end: usize, ingress: bool) {
     let Some(h) = v4_tcp(start, end) else {
@@ -144,13 +144,8 @@ fn established<const CHEAP: bool>(start: usize, end: usize, ingress: bool) {
         }
         return;
     };
-    let now = unsafe {
-        if CHEAP {
-            bpf_ktime_get_coarse_ns()
-        } else {
-            bpf_ktime_get_boot_ns()
-        }
-    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: a map value; lost updates between CPUs are accepted, as in ours.
     let f = unsafe { &mut *flow };
     let last = if f.last_in_ns > f.last_out_ns {

@@ -7,7 +7,7 @@
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_NOEXIST, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_boot_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::{classifier, map, xdp},
     maps::{lpm_trie::Key as LpmKey, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
@@ -19,8 +19,8 @@ use monitor_common::{
         classify, fill_event, flow_key, half_open_packet, is_duplicate, new_flow, opens_flow,
         packet_sig, remember_sig, tap_direction, update, wants_sample,
     },
-    glance, parse_ethernet, state, Config, Counter, Dir, Event, EventKind, Flow, FlowKey, Frame,
-    Glance, Packet, ParseError, Sample, ServerKeyData, DEFAULT_FLOW_TABLE_SIZE,
+    parse_ethernet, quick, state, Config, Counter, Dir, Event, EventKind, Flow, FlowKey, Frame,
+    Packet, ParseError, Quick, Sample, ServerKeyData, DEFAULT_FLOW_TABLE_SIZE,
     DEFAULT_HALF_OPEN_TABLE_SIZE, EVENT_RING_BYTES, MAX_SERVER_PREFIXES, SAMPLE_BYTES,
 };
 
@@ -31,6 +31,31 @@ mod floor;
 /// folding the default in or copying it to the 512-byte stack.
 #[no_mangle]
 static mut CONFIG: Config = Config::DEFAULT;
+
+/// 1: stamp packets with `bpf_ktime_get_coarse_ns` (Linux 5.11+: a cached
+/// read, one tick of resolution, 4 ms at HZ=250, ample for silences of
+/// seconds); 0: `bpf_ktime_get_ns`. Both are CLOCK_MONOTONIC. Not `mut`: it
+/// lies in `.rodata`, which the loader sets and the kernel freezes, so the
+/// verifier knows it and never checks the helper an older kernel lacks.
+#[no_mangle]
+static COARSE_CLOCK: u8 = 1;
+
+/// Now, for a packet. Tap mode always reads the precise clock: a mirror's
+/// two copies of a packet arrive within 2 ms, under one tick.
+#[inline(always)]
+fn clock<const TAP: bool>() -> u64 {
+    // SAFETY: a read of our own static; volatile so the compiler leaves the
+    // value the loader wrote to the kernel instead of folding the default.
+    let coarse = unsafe { core::ptr::read_volatile(&COARSE_CLOCK) } != 0;
+    // SAFETY: helpers without arguments.
+    unsafe {
+        if !TAP && coarse {
+            bpf_ktime_get_coarse_ns()
+        } else {
+            bpf_ktime_get_ns()
+        }
+    }
+}
 
 /// The flow table; the agent sets its size at load time.
 #[map]
@@ -75,13 +100,14 @@ struct Bytes {
 
 impl Frame for Bytes {
     #[inline(always)]
-    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+    fn read<const N: usize>(&self, off: usize) -> Option<&[u8; N]> {
         let p = self.start + off;
         if p + N > self.end {
             return None;
         }
-        // SAFETY: bounds checked just above; [u8; N] has alignment 1.
-        Some(unsafe { (p as *const [u8; N]).read_unaligned() })
+        // SAFETY: bounds checked just above; [u8; N] has alignment 1, and
+        // the packet outlives the program's run.
+        Some(unsafe { &*(p as *const [u8; N]) })
     }
 }
 
@@ -246,32 +272,52 @@ fn track<C: Payload, const STOP: u8, const TAP: bool>(
     dir: Dir,
     more: bool,
 ) -> bool {
-    // SAFETY: never written after load.
-    let cfg = unsafe { &*core::ptr::addr_of!(CONFIG) };
     if !TAP {
-        match glance(bytes, dir == Dir::In) {
-            Glance::NotTcp => return true,
-            Glance::LocalPort(p) if !cfg.tracks(p) => return true,
-            _ => {}
+        // SAFETY: never written after load.
+        let cfg = unsafe { &*core::ptr::addr_of!(CONFIG) };
+        // One pass settles the common frames: not ours, or ours parsed
+        // with its port's index.
+        match quick(bytes, dir == Dir::In, cfg) {
+            Quick::Pass => return true,
+            Quick::Tracked(pkt, i) => {
+                tracked::<C, STOP, TAP>(ctx, bytes, &pkt, dir, i);
+                return true;
+            }
+            Quick::Unsure => {}
         }
     }
-    let mut pkt = Packet::default();
-    match parse(bytes.start, bytes.end, &mut pkt) {
-        Ok(()) => count(Counter::PacketsSeen),
+    full_track::<C, STOP, TAP>(ctx, bytes.start, bytes.end, dir, more)
+}
+
+/// The frames the one pass leaves (VLAN tags, IPv6 extension headers, short
+/// or malformed headers, every frame in tap mode): the full parse, then the
+/// same path. A function of its own, so the common path never carries its
+/// stack or joins its packet with the quick one's.
+#[inline(never)]
+fn full_track<C: Payload, const STOP: u8, const TAP: bool>(
+    ctx: &C,
+    start: usize,
+    end: usize,
+    dir: Dir,
+    more: bool,
+) -> bool {
+    // SAFETY: never written after load.
+    let cfg = unsafe { &*core::ptr::addr_of!(CONFIG) };
+    let pkt = match parse_ethernet(&Bytes { start, end }) {
+        Ok(pkt) => {
+            count(Counter::FullParses);
+            pkt
+        }
         // Counted when called again on the pulled headers.
         Err(ParseError::Truncated) if more => return false,
         Err(e) => {
-            count(Counter::PacketsSeen);
+            count(Counter::FullParses);
             if e.is_failure() {
                 count(Counter::ParseFailures);
             }
             return true;
         }
-    }
-    if STOP == STOP_AFTER_PARSE {
-        // SAFETY: a read of our own stack, kept so the parse is not optimised away.
-        return unsafe { core::ptr::read_volatile(&pkt.dst_port) } != 0;
-    }
+    };
     let dir = if TAP {
         match tap_direction(cfg, &pkt, |a| is_server(cfg, pkt.family, a)) {
             Some(d) => d,
@@ -284,15 +330,35 @@ fn track<C: Payload, const STOP: u8, const TAP: bool>(
         Dir::In => pkt.dst_port,
         Dir::Out => pkt.src_port,
     };
-    let Some(port_index) = cfg.port_index(local_port) else {
-        return true;
-    };
+    if let Some(i) = cfg.port_index(local_port) {
+        tracked::<C, STOP, TAP>(ctx, &Bytes { start, end }, &pkt, dir, i);
+    }
+    true
+}
+
+/// A packet of a tracked port, parsed from `bytes`: its flow looked up and
+/// stepped.
+#[inline(always)]
+fn tracked<C: Payload, const STOP: u8, const TAP: bool>(
+    ctx: &C,
+    bytes: &Bytes,
+    pkt: &Packet,
+    dir: Dir,
+    port_index: u32,
+) -> bool {
+    // SAFETY: never written after load.
+    let cfg = unsafe { &*core::ptr::addr_of!(CONFIG) };
+    if STOP == STOP_AFTER_PARSE {
+        // SAFETY: a read of our own stack, kept so the parse is not optimised away.
+        return unsafe { core::ptr::read_volatile(&pkt.dst_port) } != 0;
+    }
     count(Counter::PacketsTracked);
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    let key = flow_key(&pkt, dir);
+    let now = clock::<TAP>();
+    let key = flow_key(pkt, dir);
     if STOP == STOP_AFTER_KEY {
-        // SAFETY: as above, for the key and the clock.
-        return unsafe { core::ptr::read_volatile(&key.client_port) } as u64 != now;
+        // SAFETY: as above, for the whole key (built in memory, as the
+        // lookup needs it) and the clock.
+        return unsafe { core::ptr::read_volatile(&key) }.client_port as u64 != now;
     }
 
     let found = FLOWS.get_ptr_mut(&key);
@@ -301,7 +367,7 @@ fn track<C: Payload, const STOP: u8, const TAP: bool>(
     }
     if let Some(flow) = found {
         // A mirror of both switch ports shows each packet twice.
-        let sig = if TAP { packet_sig(&pkt, dir) } else { 0 };
+        let sig = if TAP { packet_sig(pkt, dir) } else { 0 };
         if TAP && is_duplicate(unsafe { &*flow }, sig, dir, now) {
             count(Counter::Duplicates);
             return true;
@@ -314,7 +380,7 @@ fn track<C: Payload, const STOP: u8, const TAP: bool>(
         };
         // XDP and TC may update one flow on two CPUs at once; a lost update
         // skews a counter by a packet, which a monitor can accept.
-        if known(ctx, unsafe { &mut *flow }, &key, &pkt, &step) {
+        if known(ctx, unsafe { &mut *flow }, &key, pkt, &step) {
             mark_lost(flow);
         }
         if TAP {
@@ -323,7 +389,7 @@ fn track<C: Payload, const STOP: u8, const TAP: bool>(
         }
         return true;
     }
-    if unknown(ctx, &key, &pkt, dir, now) {
+    if unknown(ctx, &key, bytes, dir, now) {
         if let Some(flow) = FLOWS.get_ptr_mut(&key) {
             // The establishing packet, applied to the new flow (not sampled:
             // offline replay decides samples before the move, the same way).
@@ -333,12 +399,12 @@ fn track<C: Payload, const STOP: u8, const TAP: bool>(
                 dir,
                 plaintext: false,
             };
-            if known(ctx, unsafe { &mut *flow }, &key, &pkt, &step) {
+            if known(ctx, unsafe { &mut *flow }, &key, pkt, &step) {
                 mark_lost(flow);
             }
             if TAP {
                 // Its mirror copy, next, is a copy too.
-                remember_sig(unsafe { &mut *flow }, packet_sig(&pkt, dir));
+                remember_sig(unsafe { &mut *flow }, packet_sig(pkt, dir));
             }
         }
     }
@@ -359,7 +425,7 @@ struct Step {
 /// Returns whether its event was lost, for the caller to mark the flow: a
 /// value the caller uses, so that LLVM never leaves a pointer to the
 /// caller's stack in r0 (the verifier refuses that).
-#[inline(never)]
+#[inline(always)]
 fn known<C: Payload>(ctx: &C, flow: &mut Flow, key: &FlowKey, pkt: &Packet, step: &Step) -> bool {
     let (dir, now) = (step.dir, step.now);
     if wants_sample(step.plaintext, flow, pkt, dir) {
@@ -386,18 +452,37 @@ fn mark_lost(flow: *mut Flow) {
 /// half-open table; the packet that establishes it (see
 /// `monitor_common::flow::established`) moves it to the flow table with an
 /// `Opened` event, and true is returned: the caller then applies the packet
-/// to the flow as to any other. Its own function too (stack).
+/// to the flow as to any other. Its own function too (stack), which parses
+/// the packet again from `bytes` (the headers `key` was built from): passed
+/// by reference, the parsed packet would be kept in memory on every
+/// packet's path for this rare call.
 #[inline(never)]
-fn unknown<C: Payload>(ctx: &C, key: &FlowKey, pkt: &Packet, dir: Dir, now: u64) -> bool {
+fn unknown<C: Payload>(ctx: &C, key: &FlowKey, bytes: &Bytes, dir: Dir, now: u64) -> bool {
+    let Ok(pkt) = parse_ethernet(bytes) else {
+        return false;
+    };
+    let pkt = &pkt;
     if let Some(h) = HALF_OPEN.get_ptr_mut(key) {
-        let Some(before) = half_open_packet(unsafe { &mut *h }, pkt, dir, now) else {
+        // The connection as it was goes in this CPU's scratch flow, not on
+        // the stack (96 bytes the 512-byte stack cannot spare).
+        let Some(before) = NEW_FLOW.get_ptr_mut(0) else {
             return false;
         };
+        // SAFETY: this CPU's own slot, used only here within one packet;
+        // `h` the live half-open entry this packet looked up (two map
+        // values: a word-wise copy, never a call to memmove).
+        let before = unsafe {
+            core::ptr::copy_nonoverlapping(h, before, 1);
+            &mut *before
+        };
+        if !half_open_packet(unsafe { &mut *h }, pkt, dir, now) {
+            return false;
+        }
         let _ = HALF_OPEN.remove(key);
-        return match FLOWS.insert(key, &before, BPF_NOEXIST as u64) {
+        return match FLOWS.insert(key, &*before, BPF_NOEXIST as u64) {
             Ok(()) => {
                 count(Counter::FlowsCreated);
-                if !emit(EventKind::Opened, key, &before, pkt, dir, now) {
+                if !emit(EventKind::Opened, key, before, pkt, dir, now) {
                     if let Some(f) = FLOWS.get_ptr_mut(key) {
                         unsafe { (*f).state |= state::EVENT_LOST };
                     }

@@ -190,7 +190,7 @@ async fn list_flows(
         let s = lock(state);
         (s.snapshot.clone(), s.paths())
     };
-    let now = clock::boot_ns();
+    let now = clock::now_ns();
     let (taken_ns, total) = (snap.taken_ns, snap.len());
     // Off the event loop: a `--path` filter is a pass over the whole snapshot.
     let (matching, picked) = tokio::task::spawn_blocking(move || {
@@ -217,7 +217,7 @@ async fn list_flows(
 
 /// Ask for a scan and wait until one that started after now has ended.
 async fn wait_for_scan(scans: &Scans) -> Result<(), FlowsError> {
-    let asked = clock::boot_ns();
+    let asked = clock::now_ns();
     let mut done = scans.done.clone();
     scans.wake.notify_one();
     let wait = async { done.wait_for(|taken| *taken > asked).await.map(|_| ()) };
@@ -353,7 +353,7 @@ async fn serve(readers: &mut Readers, state: &State) -> anyhow::Result<()> {
                     Some(Err(e)) => log::warn!("{e}; keeping the last ones"),
                     None => {}
                 }
-                let out = s.pipeline.tick(clock::boot_ns());
+                let out = s.pipeline.tick(clock::now_ns());
                 s.absorb(out);
             }
         }

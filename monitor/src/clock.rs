@@ -1,4 +1,5 @@
-//! Kernel timestamps are boot-time nanoseconds; convert them once, here.
+//! Kernel timestamps are CLOCK_MONOTONIC nanoseconds (read coarse or
+//! precise by the programs, see the loader); convert them once, here.
 
 use std::time::{Duration, SystemTime};
 
@@ -12,18 +13,19 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Now, on the clock the kernel programs use (`bpf_ktime_get_boot_ns`).
-pub fn boot_ns() -> u64 {
-    clock_ns(libc::CLOCK_BOOTTIME)
+/// Now, on the clock the kernel programs use (`bpf_ktime_get_coarse_ns`
+/// or `bpf_ktime_get_ns`: CLOCK_MONOTONIC).
+pub fn now_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
 }
 
-/// Wall-clock time of a boot-time timestamp.
-pub fn to_system_time(boot_ns_then: u64) -> SystemTime {
-    let now_boot = boot_ns();
+/// Wall-clock time of a kernel timestamp.
+pub fn to_system_time(then_ns: u64) -> SystemTime {
+    let now_kernel = now_ns();
     let now = SystemTime::now();
-    if boot_ns_then <= now_boot {
-        now - Duration::from_nanos(now_boot - boot_ns_then)
+    if then_ns <= now_kernel {
+        now - Duration::from_nanos(now_kernel - then_ns)
     } else {
-        now + Duration::from_nanos(boot_ns_then - now_boot)
+        now + Duration::from_nanos(then_ns - now_kernel)
     }
 }

@@ -40,11 +40,16 @@ impl Requirement {
     }
 }
 
-/// The floor: every program writes events to a ring buffer, stamped with the
-/// boot clock (both 5.8).
+/// The floor: every program writes events to a ring buffer.
 pub const RING_BUFFER: Requirement = Requirement {
-    what: "the agent (BPF ring buffer, bpf_ktime_get_boot_ns)",
+    what: "the agent (BPF ring buffer)",
     since: (5, 8),
+};
+/// `bpf_ktime_get_coarse_ns`: a cached clock read for every tracked packet
+/// (before it, `bpf_ktime_get_ns`, the same clock read precisely).
+pub const COARSE_CLOCK: Requirement = Requirement {
+    what: "the coarse packet clock (bpf_ktime_get_coarse_ns)",
+    since: (5, 11),
 };
 /// `#[xdp(frags)]` (BPF_F_XDP_HAS_FRAGS) and `bpf_xdp_load_bytes`, which
 /// request samples on XDP need.
@@ -67,6 +72,7 @@ pub struct KernelFeatures {
     pub ring_buffer: bool,
     pub xdp_frags: bool,
     pub tcx: bool,
+    pub coarse_clock: bool,
 }
 
 impl KernelFeatures {
@@ -76,6 +82,7 @@ impl KernelFeatures {
             ring_buffer: RING_BUFFER.met_by(version),
             xdp_frags: XDP_FRAGS.met_by(version),
             tcx: TCX.met_by(version),
+            coarse_clock: COARSE_CLOCK.met_by(version),
         }
     }
 
@@ -337,10 +344,14 @@ pub fn load(cfg: &AgentConfig) -> Result<Ebpf, LoadError> {
 /// `load` as if on a kernel with `kernel`'s features.
 pub fn load_for(cfg: &AgentConfig, kernel: &KernelFeatures) -> Result<Ebpf, LoadError> {
     let plan = plan(cfg, kernel)?;
-    load_planned(cfg, &plan)
+    load_planned(cfg, &plan, kernel)
 }
 
-fn load_planned(cfg: &AgentConfig, plan: &HookPlan) -> Result<Ebpf, LoadError> {
+fn load_planned(
+    cfg: &AgentConfig,
+    plan: &HookPlan,
+    kernel: &KernelFeatures,
+) -> Result<Ebpf, LoadError> {
     if plan.xdp == Some(XDP_NOFRAGS_PROGRAM) {
         log::info!(
             "this kernel predates XDP frags (Linux {}.{}): loading {XDP_NOFRAGS_PROGRAM}, \
@@ -350,9 +361,11 @@ fn load_planned(cfg: &AgentConfig, plan: &HookPlan) -> Result<Ebpf, LoadError> {
         );
     }
     let kcfg = cfg.kernel_config();
+    let coarse_clock = u8::from(kernel.coarse_clock);
     let mut loader = EbpfLoader::new();
     loader
         .override_global("CONFIG", &kcfg, true)
+        .override_global("COARSE_CLOCK", &coarse_clock, true)
         .map_max_entries("FLOWS", cfg.flow_table_size)
         .map_max_entries("HALF_OPEN", cfg.half_open_table_size);
     let pin_paths: Vec<(&str, std::path::PathBuf)> = match &cfg.pin_path {
@@ -439,7 +452,7 @@ pub fn attach_for(cfg: &AgentConfig, kernel: &KernelFeatures) -> Result<Attached
         }
     }
     let plan = plan(cfg, kernel)?;
-    let ebpf = load_planned(cfg, &plan)?;
+    let ebpf = load_planned(cfg, &plan, kernel)?;
     let programs = program_stats(&ebpf, &plan);
     let mut attached = Attached {
         ebpf,
@@ -933,7 +946,7 @@ mod tests {
             let msg = refusal(&cfg(ingress), 5, 4);
             assert_eq!(
                 msg,
-                "the agent (BPF ring buffer, bpf_ktime_get_boot_ns) needs Linux 5.8 or later; \
+                "the agent (BPF ring buffer) needs Linux 5.8 or later; \
                  this kernel is 5.4.0"
             );
         }

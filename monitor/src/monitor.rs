@@ -79,9 +79,15 @@ pub struct Scan {
 impl TableScanner {
     /// Walk both tables (two syscalls an entry: about 2 s at a million).
     pub fn scan(&self) -> Scan {
-        let entries: Vec<(FlowKey, Flow)> = self.flows.iter().filter_map(Result::ok).collect();
+        // Kept as summaries (56 bytes, not 96): a snapshot holds the table.
+        let entries: Vec<_> = self
+            .flows
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, f)| (k, monitor_core::flows::FlowSummary::from(&f)))
+            .collect();
         Scan {
-            flows: monitor_core::flows::FlowSnapshot::new(crate::clock::boot_ns(), entries),
+            flows: monitor_core::flows::FlowSnapshot::new(crate::clock::now_ns(), entries),
             half_open_entries: self.half_open.keys().filter_map(Result::ok).count() as u64,
         }
     }

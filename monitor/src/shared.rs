@@ -76,7 +76,7 @@ impl Shared {
     pub fn apply_scan(&mut self, scan: Scan) {
         self.half_open_entries = scan.half_open_entries;
         let snap = Arc::new(scan.flows);
-        let now = clock::boot_ns();
+        let now = clock::now_ns();
         let out = self.pipeline.retire_missing(now, |k| snap.contains(k));
         self.absorb(out);
         let out = self
@@ -144,6 +144,8 @@ impl Shared {
             events_dropped: counters.get(Counter::EventsDropped),
             event_decode_errors: self.decode_errors,
             flows_followed: detector.flows_tracked(),
+            flows_followed_memory_bytes: detector.flows_memory_bytes() as u64,
+            snapshot_memory_bytes: self.snapshot.memory_bytes() as u64,
             paths: detector.paths().count(),
             metrics_listen: self
                 .config
@@ -159,18 +161,22 @@ impl Shared {
     fn tables(&self, k: &KernelCounters) -> TableStats {
         let created = k.get(Counter::FlowsCreated);
         let entries = self.table_entries();
+        let half_open_capacity = u64::from(self.monitor.half_open_table_size());
+        // A walk of a table that changes under it (a SYN flood) restarts
+        // when its current key is evicted, and counts entries again.
+        let half_open_entries = self.half_open_entries.min(half_open_capacity);
         TableStats {
             entries,
             capacity: u64::from(self.monitor.flow_table_size()),
             memory_bytes: self.monitor.flow_table_memory_bytes().unwrap_or(0),
             evictions: created.saturating_sub(entries),
-            half_open_entries: self.half_open_entries,
-            half_open_capacity: u64::from(self.monitor.half_open_table_size()),
+            half_open_entries,
+            half_open_capacity,
             half_open_memory_bytes: self.monitor.half_open_memory_bytes().unwrap_or(0),
             half_open_evictions: k
                 .get(Counter::HalfOpenCreated)
                 .saturating_sub(created)
-                .saturating_sub(self.half_open_entries),
+                .saturating_sub(half_open_entries),
         }
     }
 
@@ -178,7 +184,7 @@ impl Shared {
         let kernel = self.monitor.counters().ok();
         let table = kernel.as_ref().map(|k| self.tables(k));
         let decode = self.decode_errors;
-        let now = clock::boot_ns();
+        let now = clock::now_ns();
         let Shared {
             metrics, pipeline, ..
         } = self;

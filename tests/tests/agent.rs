@@ -586,7 +586,9 @@ fn a_kill_9_restart_keeps_the_flow_table_and_counters_and_measures_a_silence_acr
     let (client, spoke) = client;
     std::thread::sleep(Duration::from_millis(300));
     let before = json(&first, &["status", "--json"]);
-    let seen_before = before["kernel_counters"]["packets_seen"].as_u64().unwrap();
+    let seen_before = before["kernel_counters"]["packets_tracked"]
+        .as_u64()
+        .unwrap();
     assert_eq!(before["kernel_counters"]["flows_created"], 1);
     // kill -9: no cleanup. The programs stay attached through their pinned links.
     first.kill9();
@@ -644,7 +646,9 @@ fn a_kill_9_restart_keeps_the_flow_table_and_counters_and_measures_a_silence_acr
     );
 
     // Counters kept, not restarted from zero; the flow kept its history.
-    let seen_after = after["kernel_counters"]["packets_seen"].as_u64().unwrap();
+    let seen_after = after["kernel_counters"]["packets_tracked"]
+        .as_u64()
+        .unwrap();
     assert!(seen_after > seen_before, "{seen_before} -> {seen_after}");
     assert_eq!(
         after["kernel_counters"]["flows_created"], 1,
@@ -664,7 +668,7 @@ fn a_kill_9_restart_keeps_the_flow_table_and_counters_and_measures_a_silence_acr
         "silence across the restart: measured {survived} s, made {silent} s"
     );
     println!(
-        "kill -9 restart: packets_seen {seen_before} -> {seen_after}, 1 flow kept, \
+        "kill -9 restart: packets_tracked {seen_before} -> {seen_after}, 1 flow kept, \
          a {survived:.2} s silence across the restart measured; one program per hook"
     );
 }
@@ -720,7 +724,7 @@ fn a_flows_query_on_a_million_entry_table_answers_within_100_ms_and_drops_no_eve
     let data = MapData::from_pin(pins.join("FLOWS")).expect("the pinned flow table");
     let mut table: BpfHashMap<MapData, FlowKey, Flow> =
         BpfHashMap::try_from(Map::LruHashMap(data)).expect("an LRU hash map");
-    let now = monitor::clock::boot_ns();
+    let now = monitor::clock::now_ns();
     for i in 0..ENTRIES - 64 {
         let mut client_addr = [0u8; 16];
         client_addr[..4].copy_from_slice(&(0x0a00_0000u32 | (i >> 8)).to_be_bytes());

@@ -38,14 +38,14 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::Relaxed)
 }
 
-/// The kernel's clock for events (boot time), to put verdicts on the run's timeline.
-fn boot_ns() -> u64 {
+/// The kernel's clock for events (CLOCK_MONOTONIC), to put verdicts on the run's timeline.
+fn kernel_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: valid pointer; CLOCK_BOOTTIME always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    // SAFETY: valid pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -243,7 +243,7 @@ fn run_lab_through_sudo(
 fn run_lab(s: &Scenario, scenario: &Path, png: Option<&Path>, bin: &Path) -> Result<()> {
     catch_interrupts();
     print_plan(s, scenario);
-    let t0_ns = boot_ns();
+    let t0_ns = kernel_ns();
     let step = Step::start(
         "demo",
         "starting the lab: namespaces, middleboxes, agents (server, mirror, router, proxy hosts)",

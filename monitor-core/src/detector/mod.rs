@@ -9,12 +9,13 @@ mod held;
 pub mod middlebox;
 pub mod path;
 pub mod report;
+mod tracks;
 pub mod upstream;
 pub mod window;
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
 };
 
 use monitor_common::{state, Dir, EventKind, FlowKey};
@@ -25,7 +26,7 @@ pub use path::{Estimate, PathKey, PathStats};
 pub use window::{HbiAlert, HbiWindow};
 
 use crate::{
-    event::FlowEvent,
+    event::{client_of, server_of, FlowEvent},
     ping::{Heartbeat, PingRequest},
 };
 use close::{classify_close, is_premature, CloseFacts, ServerSend};
@@ -54,7 +55,7 @@ struct Gap {
     silence_s: f64,
     dir: Dir,
     payload: bool,
-    /// When the packet that ended it was seen (boot-time ns).
+    /// When the packet that ended it was seen (kernel clock ns).
     end_ns: u64,
     /// The server answered a request with it, after holding it this long
     /// (seconds): a heartbeat sample once the answer is proven delivered.
@@ -93,10 +94,11 @@ struct Suspect {
     gives_up_ns: u64,
 }
 
+/// What the detector keeps of a followed flow, beside its key (whose
+/// addresses are the client's and server's). Kept small: a million flows
+/// are a million of these (issue 18); the rare parts are boxed.
 #[derive(Clone, Debug)]
 struct FlowTrack {
-    client: SocketAddr,
-    server: SocketAddr,
     path: PathKey,
     opened_ns: u64,
     /// The heartbeat the flow's latest Ping asked for (plaintext ports): exact.
@@ -104,21 +106,24 @@ struct FlowTrack {
     /// The last idle gap, not yet known to have survived.
     pending_gap: Option<Gap>,
     /// An unanswered server retransmission after a silence.
-    suspect: Option<Suspect>,
+    suspect: Option<Box<Suspect>>,
     /// Round-trip time measured at the handshake (SYN-ACK to the client's
     /// ACK), seconds: sizes the next-packet window.
-    rtt_s: Option<f64>,
+    rtt_s: Option<f32>,
     /// A verdict was already given (black hole by timeout); ignore the rest.
     finalized: bool,
     /// An upstream leg: this host is the client (see [`upstream`]).
     upstream: bool,
     /// This host's proxy answered the device's request at its upstream
     /// timeout: when, and after how long a wait (see [`upstream`]).
-    proxy_answered: Option<(u64, f64)>,
+    proxy_answered: Option<Box<(u64, f64)>>,
     /// The kernel lost an event of this flow (ring buffer full): what we
     /// know is incomplete, so its ending is not used for estimates.
     incomplete: bool,
 }
+
+// A million of these are followed at once (BENCHMARKS.md, section 3).
+const _: () = assert!(std::mem::size_of::<Option<FlowTrack>>() == 120);
 
 /// Heartbeat samples per client that its estimate is the maximum of: early
 /// answers (new mail) come before the heartbeat, so the largest recent
@@ -264,7 +269,7 @@ pub struct DetectorStats {
 pub struct Detector {
     cfg: DetectorConfig,
     table: Vec<middlebox::Middlebox>,
-    flows: HashMap<FlowKey, FlowTrack>,
+    flows: tracks::Tracks<FlowTrack>,
     paths: HashMap<PathKey, PathStats>,
     clients: HashMap<IpAddr, ClientTrack>,
     /// Device (DeviceId, else address) -> its last stated heartbeat and when
@@ -314,7 +319,7 @@ impl Detector {
             window: HbiWindow::new(cfg.hbi_sample_size, cfg.hbi_alert_threshold.as_secs_f64()),
             table: middlebox::builtin(),
             cfg,
-            flows: HashMap::new(),
+            flows: tracks::Tracks::default(),
             paths: HashMap::new(),
             clients: HashMap::new(),
             devices: HashMap::new(),
@@ -357,6 +362,11 @@ impl Detector {
         self.flows.len()
     }
 
+    /// Bytes the followed flows hold (by capacity: index and slots).
+    pub fn flows_memory_bytes(&self) -> usize {
+        self.flows.memory_bytes()
+    }
+
     pub fn paths(&self) -> impl Iterator<Item = (&PathKey, &PathStats)> {
         self.paths.iter()
     }
@@ -373,7 +383,7 @@ impl Detector {
     pub fn flow_heartbeat(&self, key: &FlowKey) -> Option<f64> {
         self.flows
             .get(key)
-            .and_then(|f| self.heartbeat_in_force(f))
+            .and_then(|f| self.heartbeat_in_force(key, f))
             .map(|h| h.0)
     }
 
@@ -474,11 +484,11 @@ impl Detector {
         let heartbeat = (self.heartbeat_to_cover() * NS) as u64;
         let request = send.and_then(|g| Some(g.end_ns.saturating_sub((g.hold_s? * NS) as u64)));
         if let Some(f) = self.flows.get_mut(&ev.raw.key) {
-            f.suspect = Some(Suspect {
+            f.suspect = Some(Box::new(Suspect {
                 since_ns: now,
                 silence_s: send.map_or(0.0, |g| g.silence_s),
                 gives_up_ns: request.map_or(now, |r| (r + heartbeat).max(now)),
-            });
+            }));
         }
         self.suspects.entry(client).or_default().push(ev.raw.key);
     }
@@ -580,7 +590,7 @@ impl Detector {
                 self.path_mut(path, now).record_answered_path(a.path);
                 let held = self.held.get_mut(&a.key).map(|h| &mut h.flow);
                 for f in self.flows.get_mut(&a.key).into_iter().chain(held) {
-                    f.proxy_answered = Some((a.at_ns, a.hold_s));
+                    f.proxy_answered = Some(Box::new((a.at_ns, a.hold_s)));
                     // Its gap, proven later, is no hold time either.
                     if let Some(g) = f.pending_gap.as_mut().filter(|g| g.end_ns == a.at_ns) {
                         g.hold_s = None;
@@ -620,7 +630,7 @@ impl Detector {
             keys.retain(|k| {
                 flows
                     .get(k)
-                    .and_then(|f| f.suspect)
+                    .and_then(|f| f.suspect.as_deref())
                     .is_some_and(|s| now_ns < s.gives_up_ns.saturating_add(limit))
             });
             !keys.is_empty()
@@ -653,7 +663,7 @@ impl Detector {
             .filter_map(|(k, f)| {
                 let g = f.pending_gap?;
                 let heard = last_heard(k)?;
-                (g.dir == Dir::In || heard > g.end_ns).then_some((*k, f.client.ip(), f.path, g))
+                (g.dir == Dir::In || heard > g.end_ns).then_some((*k, client_of(k).ip(), f.path, g))
             })
             .collect();
         for (key, client, path, g) in proven {
@@ -675,7 +685,7 @@ impl Detector {
         let gone: Vec<FlowKey> = self.flows.keys().filter(|k| !present(k)).copied().collect();
         for key in gone {
             if let Some(f) = self.flows.remove(&key) {
-                self.unsuspect(f.client.ip(), &key);
+                self.unsuspect(client_of(&key).ip(), &key);
                 if f.finalized {
                     continue;
                 }
@@ -683,7 +693,7 @@ impl Detector {
                     note: Some("no FIN or RST was seen".into()),
                     ..Evidence::default()
                 };
-                let v = self.verdict(&f, Ending::Vanished, false, now_ns, evidence);
+                let v = self.verdict(&key, &f, Ending::Vanished, false, now_ns, evidence);
                 self.finish(f.path, v, now_ns, &mut out);
             }
         }
@@ -712,7 +722,7 @@ impl Detector {
                 let fresh = self
                     .flows
                     .get(&k)
-                    .and_then(|f| f.suspect)
+                    .and_then(|f| f.suspect.as_deref())
                     .is_some_and(|s| now <= s.gives_up_ns.saturating_add(limit));
                 if k != ev.raw.key && fresh {
                     self.black_hole(&k, now, "the client opened a new connection", out);
@@ -740,8 +750,6 @@ impl Detector {
         self.flows.insert(
             ev.raw.key,
             FlowTrack {
-                client: ev.client(),
-                server: ev.server(),
                 path,
                 opened_ns: if ev.kind == EventKind::Opened {
                     ev.raw.ts_ns
@@ -751,7 +759,8 @@ impl Detector {
                 ping_heartbeat_s: None,
                 pending_gap: None,
                 suspect: None,
-                rtt_s: handshake_rtt(ev),
+                // Seconds to a few hundred: f32 holds them to a microsecond.
+                rtt_s: handshake_rtt(ev).map(|r| r as f32),
                 finalized: false,
                 upstream: path.upstream,
                 proxy_answered: None,
@@ -837,12 +846,12 @@ impl Detector {
     /// The Ping's own heartbeat where it was read; else the client's
     /// inferred one. Never a single flow's hold time: that may be an early
     /// answer (new mail), shorter than the heartbeat.
-    fn heartbeat_in_force(&self, f: &FlowTrack) -> Option<(f64, HeartbeatSource)> {
+    fn heartbeat_in_force(&self, key: &FlowKey, f: &FlowTrack) -> Option<(f64, HeartbeatSource)> {
         if let Some(h) = f.ping_heartbeat_s {
             return Some((h, HeartbeatSource::Ping));
         }
         self.clients
-            .get(&f.client.ip())
+            .get(&client_of(key).ip())
             .and_then(|c| c.heartbeat_s)
             .map(|h| (h, HeartbeatSource::HoldTimes))
     }
@@ -854,7 +863,7 @@ impl Detector {
         let Some(s) = f.suspect.take() else { return };
         f.finalized = true;
         let f = f.clone();
-        self.unsuspect(f.client.ip(), key);
+        self.unsuspect(client_of(key).ip(), key);
         let evidence = Evidence {
             silence_seconds: s.silence_s,
             after_server_send_seconds: Some(now.saturating_sub(s.since_ns) as f64 / NS),
@@ -864,7 +873,7 @@ impl Detector {
         };
         let min_silence = self.cfg.min_silence.as_secs_f64();
         let premature = is_premature(Ending::BlackHole, &evidence, None, min_silence);
-        let v = self.verdict(&f, Ending::BlackHole, premature, now, evidence);
+        let v = self.verdict(key, &f, Ending::BlackHole, premature, now, evidence);
         self.finish(f.path, v, now, out);
     }
 
@@ -876,7 +885,7 @@ impl Detector {
         let Some(f) = self.flows.remove(&key) else {
             return;
         };
-        self.unsuspect(f.client.ip(), &key);
+        self.unsuspect(client_of(&key).ip(), &key);
         if f.finalized {
             return;
         }
@@ -914,12 +923,13 @@ impl Detector {
                 g.proven_by(ev)
             }
         };
+        let key = &ev.raw.key;
         if let Some(g) = f.pending_gap.filter(proven) {
-            self.survived(f.client.ip(), f.path, g, now, out);
+            self.survived(client_of(key).ip(), f.path, g, now, out);
         }
-        let heartbeat = self.heartbeat_in_force(&f).map(|h| h.0);
+        let heartbeat = self.heartbeat_in_force(key, &f).map(|h| h.0);
         let premature = is_premature(ending, &evidence, heartbeat, facts.min_silence);
-        let v = self.verdict(&f, ending, premature, now, evidence);
+        let v = self.verdict(key, &f, ending, premature, now, evidence);
         self.finish(f.path, v, now, out);
     }
 
@@ -958,7 +968,7 @@ impl Detector {
             .upstream
             .timed_out_answer(&ev.raw.key)
             .map(|(a, _)| (a.at_ns, a.hold_s))
-            .or(f.proxy_answered)
+            .or(f.proxy_answered.as_deref().copied())
             .filter(|(at, _)| now.saturating_sub(*at) <= CLOSE_AFTER_PROXY_ANSWER_NS);
         match answered {
             Some((_, hold)) => {
@@ -1019,7 +1029,7 @@ impl Detector {
                 self.upstream.gave_up(GiveUp {
                     at_ns: now,
                     silence_s: facts.silence,
-                    server: f.server,
+                    server: server_of(&ev.raw.key),
                     path: f.path,
                 });
                 evidence.note = Some(
@@ -1086,29 +1096,31 @@ impl Detector {
                 .map(|g| ServerSend {
                     silence_s: g.silence_s,
                 }),
-            window_s: close::next_packet_window(f.rtt_s, configured),
-            suspect_silence: f.suspect.map(|s| s.silence_s),
-            heartbeat: self.heartbeat_in_force(f).map(|h| h.0),
+            window_s: close::next_packet_window(f.rtt_s.map(f64::from), configured),
+            suspect_silence: f.suspect.as_ref().map(|s| s.silence_s),
+            heartbeat: self.heartbeat_in_force(&ev.raw.key, f).map(|h| h.0),
             forged: close::forged_signals(ev),
         }
     }
 
     fn verdict(
         &self,
+        key: &FlowKey,
         f: &FlowTrack,
         ending: Ending,
         premature: bool,
         now: u64,
         evidence: Evidence,
     ) -> Verdict {
+        let heartbeat = self.heartbeat_in_force(key, f);
         Verdict {
-            client: f.client,
-            server: f.server,
+            client: client_of(key),
+            server: server_of(key),
             path: f.path.to_string(),
             ending,
             premature,
-            heartbeat_seconds: self.heartbeat_in_force(f).map(|h| h.0),
-            heartbeat_source: self.heartbeat_in_force(f).map(|h| h.1),
+            heartbeat_seconds: heartbeat.map(|h| h.0),
+            heartbeat_source: heartbeat.map(|h| h.1),
             incomplete: f.incomplete,
             at_ns: now,
             flow_age_seconds: now.saturating_sub(f.opened_ns) as f64 / NS,

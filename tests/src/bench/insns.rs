@@ -310,7 +310,9 @@ impl Machine {
                     } else {
                         V::S(imm as i64 as u64)
                     };
-                    regs[dst] = alu(code, off, regs[dst], b, imm)?;
+                    regs[dst] = alu(code, off, regs[dst], b, imm).map_err(|e| {
+                        format!("{e} at {} insn {}", self.obj.sections[sec].name, pc - 1)
+                    })?;
                 }
                 0x05 | 0x06 => {
                     let op = code & 0xf0;

@@ -30,8 +30,11 @@ pub const CHEAPEST_XDP: &str = "floor_cheapest_xdp";
 pub const CHEAPEST_TC: &str = "floor_cheapest_tc";
 /// The XDP program cut short after each stage of its packet path, in order.
 pub const STAGES: [(&str, &str); 3] = [
-    ("stage_parse_xdp", "count, glance, full header parse"),
-    ("stage_key_xdp", "+ second counter, clock, 40-byte flow key"),
+    ("stage_parse_xdp", "one-pass parse and port check"),
+    (
+        "stage_key_xdp",
+        "+ packets-tracked counter, coarse clock, 40-byte flow key",
+    ),
     ("stage_lookup_xdp", "+ flow table (LRU hash) lookup"),
 ];
 

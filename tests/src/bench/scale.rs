@@ -25,6 +25,10 @@ pub struct Scale {
     pub agent_rss_before_bytes: u64,
     pub agent_rss_after_bytes: u64,
     pub flows_followed: u64,
+    /// The agent's own account of its two per-flow structures (bytes, by
+    /// capacity): the detector's followed flows, the table snapshot.
+    pub followed_memory_bytes: u64,
+    pub snapshot_memory_bytes: u64,
     pub events_sent: u64,
     pub events_dropped: u64,
     pub scrape_seconds: f64,
@@ -82,6 +86,8 @@ pub fn run(agent_bin: &Path, flows: u32) -> Scale {
     s.table_capacity = st["flow_table_capacity"].as_u64().unwrap_or(0);
     s.table_memory_bytes = st["flow_table_memory_bytes"].as_u64().unwrap_or(0);
     s.flows_followed = st["flows_followed"].as_u64().unwrap_or(0);
+    s.followed_memory_bytes = st["flows_followed_memory_bytes"].as_u64().unwrap_or(0);
+    s.snapshot_memory_bytes = st["snapshot_memory_bytes"].as_u64().unwrap_or(0);
     s.events_sent = st["kernel_counters"]["events_sent"].as_u64().unwrap_or(0);
     s.events_dropped = st["kernel_counters"]["events_dropped"]
         .as_u64()
@@ -112,6 +118,49 @@ pub fn run(agent_bin: &Path, flows: u32) -> Scale {
 }
 
 impl Scale {
+    /// Memory per flow in the table, all told (the kernel's table and the
+    /// agent's growth), and where it goes: (what, bytes per flow).
+    pub fn per_flow(&self) -> (f64, Vec<(&'static str, f64)>) {
+        let n = self.table_entries.max(1) as f64;
+        let grown = self
+            .agent_rss_after_bytes
+            .saturating_sub(self.agent_rss_before_bytes);
+        let rest = grown
+            .saturating_sub(self.followed_memory_bytes)
+            .saturating_sub(self.snapshot_memory_bytes);
+        let parts = vec![
+            (
+                "kernel flow table (fdinfo memlock / capacity)",
+                self.table_memory_bytes as f64 / self.table_capacity.max(1) as f64,
+            ),
+            (
+                "agent: followed flows (index buckets + slots, by capacity)",
+                self.followed_memory_bytes as f64 / n,
+            ),
+            (
+                "agent: table snapshot (summaries + 4 sort orders, by capacity)",
+                self.snapshot_memory_bytes as f64 / n,
+            ),
+            (
+                "agent: the rest of its growth (clients, allocator, ring buffer)",
+                rest as f64 / n,
+            ),
+        ];
+        ((self.table_memory_bytes + grown) as f64 / n, parts)
+    }
+
+    pub fn profile_markdown(&self) -> String {
+        let (total, parts) = self.per_flow();
+        let mut md = String::from("| where | bytes per flow |\n|---|---|\n");
+        for (what, b) in parts {
+            md.push_str(&format!("| {what} | {b:.0} |\n"));
+        }
+        md.push_str(&format!(
+            "| **all told** (kernel table + agent growth) / flows in the table | **{total:.0}** |\n"
+        ));
+        md
+    }
+
     pub fn markdown(&self) -> String {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         format!(
