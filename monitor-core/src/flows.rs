@@ -171,6 +171,9 @@ impl FlowSnapshot {
         // A walk of a table that changes under it restarts from the first
         // key when its current key is deleted: the same entry twice.
         entries.dedup_by_key(|e| e.0);
+        // A walk's vector grew by doubling: up to twice what it holds, kept
+        // until the next walk. (A big allocation shrinks in place: mremap.)
+        entries.shrink_to_fit();
         let orders = FlowSort::ALL.map(|sort| {
             let mut idx: Vec<u32> = (0..entries.len() as u32).collect();
             idx.sort_unstable_by_key(|&i| {

@@ -102,7 +102,8 @@ struct FlowTrack {
     path: PathKey,
     opened_ns: u64,
     /// The heartbeat the flow's latest Ping asked for (plaintext ports): exact.
-    ping_heartbeat_s: Option<f64>,
+    /// Whole seconds as a Ping states them: exact in an f32.
+    ping_heartbeat_s: Option<f32>,
     /// The last idle gap, not yet known to have survived.
     pending_gap: Option<Gap>,
     /// An unanswered server retransmission after a silence.
@@ -123,7 +124,7 @@ struct FlowTrack {
 }
 
 // A million of these are followed at once (BENCHMARKS.md, section 3).
-const _: () = assert!(std::mem::size_of::<Option<FlowTrack>>() == 120);
+const _: () = assert!(std::mem::size_of::<Option<FlowTrack>>() == 112);
 
 /// Heartbeat samples per client that its estimate is the maximum of: early
 /// answers (new mail) come before the heartbeat, so the largest recent
@@ -420,7 +421,7 @@ impl Detector {
             self.clients.entry(client.ip()).or_default().asked_s = Some(h);
         }
         if let (Some(f), Some(h)) = (self.flows.get_mut(key), h) {
-            f.ping_heartbeat_s = Some(h);
+            f.ping_heartbeat_s = Some(h as f32);
         }
     }
 
@@ -848,7 +849,7 @@ impl Detector {
     /// answer (new mail), shorter than the heartbeat.
     fn heartbeat_in_force(&self, key: &FlowKey, f: &FlowTrack) -> Option<(f64, HeartbeatSource)> {
         if let Some(h) = f.ping_heartbeat_s {
-            return Some((h, HeartbeatSource::Ping));
+            return Some((f64::from(h), HeartbeatSource::Ping));
         }
         self.clients
             .get(&client_of(key).ip())

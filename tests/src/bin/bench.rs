@@ -151,8 +151,9 @@ fn scale(md: &mut String) {
     md.push_str(&s.profile_markdown());
     let _ = writeln!(md, "\nWhat stands between these and the goal: the kernel's LRU entry is the map's \
         own element header (LRU list node and hash-table linkage) plus the 40-byte key and the 96-byte `Flow`; \
-        a hash map at a million entries has twice as many buckets (its load stays under 7/8 and it grows by \
-        doubling), so the detector's index costs two 48-byte buckets per flow before its own 120-byte track; \
+        the detector keeps a slot per followed flow (its 40-byte key and a 112-byte track: silences, \
+        the pending gap, the handshake RTT) and an index of 5-byte buckets, up to two per flow (a hash table's \
+        load stays under 7/8 and it grows by doubling); \
         the snapshot keeps a 96-byte summary and four 4-byte sort orders per flow so that `monitor flows` and \
         the retiring of vanished flows need no second walk of the table; and the clients of the benchmark's \
         131,072 source addresses each have a track of their own (8 flows each here; in a real fleet about one).\n");
