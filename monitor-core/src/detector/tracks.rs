@@ -84,7 +84,7 @@ impl<T> Tracks<T> {
             ..
         } = self;
         let rehash = |&j: &u32| key_of(slots, j).map_or(0, |k| hasher.hash_one(k));
-        index.insert_unique(hasher.hash_one(&key), i, rehash);
+        index.insert_unique(hasher.hash_one(key), i, rehash);
         None
     }
 
