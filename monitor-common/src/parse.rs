@@ -164,18 +164,35 @@ pub enum Quick {
     /// [`parse_ethernet`] returns for the frame.
     Tracked(Packet, u32),
     /// Not settled here (VLAN tags, IPv6 extension headers, short or
-    /// malformed headers): [`glance`] then [`parse_ethernet`] decide.
+    /// malformed headers of tracked or unknown ports): [`parse_ethernet`]
+    /// decides.
     Unsure,
 }
 
 /// The common frames in one pass: plain IPv4 or IPv6 (no VLAN tag, no
 /// extension headers) with a whole TCP header. Reads each header once,
 /// checks the local port against `cfg` as soon as it is known, and for a
-/// tracked port finishes the parse from the headers already read. Any frame
-/// it cannot settle exactly as [`glance`] and [`parse_ethernet`] would is
-/// [`Quick::Unsure`] (a property test holds it to that).
+/// tracked port finishes the parse from the headers already read; a frame
+/// it leaves, the glance may still pass. Whatever it settles, it settles
+/// exactly as [`glance`] then [`parse_ethernet`] would, and whatever the
+/// glance settles, it passes (a property test holds it to both).
 #[inline(always)]
 pub fn quick<F: Frame + ?Sized>(f: &F, ingress: bool, cfg: &Config) -> Quick {
+    match one_pass(f, ingress, cfg) {
+        // Short frames and the rest: what the glance settles (not TCP, or
+        // another port) is passed too, so traffic for other ports is never
+        // a full parse, a counted failure or a pull of the skb.
+        Quick::Unsure => match glance(f, ingress) {
+            Glance::NotTcp => Quick::Pass,
+            Glance::LocalPort(p) if !cfg.tracks(p) => Quick::Pass,
+            _ => Quick::Unsure,
+        },
+        settled => settled,
+    }
+}
+
+#[inline(always)]
+fn one_pass<F: Frame + ?Sized>(f: &F, ingress: bool, cfg: &Config) -> Quick {
     // Ethernet and a 20-byte IPv4 header (or the start of IPv6) in one read.
     let Some(h): Option<&[u8; ETH_HLEN + 20]> = f.read(0) else {
         return Quick::Unsure;

@@ -385,8 +385,8 @@ const _: () = assert!(size_of::<Sample>() != size_of::<Event>());
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
     /// Packets the first pass could not settle, parsed in full (a VLAN tag,
-    /// IPv6 extension headers, short or malformed headers; every packet in
-    /// tap mode). The common frames count nothing here: a counter update on
+    /// IPv6 extension headers, short or malformed headers; every packet of
+    /// the by-port programs: mirror port, router, proxy host). The common frames count nothing here: a counter update on
     /// every packet was much of their cost.
     FullParses = 0,
     /// Packets of tracked flows (TCP, tracked local port).

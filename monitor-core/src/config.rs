@@ -177,7 +177,7 @@ pub enum ConfigError {
         "agent.plaintext_ports: port {port} is not one of agent.ports or agent.upstream_ports"
     )]
     PlaintextNotTracked { port: u16 },
-    #[error("agent.gap_threshold_seconds: must be between 0.001 and 3600, got {got:?}")]
+    #[error("agent.gap_threshold_seconds: must be between 0.05 and 3600, got {got:?}")]
     GapThreshold { got: Duration },
     #[error("agent.flow_table_size: must be between 1 and {max}, got {got}")]
     FlowTableSize { got: u32, max: u32 },
@@ -252,7 +252,9 @@ impl AgentConfig {
         if let Some(&port) = self.plaintext_ports.iter().find(|p| !tracked.contains(p)) {
             return Err(ConfigError::PlaintextNotTracked { port });
         }
-        if self.gap_threshold < Duration::from_millis(1)
+        // Above a few ticks of the coarse packet clock (4 ms at HZ=250,
+        // 10 ms at HZ=100): a shorter silence is not measured, it is rounded.
+        if self.gap_threshold < Duration::from_millis(50)
             || self.gap_threshold > Duration::from_secs(3600)
         {
             return Err(ConfigError::GapThreshold {

@@ -151,7 +151,7 @@ fn kernel_metric(c: Counter) -> (&'static str, &'static str) {
     match c {
         Counter::FullParses => (
             "kernel_full_parses_total",
-            "Packets the first pass could not settle (VLAN tag, IPv6 extension headers, short or malformed headers; all in tap mode), parsed in full.",
+            "Packets the first pass could not settle (VLAN tag, IPv6 extension headers, short or malformed headers; all in the by-port modes: mirror port, router, proxy host), parsed in full.",
         ),
         Counter::PacketsTracked => (
             "kernel_packets_tracked_total",

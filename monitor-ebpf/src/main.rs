@@ -218,9 +218,8 @@ fn emit_sample<C: Payload>(ctx: &C, key: &FlowKey, pkt: &Packet, now: u64) {
     count(Counter::SamplesSent);
 }
 
-/// The header parse, in a function of its own (a BPF-to-BPF call): its
-/// header copies get their own stack frame instead of crowding the 512 bytes
-/// shared with the flow update.
+/// The full header parse into `out`, in a function of its own (a
+/// BPF-to-BPF call): the chain probe's, which keeps its packet on the stack.
 #[inline(never)]
 fn parse(start: usize, end: usize, out: &mut Packet) -> Result<(), ParseError> {
     *out = parse_ethernet(&Bytes { start, end })?;
@@ -349,8 +348,33 @@ fn tracked<C: Payload, const STOP: u8, const TAP: bool>(
     // SAFETY: never written after load.
     let cfg = unsafe { &*core::ptr::addr_of!(CONFIG) };
     if STOP == STOP_AFTER_PARSE {
-        // SAFETY: a read of our own stack, kept so the parse is not optimised away.
-        return unsafe { core::ptr::read_volatile(&pkt.dst_port) } != 0;
+        // Every field the state machine reads, folded, so that none of the
+        // parse is optimised away.
+        let fold = pkt.seq
+            ^ pkt.ack
+            ^ pkt.ip_len
+            ^ pkt.payload_len
+            ^ pkt.payload_off
+            ^ u32::from(pkt.src_port) << 16
+            ^ u32::from(pkt.dst_port)
+            ^ u32::from(pkt.ip_id) << 16
+            ^ u32::from(pkt.window)
+            ^ u32::from(pkt.tcp_flags) << 8
+            ^ u32::from(pkt.ttl)
+            ^ u32::from_ne_bytes([
+                pkt.src_addr[0],
+                pkt.src_addr[1],
+                pkt.src_addr[2],
+                pkt.src_addr[3],
+            ])
+            ^ u32::from_ne_bytes([
+                pkt.dst_addr[0],
+                pkt.dst_addr[1],
+                pkt.dst_addr[2],
+                pkt.dst_addr[3],
+            ]);
+        // SAFETY: a read of our own stack.
+        return unsafe { core::ptr::read_volatile(&fold) } != 0;
     }
     count(Counter::PacketsTracked);
     let now = clock::<TAP>();
@@ -420,11 +444,10 @@ struct Step {
     plaintext: bool,
 }
 
-/// A packet of a flow in the table. A function of its own (a BPF-to-BPF
-/// call): inlined, the packet path overflows LLVM's 512-byte stack frame.
-/// Returns whether its event was lost, for the caller to mark the flow: a
-/// value the caller uses, so that LLVM never leaves a pointer to the
-/// caller's stack in r0 (the verifier refuses that).
+/// A packet of a flow in the table, inline: no call on the established
+/// packet's path (the stack allows it since the rare paths, `unknown` and
+/// `full_track`, keep their packets in frames of their own). Returns
+/// whether its event was lost, for the caller to mark the flow.
 #[inline(always)]
 fn known<C: Payload>(ctx: &C, flow: &mut Flow, key: &FlowKey, pkt: &Packet, step: &Step) -> bool {
     let (dir, now) = (step.dir, step.now);

@@ -24,7 +24,7 @@ use monitor::{
 use monitor_common::{
     craft::{header_boundaries, Tcp},
     flow::seq_after,
-    Counter, Dir, EventKind, Flow, FlowKey, TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN,
+    Counter, Dir, EventKind, Flow, FlowKey, Quick, TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN,
 };
 use monitor_tests::*;
 
@@ -198,21 +198,31 @@ fn crafted_frames_through(ebpf: &mut Ebpf, program: &str, dir: Dir, pass: u32) {
         ebpf.program(program),
         Some(aya::programs::Program::SchedClassifier(_))
     );
-    for (name, frame, expect) in crafted_cases(dir, skb) {
+    let kcfg = test_config("unused").kernel_config();
+    let mut settled = 0usize;
+    let cases = crafted_cases(dir, skb);
+    for (name, frame, expect) in cases.iter().cloned() {
         let before = counters(ebpf);
         let (verdict, out) = run_program(ebpf, program, &frame);
         assert_eq!(verdict, pass, "{program}, {name}: must pass");
         assert_eq!(out, frame, "{program}, {name}: handed on unchanged");
         let after = counters(ebpf);
         let delta = |c| after.get(c) - before.get(c);
-        // Frames the one pass settles count no full parse (issue 18: no
-        // counter on the untracked path, one on the tracked path); a
-        // failure always took the full parse, once.
+        // Exactly the frames the one pass leaves take the full parse, once
+        // (issue 18: no counter on the untracked path, one on the tracked
+        // path); a failure always took it.
+        let one_pass = monitor_common::quick(frame.as_slice(), dir == Dir::In, &kcfg);
         let full = delta(Counter::FullParses);
-        assert!(
-            full <= 1 && full >= u64::from(expect == Expect::Failure),
-            "{name}: full parses {full}"
+        assert_eq!(
+            full,
+            u64::from(one_pass == Quick::Unsure),
+            "{name}: full parses"
         );
+        assert!(expect != Expect::Failure || full == 1, "{name}: a failure");
+        if PLAIN.contains(&name.as_str()) {
+            assert_eq!(full, 0, "{name}: a plain frame takes the one pass");
+            settled += 1;
+        }
         assert_eq!(
             delta(Counter::PacketsTracked),
             u64::from(expect == Expect::Tracked),
@@ -224,7 +234,11 @@ fn crafted_frames_through(ebpf: &mut Ebpf, program: &str, dir: Dir, pass: u32) {
             "{name}: parse failures"
         );
     }
+    assert_eq!(settled, PLAIN.len(), "every plain case was run");
 }
+
+/// Crafted cases with whole headers, no VLAN tag, no IPv6 extension header.
+const PLAIN: [&str; 3] = ["ipv4", "ipv4 with IP and TCP options", "port 8080"];
 
 #[test]
 fn xdp_passes_every_crafted_frame_and_counts_it_right() {
@@ -294,15 +308,27 @@ fn packets_are_stamped_on_the_agents_clock_coarse_from_5_11_precise_before() {
     // A tick at HZ=100 (the coarsest), with room for scheduling.
     const TICK_NS: u64 = 20_000_000;
     let new = loader::KernelFeatures::current().expect("kernel version");
+    if !new.coarse_clock {
+        eprintln!("skipped: this kernel predates bpf_ktime_get_coarse_ns (5.11)");
+        return;
+    }
     let old = loader::KernelFeatures::of(aya::util::KernelVersion::new(5, 10, 0));
-    assert!(new.coarse_clock && !old.coarse_clock);
-    let mut coarse = loader::load_for(&test_config("unused"), &new).expect("loading");
-    let mut precise = loader::load_for(&test_config("unused"), &old).expect("loading for 5.10");
+    assert!(!old.coarse_clock);
+    let cfg = test_config("unused");
+    let program = |k| {
+        loader::plan(&cfg, k)
+            .expect("a plan")
+            .xdp
+            .expect("an XDP program")
+    };
+    let (new_xdp, old_xdp) = (program(&new), program(&old));
+    let mut coarse = loader::load_for(&cfg, &new).expect("loading");
+    let mut precise = loader::load_for(&cfg, &old).expect("loading for 5.10");
     let mut coarse_behind = 0;
     for i in 0..20u16 {
-        let (b, t, a) = syn_stamp(&mut precise, loader::XDP_NOFRAGS_PROGRAM, 41000 + i);
+        let (b, t, a) = syn_stamp(&mut precise, old_xdp, 41000 + i);
         assert!(b <= t && t <= a, "precise: {b} <= {t} <= {a}");
-        let (b, t, a) = syn_stamp(&mut coarse, loader::XDP_PROGRAM, 41000 + i);
+        let (b, t, a) = syn_stamp(&mut coarse, new_xdp, 41000 + i);
         assert!(
             b.saturating_sub(TICK_NS) <= t && t <= a,
             "coarse: {b} - tick <= {t} <= {a}"
@@ -740,11 +766,13 @@ fn connection_to_port_8080_is_not_tracked() {
     let mut evs = Vec::new();
     m.drain(|e| evs.push(e));
     assert!(evs.is_empty(), "no events for port 8080: {evs:?}");
-    // Not counted as seen either: settled at the glance (issue 18).
-    assert_eq!(
-        after.get(Counter::PacketsTracked),
-        before.get(Counter::PacketsTracked)
-    );
+    // Not tracked, and never a failure. (Full parses are not compared: the
+    // namespace's own IPv6 traffic, MLD behind a hop-by-hop header, takes
+    // the full parse meanwhile; the one pass on plain frames is pinned by
+    // the crafted-frame tests.)
+    for c in [Counter::PacketsTracked, Counter::ParseFailures] {
+        assert_eq!(after.get(c), before.get(c), "{c:?}");
+    }
     assert_eq!(m.flows().unwrap().keys().count(), 0);
 }
 

@@ -280,7 +280,7 @@ pub struct Verdict {
     /// Events of this flow were lost (ring buffer full): the verdict rests on
     /// part of the story and is kept out of estimates.
     pub incomplete: bool,
-    /// Boot-time ns of the ending.
+    /// Kernel clock (CLOCK_MONOTONIC) ns of the ending.
     pub at_ns: u64,
     pub flow_age_seconds: f64,
     pub evidence: Evidence,

@@ -760,7 +760,7 @@ impl Detector {
                 ping_heartbeat_s: None,
                 pending_gap: None,
                 suspect: None,
-                // Seconds to a few hundred: f32 holds them to a microsecond.
+                // Milliseconds to seconds: f32 keeps them to a microsecond.
                 rtt_s: handshake_rtt(ev).map(|r| r as f32),
                 finalized: false,
                 upstream: path.upstream,

@@ -245,6 +245,16 @@ fn single_runs(
     }
 }
 
+/// Events the programs sent so far (all CPUs).
+fn events_sent(ebpf: &Ebpf) -> u64 {
+    use monitor::counters::ReadCounters;
+    let map = ebpf.map("COUNTERS").expect("COUNTERS map");
+    let counters = aya::maps::PerCpuArray::try_from(map).expect("per-CPU counters");
+    monitor::counters::KernelCounters::read(&counters)
+        .expect("reading counters")
+        .get(monitor_common::Counter::EventsSent)
+}
+
 fn drain(ebpf: &mut Ebpf) {
     if let Some(m) = ebpf.map_mut("EVENTS") {
         if let Ok(mut r) = RingBuf::try_from(m) {
@@ -496,9 +506,18 @@ pub fn per_packet(repeat: u32, rounds: usize, singles: usize) -> Vec<Case> {
             ));
             drain(&mut ebpf);
         }
-        // Each ACK comes 2 ms after the last packet of its flow: over the 1 ms threshold.
+        // Each ACK comes 12 ms after the last packet of its flow: over the
+        // 1 ms threshold by at least one tick of the coarse clock (4 ms at
+        // HZ=250, 10 ms at HZ=100), so each one ends a gap.
         let acks: Vec<Vec<u8>> = (0..singles.min(500)).map(|_| ack.clone()).collect();
-        let t = single_runs(&mut ebpf, ours, empty, &acks, Duration::from_millis(2));
+        let before = events_sent(&ebpf);
+        let t = single_runs(&mut ebpf, ours, empty, &acks, Duration::from_millis(12));
+        let sent = events_sent(&ebpf) - before;
+        assert_eq!(
+            sent,
+            acks.len() as u64,
+            "{hook} case (e): every timed packet must end a gap and send its event"
+        );
         out.push(t.case(
             hook,
             "(e) packet ending an idle gap (event)",
