@@ -171,6 +171,7 @@ fn killing_path(s: &mut String, p: &PathReport, r: &Report) {
             r.heartbeat_to_cover_seconds,
             crate::detector::CURE_MARGIN_SECONDS
         );
+        keepalive_cure(s, p);
     }
     path_heartbeats(s, p, r);
     if p.incomplete_flows > 0 {
@@ -268,6 +269,32 @@ fn estimate(e: &Estimate) -> String {
         } => format!(
             "at most {high_seconds:.1} s (shortest silence that was killed; no shorter silence has survived yet), from {samples} kills"
         ),
+    }
+}
+
+/// Where the box cannot be changed: the keepalive that keeps its state,
+/// as each proxy spells it; or why keepalive would not help.
+fn keepalive_cure(s: &mut String, p: &PathReport) {
+    if let Some(k) = p.keepalive_cure {
+        let (i, n, c) = (k.idle_seconds, k.interval_seconds, k.count);
+        let _ = writeln!(
+            s,
+            "  where it cannot be changed: TCP keepalive from this end of each connection keeps its state (idle {i} s, probes {n} s apart, {c} unanswered end it):"
+        );
+        let _ = writeln!(s, "    nginx: listen 443 ssl so_keepalive={i}s:{n}s:{c};");
+        let _ = writeln!(
+            s,
+            "    HAProxy: option clitcpka, clitcpka-idle {i}s, clitcpka-intvl {n}s, clitcpka-cnt {c}"
+        );
+        let _ = writeln!(
+            s,
+            "    a server's own sockets: SO_KEEPALIVE with TCP_KEEPIDLE {i}, TCP_KEEPINTVL {n}, TCP_KEEPCNT {c}"
+        );
+    } else if p.how == Some(crate::detector::Ending::ProxyTimeout) {
+        let _ = writeln!(
+            s,
+            "  TCP keepalive would not help: a proxy that terminates TCP answers it itself and still times out the request"
+        );
     }
 }
 

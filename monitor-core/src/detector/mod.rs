@@ -6,6 +6,7 @@ mod close;
 pub mod config;
 pub mod ending;
 mod held;
+pub mod keepalive;
 pub mod middlebox;
 pub mod path;
 pub mod report;

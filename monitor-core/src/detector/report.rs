@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    middlebox,
+    keepalive, middlebox,
     path::{median, Confidence, PathKey, PathStats},
     BoxLocation, Detector, Ending, Estimate,
 };
@@ -49,6 +49,11 @@ pub struct PathReport {
     /// upstream legs followed): never heartbeat samples.
     #[serde(default)]
     pub proxy_timeout_answers: u64,
+    /// Where the box cannot be changed: TCP keepalive from this host that
+    /// keeps its state (kills a packet before its timer prevents, with a
+    /// timeout known to be safe above the floor).
+    #[serde(default)]
+    pub keepalive_cure: Option<super::keepalive::Keepalive>,
 }
 
 /// Held requests that end at one value, below what the devices' Pings ask
@@ -237,6 +242,16 @@ impl Detector {
 
     fn path_report(&self, key: &PathKey, p: &PathStats) -> PathReport {
         let estimate = p.estimate();
+        let how = Ending::KILLS
+            .iter()
+            .copied()
+            .filter(|e| p.by_ending[*e as usize] > 0)
+            .max_by_key(|e| p.by_ending[*e as usize]);
+        let keepalive_cure = estimate
+            .as_ref()
+            .filter(|_| p.premature > 0 && how.is_some_and(keepalive::remediable))
+            .and_then(keepalive::safe_timeout)
+            .and_then(|t| keepalive::keepalive_for(t, keepalive::FLOOR_SECONDS));
         PathReport {
             path: key.to_string(),
             flows_ended: p.flows_ended,
@@ -249,11 +264,7 @@ impl Detector {
             premature_kills: p.premature,
             reconnect_churn: p.churn,
             incomplete_flows: p.incomplete,
-            how: Ending::KILLS
-                .iter()
-                .copied()
-                .filter(|e| p.by_ending[*e as usize] > 0)
-                .max_by_key(|e| p.by_ending[*e as usize]),
+            how,
             confidence: estimate.as_ref().map(|e| e.confidence()),
             box_location: p.box_location(),
             reset_bursts: p.reset_bursts,
@@ -268,6 +279,7 @@ impl Detector {
             pings_read: p.pings_read,
             kill_silence_histogram: p.kill_histogram(8),
             proxy_timeout_answers: p.proxy_timeout_answers,
+            keepalive_cure,
         }
     }
 

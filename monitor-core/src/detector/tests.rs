@@ -608,6 +608,17 @@ fn estimate_converges_on_a_reset_at_expiry_path_with_rtt_jitter() {
         p.likely_devices
     );
     assert_eq!(p.recommended_idle_timeout_seconds, Some(1800.0 + 120.0));
+    // Where the F5 cannot be changed: keepalive under its 300 s by 10 %.
+    let k = p
+        .keepalive_cure
+        .expect("a reset at expiry is cured by keepalive");
+    assert!((265..=270).contains(&k.idle_seconds), "{k:?}");
+    assert_eq!((k.interval_seconds, k.count), (67, 4));
+    let text = crate::render::report(&r);
+    assert!(
+        text.contains(&format!("so_keepalive={}s:67s:4;", k.idle_seconds)),
+        "{text}"
+    );
 }
 
 #[test]
