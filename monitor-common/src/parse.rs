@@ -197,22 +197,35 @@ fn one_pass<F: Frame + ?Sized>(f: &F, ingress: bool, cfg: &Config) -> Quick {
     let Some(h): Option<&[u8; ETH_HLEN + 20]> = f.read(0) else {
         return Quick::Unsure;
     };
-    match be16(h, 12) {
-        ETH_P_IP => quick_v4(f, ingress, cfg, h),
-        ETH_P_IPV6 => quick_v6(f, ingress, cfg),
-        ETH_P_8021Q | ETH_P_8021AD => Quick::Unsure,
+    // Compared as loaded (network order), not swapped first.
+    match u16::from_ne_bytes([h[12], h[13]]) {
+        NE_ETH_P_IP => quick_v4(f, ingress, cfg, h),
+        NE_ETH_P_IPV6 => quick_v6(f, ingress, cfg),
+        NE_ETH_P_8021Q | NE_ETH_P_8021AD => Quick::Unsure,
         _ => Quick::Pass,
     }
 }
 
+/// A big-endian 16-bit field's value as a native load reads it.
+const fn ne(v: u16) -> u16 {
+    u16::from_ne_bytes(v.to_be_bytes())
+}
+const NE_ETH_P_IP: u16 = ne(ETH_P_IP);
+const NE_ETH_P_IPV6: u16 = ne(ETH_P_IPV6);
+const NE_ETH_P_8021Q: u16 = ne(ETH_P_8021Q);
+const NE_ETH_P_8021AD: u16 = ne(ETH_P_8021AD);
+/// The fragment offset bits of IPv4's flags-and-offset field.
+const NE_FRAG_OFFSET: u16 = ne(0x1fff);
+
 #[inline(always)]
 fn quick_v4<F: Frame + ?Sized>(f: &F, ingress: bool, cfg: &Config, h: &[u8; 34]) -> Quick {
     let vihl = h[ETH_HLEN];
-    if vihl >> 4 != 4 || vihl & 0x0f < 5 {
+    // Version 4 with a header length of at least 5 words: 0x45..=0x4f.
+    if vihl.wrapping_sub(0x45) > 0x0a {
         return Quick::Unsure;
     }
     // Non-first fragments and other protocols: "not TCP", never a failure.
-    if h[23] != IPPROTO_TCP || be16(h, 20) & 0x1fff != 0 {
+    if h[23] != IPPROTO_TCP || u16::from_ne_bytes([h[20], h[21]]) & NE_FRAG_OFFSET != 0 {
         return Quick::Pass;
     }
     let ihl = ((vihl & 0x0f) as usize) * 4;

@@ -855,12 +855,12 @@ fn per_packet_cost_has_not_regressed() {
     require_root();
     // (hook, case, instructions recorded, ours / floor recorded)
     let recorded = [
-        ("XDP", "(a) non-TCP packet", 22, 1.22),
-        ("XDP", "(b) TCP to an untracked port", 46, 1.22),
-        ("XDP", "(c) packet of an established tracked flow", 245, 1.6),
-        ("TC", "(a) non-TCP packet", 24, 1.22),
-        ("TC", "(b) TCP to an untracked port", 46, 1.22),
-        ("TC", "(c) packet of an established tracked flow", 220, 1.4),
+        ("XDP", "(a) non-TCP packet", 19, 1.22),
+        ("XDP", "(b) TCP to an untracked port", 43, 1.22),
+        ("XDP", "(c) packet of an established tracked flow", 243, 1.6),
+        ("TC", "(a) non-TCP packet", 21, 1.22),
+        ("TC", "(b) TCP to an untracked port", 43, 1.22),
+        ("TC", "(c) packet of an established tracked flow", 218, 1.4),
     ];
     for (hook, progs, dir) in monitor_tests::bench::hooks() {
         let counts = monitor_tests::bench::count_quick_cases(progs, dir).expect("interpreter");
