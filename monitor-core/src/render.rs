@@ -277,18 +277,22 @@ fn estimate(e: &Estimate) -> String {
 fn keepalive_cure(s: &mut String, p: &PathReport) {
     if let Some(k) = p.keepalive_cure {
         let (i, n, c) = (k.idle_seconds, k.interval_seconds, k.count);
+        let port = p.path.rsplit_once(':').map_or("443", |(_, port)| port);
         let _ = writeln!(
             s,
-            "  where it cannot be changed: TCP keepalive from this end of each connection keeps its state (idle {i} s, probes {n} s apart, {c} unanswered end it):"
-        );
-        let _ = writeln!(s, "    nginx: listen 443 ssl so_keepalive={i}s:{n}s:{c};");
-        let _ = writeln!(
-            s,
-            "    HAProxy: option clitcpka, clitcpka-idle {i}s, clitcpka-intvl {n}s, clitcpka-cnt {c}"
+            "  where it cannot be changed: TCP keepalive from the server's end of each connection (the ActiveSync server, or the reverse proxy that publishes it) keeps its state: idle {i} s, probes {n} s apart, {c} unanswered end it:"
         );
         let _ = writeln!(
             s,
-            "    a server's own sockets: SO_KEEPALIVE with TCP_KEEPIDLE {i}, TCP_KEEPINTVL {n}, TCP_KEEPCNT {c}"
+            "    nginx: so_keepalive={i}s:{n}s:{c} on the listen directive of port {port}"
+        );
+        let _ = writeln!(
+            s,
+            "    HAProxy (2.2+): option clitcpka, clitcpka-idle {i}s, clitcpka-intvl {n}s, clitcpka-cnt {c}"
+        );
+        let _ = writeln!(
+            s,
+            "    a Linux server's own sockets: SO_KEEPALIVE with TCP_KEEPIDLE {i}, TCP_KEEPINTVL {n}, TCP_KEEPCNT {c}"
         );
     } else if p.how == Some(crate::detector::Ending::ProxyTimeout) {
         let _ = writeln!(

@@ -52,13 +52,11 @@ pub fn safe_timeout(e: &Estimate) -> Option<f64> {
 }
 
 /// Keepalive for a box that forgets after `timeout_s`: idle safely under
-/// it (by 10 %, at least 10 s), never under `floor_s`; none where the floor
-/// is not under the timeout.
+/// it (by 10 %, at least 10 s); none where that falls under `floor_s`
+/// (raising it to the floor would eat the margin).
 pub fn keepalive_for(timeout_s: f64, floor_s: f64) -> Option<Keepalive> {
-    let idle = (timeout_s - (timeout_s * 0.1).max(10.0))
-        .floor()
-        .max(floor_s);
-    if !idle.is_finite() || idle >= timeout_s || idle < 1.0 {
+    let idle = (timeout_s - (timeout_s * 0.1).max(10.0)).floor();
+    if !idle.is_finite() || idle < floor_s.max(1.0) {
         return None;
     }
     // A dead client found within about twice the idle time, probes at
@@ -87,9 +85,10 @@ mod tests {
     }
 
     #[test]
-    fn the_floor_holds_and_a_timeout_under_it_gets_no_keepalive() {
-        // 35 s: 25 s would do, the floor makes it 30 s, still under 35 s.
-        assert_eq!(keepalive_for(35.0, FLOOR_SECONDS).unwrap().idle_seconds, 30);
+    fn a_timeout_whose_safe_idle_falls_under_the_floor_gets_no_keepalive() {
+        // 40 s: 30 s, at the floor. 35 s: 25 s, under it: none.
+        assert_eq!(keepalive_for(40.0, FLOOR_SECONDS).unwrap().idle_seconds, 30);
+        assert_eq!(keepalive_for(35.0, FLOOR_SECONDS), None);
         assert_eq!(keepalive_for(30.0, FLOOR_SECONDS), None);
         assert_eq!(keepalive_for(20.0, FLOOR_SECONDS), None);
         // A lower floor (the scaled lab's): 20 s gets 10 s.

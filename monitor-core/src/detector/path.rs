@@ -405,6 +405,11 @@ impl PathStats {
         })
     }
 
+    /// The shortest silence before a kill of any kind (recent kills).
+    pub fn shortest_kill_silence(&self) -> Option<f64> {
+        self.kills.iter().map(|k| k.silence_s).reduce(f64::min)
+    }
+
     /// Silences before kills, binned for a text histogram: (upper bound s, count).
     pub fn kill_histogram(&self, bins: usize) -> Vec<(f64, usize)> {
         let max = self.kills.iter().map(|k| k.silence_s).fold(0.0, f64::max);

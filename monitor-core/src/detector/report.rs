@@ -247,10 +247,15 @@ impl Detector {
             .copied()
             .filter(|e| p.by_ending[*e as usize] > 0)
             .max_by_key(|e| p.by_ending[*e as usize]);
+        // Not on an upstream leg (its keepalive is the proxy's toward the
+        // server, spelled otherwise). Never over the shortest kill of any
+        // kind: a path may mix boxes, and a point is a median.
         let keepalive_cure = estimate
             .as_ref()
-            .filter(|_| p.premature > 0 && how.is_some_and(keepalive::remediable))
+            .filter(|_| !key.upstream && p.premature > 0)
+            .filter(|_| how.is_some_and(keepalive::remediable))
             .and_then(keepalive::safe_timeout)
+            .map(|t| p.shortest_kill_silence().map_or(t, |k| t.min(k)))
             .and_then(|t| keepalive::keepalive_for(t, keepalive::FLOOR_SECONDS));
         PathReport {
             path: key.to_string(),

@@ -616,7 +616,10 @@ fn estimate_converges_on_a_reset_at_expiry_path_with_rtt_jitter() {
     assert_eq!((k.interval_seconds, k.count), (67, 4));
     let text = crate::render::report(&r);
     assert!(
-        text.contains(&format!("so_keepalive={}s:67s:4;", k.idle_seconds)),
+        text.contains(&format!(
+            "so_keepalive={}s:67s:4 on the listen directive of port 443",
+            k.idle_seconds
+        )),
         "{text}"
     );
 }
