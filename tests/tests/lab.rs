@@ -495,7 +495,26 @@ fn lab_classifies_every_middlebox_side_by_side() {
     let mut lab = LabRun::start_with(&s, &agent_bin(), Some(&pcap), true).expect("lab up");
     let prometheus = Prometheus::start(&lab.topo.server.name);
     std::thread::sleep(Duration::from_secs(s.duration_seconds));
-    let alerts = prometheus.get("/api/v1/alerts");
+    // The premature-kill alert fires a minute after the path's first kill
+    // (`for: 1m`); a kill late in the run leaves it pending at the end.
+    // Wait, bounded, for what is asserted below.
+    let fired = |a: &Value, name: &str, path: Option<&str>| {
+        a["state"] == "firing"
+            && a["labels"]["alertname"] == name
+            && path.is_none_or(|p| a["labels"]["path"] == p)
+    };
+    let alerts = xtask::netns::wait_for(Duration::from_secs(75), || {
+        let v = prometheus.get("/api/v1/alerts");
+        let list = v["data"]["alerts"].as_array().cloned().unwrap_or_default();
+        (list
+            .iter()
+            .any(|a| fired(a, "ActiveSyncPrematureKills", Some("100.64.1.0/24:443")))
+            && list
+                .iter()
+                .any(|a| fired(a, "ActiveSyncHeartbeatWindowLow", None)))
+        .then_some(v)
+    })
+    .unwrap_or_else(|| prometheus.get("/api/v1/alerts"));
     let targets = prometheus.get("/api/v1/targets");
     drop(prometheus);
     let report = lab.report().expect("monitor report --json");
