@@ -11,6 +11,7 @@ pub mod craft;
 
 pub mod flow;
 pub mod parse;
+pub mod remedy;
 #[cfg(any(test, feature = "host"))]
 pub mod tables;
 pub mod types;

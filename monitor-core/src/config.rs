@@ -155,6 +155,7 @@ pub struct FileConfig {
     pub detector: DetectorConfig,
     pub metrics: MetricsConfig,
     pub query: QueryConfig,
+    pub remedy: crate::remedy::RemedyConfig,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -197,6 +198,10 @@ pub enum ConfigError {
     TopPaths(usize),
     #[error("detector.{0}")]
     Detector(#[from] DetectorConfigError),
+    #[error("remedy.{0}")]
+    Remedy(#[from] crate::remedy::RemedyConfigError),
+    #[error("remedy.keepalive: only an agent on the connections' endpoint (agent.mode = \"server\": the ActiveSync server or its reverse proxy) owns the sockets to give keepalive")]
+    RemedyNotOnEndpoint,
     #[error("reading the configuration file {path}: {message}")]
     File { path: String, message: String },
 }
@@ -343,6 +348,10 @@ impl FileConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.agent.validate()?;
         self.detector.validate()?;
+        self.remedy.validate()?;
+        if self.remedy.keepalive && self.agent.mode != crate::placement::AgentMode::Server {
+            return Err(ConfigError::RemedyNotOnEndpoint);
+        }
         if self.metrics.top_paths == 0 || self.metrics.top_paths > 1000 {
             return Err(ConfigError::TopPaths(self.metrics.top_paths));
         }

@@ -15,6 +15,7 @@ pub mod ping;
 pub mod pipeline;
 pub mod placement;
 pub mod query;
+pub mod remedy;
 pub mod render;
 pub mod replay;
 pub mod scenario;

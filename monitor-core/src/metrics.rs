@@ -109,7 +109,23 @@ pub struct Metrics {
     decode_errors: IntGauge,
     paths_evicted: IntGauge,
     flows_untracked: IntGauge,
+    remedy: RemedyMetrics,
 }
+
+/// The cure's families (`activesync_monitor_remedy_*`): per-path series
+/// for at most `top_paths` remedied paths.
+struct RemedyMetrics {
+    top_paths: usize,
+    paths: IntGaugeVec,
+    idle: GaugeVec,
+    covered: IntGaugeVec,
+    kills: IntGaugeVec,
+    sockets: IntCounterVec,
+    sockets_last: std::collections::BTreeMap<String, u64>,
+}
+
+/// Remedy states, as the `state` label spells them.
+const REMEDY_STATES: [&str; 3] = ["on", "lifted", "not_remediable"];
 
 /// Both kernel tables, as of the agent's last sweep.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -263,6 +279,15 @@ impl Metrics {
             decode_errors: reg!(r, IntGauge::new(name("event_decode_errors"), "Ring buffer records that did not decode.")?),
             paths_evicted: reg!(r, IntGauge::new(name("detector_paths_evicted"), "Paths the detector forgot to stay within its bound.")?),
             flows_untracked: reg!(r, IntGauge::new(name("detector_flows_untracked"), "Flows the detector could not follow (its flow bound was reached).")?),
+            remedy: RemedyMetrics {
+                top_paths,
+                paths: reg!(r, IntGaugeVec::new(Opts::new(name("remedy_paths"), "Killing paths by where their keepalive remedy stands: on, lifted (quiet, retesting the box) or not remediable."), &["state"])?),
+                idle: reg!(r, GaugeVec::new(Opts::new(name("remedy_keepalive_idle_seconds"), "TCP keepalive idle time in force per remedied path (top paths by connections covered)."), &["path"])?),
+                covered: reg!(r, IntGaugeVec::new(Opts::new(name("remedy_sockets_covered"), "Connections with the path's keepalive in force, at the last sweep (top paths)."), &["path"])?),
+                kills: reg!(r, IntGaugeVec::new(Opts::new(name("remedy_premature_kills_while_remedied"), "Premature kills on a remedied path of silences that began after the remedy came into force: a remedy that does not work (top paths)."), &["path"])?),
+                sockets: reg!(r, IntCounterVec::new(Opts::new(name("remedy_sockets_total"), "Sockets the remedy programs changed or left alone, by outcome (new_covered, new_own_keepalive, new_failed, new_table_full, sweep_applied, sweep_undone, sweep_failed)."), &["outcome"])?),
+                sockets_last: std::collections::BTreeMap::new(),
+            },
             paths: Labeller::new(top_paths),
             clients: client_addresses.then(|| Labeller::new(top_paths)),
             kernel_last: KernelCounters::default(),
@@ -424,6 +449,54 @@ impl Metrics {
         Ok(String::from_utf8_lossy(&buf).into_owned())
     }
 
+    /// The cure's state: per-path series for the top remedied paths, reset
+    /// each time so a lifted path's series go.
+    pub fn set_remedy(&mut self, status: &crate::remedy::RemedyStatus) {
+        use crate::remedy::PathRemedyState as St;
+        let m = &mut self.remedy;
+        let mut counts = [0i64; 3];
+        for p in &status.paths {
+            let i = match p.state {
+                St::On { .. } => 0,
+                St::Lifted { .. } => 1,
+                St::NotRemediable { .. } => 2,
+            };
+            counts[i] += 1;
+        }
+        for (state, n) in REMEDY_STATES.iter().zip(counts) {
+            m.paths.with_label_values(&[*state]).set(n);
+        }
+        m.idle.reset();
+        m.covered.reset();
+        m.kills.reset();
+        let mut on: Vec<_> = status
+            .paths
+            .iter()
+            .filter_map(|p| match p.state {
+                St::On { keepalive, .. } => Some((p, keepalive)),
+                _ => None,
+            })
+            .collect();
+        on.sort_by_key(|p| std::cmp::Reverse(p.0.sockets_covered));
+        for (p, k) in on.into_iter().take(m.top_paths) {
+            let l = [p.path.as_str()];
+            m.idle.with_label_values(&l).set(f64::from(k.idle_seconds));
+            m.covered
+                .with_label_values(&l)
+                .set(p.sockets_covered as i64);
+            m.kills
+                .with_label_values(&l)
+                .set(p.kills_while_remedied as i64);
+        }
+        for (outcome, v) in &status.counters {
+            let last = m.sockets_last.get(outcome).copied().unwrap_or(0);
+            m.sockets
+                .with_label_values(&[outcome.as_str()])
+                .inc_by(v.saturating_sub(last));
+            m.sockets_last.insert(outcome.clone(), *v);
+        }
+    }
+
     /// Series a scrape can hold at most (families x label sets x buckets).
     pub fn max_series(top_paths: usize, client_addresses: bool) -> usize {
         let buckets = SILENCE_BUCKETS.len() + 3; // +Inf, _sum, _count
@@ -442,6 +515,9 @@ impl Metrics {
             + Counter::COUNT as usize
             + 9 // both tables
             + 3 // decode errors, paths evicted, flows untracked
+            + REMEDY_STATES.len() // remedy paths by state
+            + top_paths * 3 // remedy idle, covered, kills while remedied
+            + monitor_common::remedy::RemedyCounter::COUNT as usize // remedy sockets by outcome
             + if client_addresses { paths } else { 0 }
     }
 }

@@ -22,7 +22,11 @@ pub enum Request {
     Status,
     Flows(FlowQuery),
     Report,
-    Events { follow: bool },
+    Events {
+        follow: bool,
+    },
+    /// The cure in force (`monitor remedy status`).
+    Remedy,
 }
 
 /// The request as it travels: strict about unknown fields (serde cannot be
@@ -45,7 +49,7 @@ pub enum RequestError {
     TooLong,
     #[error("bad request: {0}")]
     Syntax(String),
-    #[error("unknown cmd {0:?} (status, flows, report, events)")]
+    #[error("unknown cmd {0:?} (status, flows, report, events, remedy)")]
     UnknownCmd(String),
     #[error("cmd {cmd:?} takes no {field:?}")]
     Field { cmd: String, field: &'static str },
@@ -58,6 +62,7 @@ impl TryFrom<Wire> for Request {
             "status" => Request::Status,
             "flows" => Request::Flows(w.query.clone().unwrap_or_default()),
             "report" => Request::Report,
+            "remedy" => Request::Remedy,
             "events" => Request::Events {
                 follow: w.follow.unwrap_or(false),
             },
@@ -83,6 +88,7 @@ impl From<Request> for Wire {
             Request::Status => ("status", None, None),
             Request::Flows(q) => ("flows", None, Some(q)),
             Request::Report => ("report", None, None),
+            Request::Remedy => ("remedy", None, None),
             Request::Events { follow } => ("events", Some(follow), None),
         };
         Wire {

@@ -126,6 +126,61 @@ pub fn report(r: &Report) -> String {
     }
     quiet_paths(&mut s, &r.quiet_paths);
     window(&mut s, &r.window);
+    if let Some(m) = &r.remedy {
+        let _ = writeln!(s);
+        s.push_str(&remedy(m));
+    }
+    s
+}
+
+/// The cure in force (`monitor remedy status`, and the report's section).
+pub fn remedy(m: &crate::remedy::RemedyStatus) -> String {
+    use crate::remedy::PathRemedyState as St;
+    let mut s = String::new();
+    if let Some(e) = &m.error {
+        let _ = writeln!(s, "REMEDY: not running: {e}");
+        return s;
+    }
+    if !m.enabled {
+        let _ = writeln!(
+            s,
+            "REMEDY: off (set [remedy] keepalive = true to keep connections alive through boxes that forget idle flows)."
+        );
+        return s;
+    }
+    let on = m
+        .paths
+        .iter()
+        .filter(|p| matches!(p.state, St::On { .. }))
+        .count();
+    let _ = writeln!(s, "REMEDY: TCP keepalive in force on {on} path(s).");
+    for p in &m.paths {
+        match p.state {
+            St::On { keepalive: k, .. } => {
+                let _ = writeln!(
+                    s,
+                    "  {}: keepalive idle {} s, probes {} s apart, {} unanswered end it; {} connection(s) covered; {} premature kill(s) since.",
+                    p.path, k.idle_seconds, k.interval_seconds, k.count, p.sockets_covered, p.kills_while_remedied
+                );
+                if p.kills_while_remedied > 0 {
+                    let _ = writeln!(s, "    STILL KILLING although remedied: the box's timeout may be shorter than estimated, or another box is on the path.");
+                }
+            }
+            St::Lifted { .. } => {
+                let _ = writeln!(
+                    s,
+                    "  {}: lifted after a quiet spell, to see whether the box was fixed; it returns if the path kills again.",
+                    p.path
+                );
+            }
+            St::NotRemediable { why } => {
+                let _ = writeln!(s, "  {}: not remediable: {}.", p.path, why.describe());
+            }
+        }
+    }
+    for (name, v) in &m.counters {
+        let _ = writeln!(s, "  kernel {name}: {v}");
+    }
     s
 }
 

@@ -124,8 +124,9 @@ async fn answer(stream: UnixStream, state: State, scans: Option<Scans>) -> anyho
             Ok(list) => line(&Response::Ok(list)),
             Err(e) => line::<()>(&Response::Error(e.to_string())),
         },
+        Ok(Request::Remedy) => line(&Response::Ok(lock(&state).remedy_status())),
         Ok(Request::Report) => {
-            let report = lock(&state).pipeline.report();
+            let report = lock(&state).report();
             line(&Response::Ok(ReportPayload {
                 text: crate::render::report(&report),
                 report,
@@ -364,6 +365,37 @@ async fn serve(readers: &mut Readers, state: &State) -> anyhow::Result<()> {
 /// a floating or DHCP address moves seldom.
 const LOCAL_ADDRS_EVERY_TICKS: u64 = 30;
 
+/// The remedy's programs and loop, where `[remedy] keepalive` asks for
+/// them. A remedy that cannot start leaves the diagnosis running and says
+/// why (log, `monitor remedy status`, the report).
+fn start_remedy(config: &FileConfig, state: &State) -> Option<crate::remedy::RemedyTask> {
+    if !config.remedy.keepalive {
+        return None;
+    }
+    let d = &config.detector;
+    let cgroup = config.remedy.cgroup.as_deref();
+    match crate::remedy::RemedyRuntime::start(
+        &config.agent.ports,
+        d.ipv4_prefix,
+        d.ipv6_prefix,
+        cgroup,
+    ) {
+        Ok(rt) => {
+            log::info!(
+                "remedy: keepalive for paths whose box forgets idle flows, on ports {:?}, at most {} sockets/s",
+                config.agent.ports,
+                config.remedy.sockets_per_second
+            );
+            Some(crate::remedy::RemedyTask::spawn(rt, state.clone()))
+        }
+        Err(e) => {
+            log::error!("remedy off: {e}");
+            lock(state).remedy_error = Some(e.to_string());
+            None
+        }
+    }
+}
+
 /// Start the scanner task, if the tables can be scanned.
 fn start_scanner(state: &State) -> Option<(Scans, tokio::task::JoinHandle<()>)> {
     let scanner = match lock(state).monitor.table_scanner() {
@@ -392,7 +424,10 @@ async fn bind_metrics(config: &FileConfig) -> anyhow::Result<Option<tokio::net::
 }
 
 fn new_state(monitor: Monitor, config: &FileConfig) -> anyhow::Result<State> {
-    let mut pipeline = Pipeline::new(config.detector.clone()).context("detector configuration")?;
+    let mut detector = config.detector.clone();
+    // The report's cure and the agent's remedy share one floor.
+    detector.keepalive_floor_seconds = config.remedy.floor_seconds;
+    let mut pipeline = Pipeline::new(detector).context("detector configuration")?;
     if !config.agent.upstream_ports.is_empty() {
         let local = crate::local_addrs::local_addresses()?;
         log::info!(
@@ -414,6 +449,9 @@ fn new_state(monitor: Monitor, config: &FileConfig) -> anyhow::Result<State> {
         started: Instant::now(),
         config: config.clone(),
         followers: broadcast::channel(FOLLOW_BUFFER).0,
+        remedy: monitor_core::remedy::Remedy::new(config.remedy.clone()),
+        remedy_kernel: Default::default(),
+        remedy_error: None,
     })))
 }
 
@@ -431,6 +469,8 @@ pub async fn run(config: FileConfig) -> anyhow::Result<()> {
     let query_listener = bind_socket(&socket_path)?;
     let metrics_listener = bind_metrics(&config).await?;
     let state = new_state(monitor, &config)?;
+    // Loaded and attached before the capabilities go.
+    let remedy = start_remedy(&config, &state);
     let scanner = start_scanner(&state);
     let query_task = tokio::spawn(serve_query(
         query_listener,
@@ -451,7 +491,12 @@ pub async fn run(config: FileConfig) -> anyhow::Result<()> {
     let kept = crate::privilege::drop_capabilities(qdisc).context("after attaching")?;
     log::info!("capabilities dropped; kept: {kept:?}");
 
-    serve(&mut readers, &state).await?;
+    let served = serve(&mut readers, &state).await;
+    // Keepalive taken back from every socket given it, whatever ended the loop.
+    if let Some(r) = remedy {
+        r.stop();
+    }
+    served?;
 
     query_task.abort();
     metrics_task.inspect(|t| t.abort());

@@ -46,6 +46,10 @@ pub enum Command {
     Report(JsonArg),
     /// Flow endings with their verdicts (the most recent first, then live with --follow).
     Events(EventsArgs),
+    /// The cure: TCP keepalive the agent gives the connections of paths
+    /// whose box forgets idle flows (`[remedy] keepalive = true`).
+    #[command(subcommand)]
+    Remedy(RemedyCommand),
     /// Analyse a capture (pcap or pcapng, e.g. from tcpdump on a firewall or a
     /// SPAN port) with the same state machine and detector as the live agent,
     /// packet timestamps as the clock, and print the same report. No root needed.
@@ -68,6 +72,13 @@ pub enum Command {
     },
     /// Print the man page (roff) to stdout.
     Manpage,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum RemedyCommand {
+    /// Per path: remedy on, lifted or not remediable (and why), the idle
+    /// time in force, connections covered, kills since; the kernel's counts.
+    Status(JsonArg),
 }
 
 #[derive(Args, Debug)]

@@ -13,7 +13,9 @@ pub mod local_addrs;
 pub mod monitor;
 pub mod pins;
 pub mod privilege;
+pub mod remedy;
 pub mod shared;
+pub mod sock_diag;
 pub mod web_config;
 
 pub use monitor::Monitor;
@@ -24,3 +26,6 @@ pub use monitor_core::{AgentConfig, ConfigError, FileConfig, FlowEvent, XdpModeS
 
 /// The compiled kernel programs, built by `build.rs` (aya-build).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
+/// The cure's programs (sock_ops and the TCP iterator): loaded only with
+/// `[remedy] keepalive = true`.
+pub static REMEDY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/remedy"));

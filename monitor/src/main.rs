@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use monitor::{
     api::{EventPayload, ReportPayload, Status},
-    cli::{AnalyzeArgs, Cli, Command, EventsArgs, FlowsArgs, JsonArg, RunArgs},
+    cli::{AnalyzeArgs, Cli, Command, EventsArgs, FlowsArgs, JsonArg, RemedyCommand, RunArgs},
     flows::FlowList,
     query::{Client, Request},
     render,
@@ -58,6 +58,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Flows(a) => flows(&a, &socket),
         Command::Report(a) => report(&a, &socket),
         Command::Events(a) => events(&a, &socket),
+        Command::Remedy(RemedyCommand::Status(a)) => remedy_status(&a, &socket),
         Command::Analyze(a) => analyze(&a),
         Command::Uninstall { pin_path, config } => uninstall(pin_path, config),
         Command::Completions { shell } => {
@@ -124,6 +125,16 @@ fn report(a: &JsonArg, socket: &std::path::Path) -> anyhow::Result<()> {
         return emit_json(&r.report);
     }
     emit(&r.text)
+}
+
+fn remedy_status(a: &JsonArg, socket: &std::path::Path) -> anyhow::Result<()> {
+    let v = Client::call(socket, &Request::Remedy)?;
+    if a.json {
+        return emit_json(&v);
+    }
+    let s: monitor_core::remedy::RemedyStatus =
+        serde_json::from_value(v).context("reading the agent's remedy status")?;
+    emit(&render::remedy(&s))
 }
 
 fn events(a: &EventsArgs, socket: &std::path::Path) -> anyhow::Result<()> {

@@ -36,6 +36,11 @@ pub struct Shared {
     pub config: FileConfig,
     /// Verdicts as JSON lines for `events --follow` clients.
     pub followers: broadcast::Sender<String>,
+    /// The cure's decisions (`[remedy]`), and what the kernel did.
+    pub remedy: monitor_core::remedy::Remedy,
+    pub remedy_kernel: std::collections::BTreeMap<String, u64>,
+    /// Why the remedy is not running, where it was asked for.
+    pub remedy_error: Option<String>,
 }
 
 pub type State = Arc<Mutex<Shared>>;
@@ -53,6 +58,7 @@ impl Shared {
             match &o {
                 pipeline::Output::Detector(Output::Verdict(v)) => {
                     log::debug!("verdict: {v}");
+                    self.remedy.observe(v);
                     // Rendering costs more than the detector's own work: only
                     // for someone following.
                     if self.followers.receiver_count() > 0 {
@@ -180,7 +186,28 @@ impl Shared {
         }
     }
 
+    /// `monitor remedy status`: decisions, coverage, the kernel's counts.
+    pub fn remedy_status(&self) -> monitor_core::remedy::RemedyStatus {
+        let mut st = self.remedy.status();
+        st.counters = self.remedy_kernel.clone();
+        st.error = self.remedy_error.clone();
+        st
+    }
+
+    /// The report, with the remedy's section where one was asked for.
+    pub fn report(&self) -> crate::detector::report::Report {
+        let mut r = self.pipeline.report();
+        if self.config.remedy.keepalive {
+            r.remedy = Some(self.remedy_status());
+        }
+        r
+    }
+
     pub fn metrics_text(&mut self) -> Result<String, prometheus::Error> {
+        if self.config.remedy.keepalive {
+            let st = self.remedy_status();
+            self.metrics.set_remedy(&st);
+        }
         let kernel = self.monitor.counters().ok();
         let table = kernel.as_ref().map(|k| self.tables(k));
         let decode = self.decode_errors;

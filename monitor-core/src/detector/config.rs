@@ -47,6 +47,11 @@ pub struct DetectorConfig {
     pub max_flows: usize,
     /// A path's estimate names a known middlebox within this relative distance.
     pub device_match_tolerance: f64,
+    /// The report's keepalive cure never idles less than this (seconds).
+    /// Not a `[detector]` key: `[remedy] floor_seconds` sets it, so the
+    /// cure the report prints and the one the agent applies agree.
+    #[serde(skip)]
+    pub keepalive_floor_seconds: f64,
 }
 
 impl Default for DetectorConfig {
@@ -66,6 +71,7 @@ impl Default for DetectorConfig {
             max_paths: 4096,
             max_flows: 1 << 20,
             device_match_tolerance: 0.05,
+            keepalive_floor_seconds: super::keepalive::FLOOR_SECONDS,
         }
     }
 }

@@ -123,6 +123,10 @@ pub struct Report {
     /// Held requests capped below the heartbeat the Pings ask for.
     #[serde(default)]
     pub held_requests_capped: Option<HoldCap>,
+    /// The cure in force, where the agent applies it (`[remedy]`); the
+    /// detector leaves it empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remedy: Option<crate::remedy::RemedyStatus>,
 }
 
 impl Detector {
@@ -162,6 +166,7 @@ impl Detector {
             window: self.window_report(),
             local_proxy_timeouts: self.local_timeouts(),
             held_requests_capped: self.hold_cap(),
+            remedy: None,
         }
     }
 
@@ -256,7 +261,7 @@ impl Detector {
             .filter(|_| how.is_some_and(keepalive::remediable))
             .and_then(keepalive::safe_timeout)
             .map(|t| p.shortest_kill_silence().map_or(t, |k| t.min(k)))
-            .and_then(|t| keepalive::keepalive_for(t, keepalive::FLOOR_SECONDS));
+            .and_then(|t| keepalive::keepalive_for(t, self.cfg.keepalive_floor_seconds));
         PathReport {
             path: key.to_string(),
             flows_ended: p.flows_ended,

@@ -70,6 +70,7 @@ impl Agent {
                 workdir: topo.workdir.clone(),
                 config: FileConfig {
                     detector: s.detector.clone(),
+                    remedy: s.remedy.clone(),
                     ..FileConfig::default()
                 },
             },
@@ -85,7 +86,18 @@ impl Agent {
         let metrics: SocketAddr = "127.0.0.1:19443".parse().expect("address");
         let cfg = config(&o, &socket, metrics);
         std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;
-        let child = cmd::child_in_netns(&ns.name)
+        let mut command = cmd::child_in_netns(&ns.name);
+        if cfg.remedy.keepalive {
+            // `ip netns exec` mounts a fresh /sys in a mount namespace of its
+            // own (a slave: nothing goes back to the host): the remedy's
+            // sock_ops program needs the cgroup v2 root there.
+            command.args([
+                "sh",
+                "-c",
+                "mount -t cgroup2 none /sys/fs/cgroup && exec \"$0\" \"$@\"",
+            ]);
+        }
+        let child = command
             .arg(bin)
             .args(["run", "--config"])
             .arg(&cfg_path)

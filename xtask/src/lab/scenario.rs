@@ -110,6 +110,9 @@ pub struct Scenario {
     /// Detector settings for the agent, scaled to the lab ([detector] keys).
     #[serde(default)]
     pub detector: monitor_core::detector::DetectorConfig,
+    /// The server agent's [remedy] settings (the cure; off unless set).
+    #[serde(default)]
+    pub remedy: monitor_core::remedy::RemedyConfig,
     #[serde(rename = "path")]
     pub paths: Vec<PathSpec>,
 }
@@ -212,9 +215,10 @@ impl PathSpec {
 mod tests {
     use super::*;
 
-    const SHIPPED: [(&str, &str); 2] = [
+    const SHIPPED: [(&str, &str); 3] = [
         ("demo.toml", include_str!("../../scenarios/demo.toml")),
         ("soak.toml", include_str!("../../scenarios/soak.toml")),
+        ("cure.toml", include_str!("../../scenarios/cure.toml")),
     ];
 
     fn one_path(path: &str) -> Result<Scenario> {

@@ -1,0 +1,263 @@
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::detector::{
+    report::{PathReport, WindowReport},
+    Estimate,
+};
+
+const S: u64 = 1_000_000_000;
+
+fn keepalive(idle: u32) -> Keepalive {
+    Keepalive {
+        idle_seconds: idle,
+        interval_seconds: 5,
+        count: 4,
+    }
+}
+
+fn path(name: &str, how: Ending, premature: u64, cure: Option<Keepalive>) -> PathReport {
+    PathReport {
+        path: name.to_string(),
+        flows_ended: premature,
+        endings: BTreeMap::new(),
+        kills: premature,
+        premature_kills: premature,
+        reconnect_churn: 0,
+        incomplete_flows: 0,
+        how: Some(how),
+        estimate: Some(Estimate::Bracket {
+            low_seconds: 19.0,
+            high_seconds: 23.0,
+            samples: 2,
+        }),
+        confidence: None,
+        longest_survived_seconds: 19.0,
+        box_location: None,
+        reset_bursts: 0,
+        likely_devices: Vec::new(),
+        defaults_in_range: Vec::new(),
+        recommended_idle_timeout_seconds: None,
+        median_heartbeat_seconds: None,
+        requested_heartbeat_seconds: None,
+        pings_read: 0,
+        kill_silence_histogram: Vec::new(),
+        proxy_timeout_answers: 0,
+        keepalive_cure: cure,
+    }
+}
+
+fn report(paths: Vec<PathReport>) -> Report {
+    Report {
+        flows_tracked: 0,
+        endings: BTreeMap::new(),
+        premature_kills: 0,
+        reconnect_churn: 0,
+        median_heartbeat_elsewhere_seconds: None,
+        heartbeat_to_cover_seconds: 60.0,
+        killing_paths: paths,
+        quiet_paths: Vec::new(),
+        window: WindowReport {
+            samples: 0,
+            size: 0,
+            mean_seconds: None,
+            threshold_seconds: 0.0,
+            alerting: false,
+            alerts_raised: 0,
+            culprits: Vec::new(),
+        },
+        local_proxy_timeouts: Vec::new(),
+        held_requests_capped: None,
+        remedy: None,
+    }
+}
+
+fn on() -> RemedyConfig {
+    RemedyConfig {
+        keepalive: true,
+        retest_after_seconds: 600,
+        ..RemedyConfig::default()
+    }
+}
+
+const NAT: &str = "100.64.1.0/24:443";
+
+#[test]
+fn a_box_that_forgets_gets_the_reports_keepalive_and_a_proxy_does_not() {
+    let mut r = Remedy::new(on());
+    r.update(
+        &report(vec![
+            path(NAT, Ending::ResetOnNextPacket, 3, Some(keepalive(9))),
+            path("100.64.4.0/24:443", Ending::ProxyTimeout, 3, None),
+            path(
+                "upstream:192.0.2.1/32:443",
+                Ending::BlackHole,
+                3,
+                Some(keepalive(9)),
+            ),
+        ]),
+        10 * S,
+    );
+    let want: Vec<(PathKey, Keepalive)> = vec![(NAT.parse().unwrap(), keepalive(9))];
+    assert_eq!(r.in_force(), want);
+    let why: BTreeMap<String, PathRemedyState> = r
+        .status()
+        .paths
+        .into_iter()
+        .map(|p| (p.path, p.state))
+        .collect();
+    assert_eq!(
+        why["100.64.4.0/24:443"],
+        PathRemedyState::NotRemediable {
+            why: NotRemediable::ProxyTimeout
+        }
+    );
+    assert_eq!(
+        why["upstream:192.0.2.1/32:443"],
+        PathRemedyState::NotRemediable {
+            why: NotRemediable::UpstreamLeg
+        }
+    );
+}
+
+#[test]
+fn no_safe_timeout_means_no_remedy_and_the_deny_list_wins_over_allow() {
+    let mut cfg = on();
+    cfg.allow = vec!["100.64.0.0/16".parse().unwrap()];
+    cfg.deny = vec!["100.64.2.0/24".parse().unwrap()];
+    let mut r = Remedy::new(cfg);
+    r.update(
+        &report(vec![
+            path(NAT, Ending::BlackHole, 1, None),
+            path(
+                "100.64.2.0/24:443",
+                Ending::BlackHole,
+                1,
+                Some(keepalive(9)),
+            ),
+            path(
+                "198.51.100.0/24:443",
+                Ending::BlackHole,
+                1,
+                Some(keepalive(9)),
+            ),
+        ]),
+        S,
+    );
+    assert!(r.in_force().is_empty());
+    let states: Vec<PathRemedyState> = r.status().paths.into_iter().map(|p| p.state).collect();
+    assert_eq!(
+        states,
+        vec![
+            PathRemedyState::NotRemediable {
+                why: NotRemediable::NoSafeTimeout
+            },
+            PathRemedyState::NotRemediable {
+                why: NotRemediable::Excluded
+            },
+            PathRemedyState::NotRemediable {
+                why: NotRemediable::Excluded
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_quiet_remedied_path_is_lifted_to_retest_and_comes_back_only_if_it_kills_again() {
+    let mut r = Remedy::new(on());
+    let killing = |n| {
+        report(vec![path(
+            NAT,
+            Ending::ResetOnNextPacket,
+            n,
+            Some(keepalive(9)),
+        )])
+    };
+    r.update(&killing(2), 10 * S);
+    assert_eq!(r.in_force().len(), 1);
+    // Quiet for less than the retest time: still on.
+    r.update(&killing(2), 500 * S);
+    assert_eq!(r.in_force().len(), 1);
+    // Quiet for the retest time (600 s): lifted.
+    r.update(&killing(2), 611 * S);
+    assert!(r.in_force().is_empty());
+    assert!(matches!(
+        r.status().paths[0].state,
+        PathRemedyState::Lifted {
+            premature_at_lift: 2
+        }
+    ));
+    // The old kills alone do not bring it back; a new one does.
+    r.update(&killing(2), 700 * S);
+    assert!(r.in_force().is_empty());
+    r.update(&killing(3), 710 * S);
+    assert_eq!(r.in_force().len(), 1);
+    // A path the detector forgot is dropped.
+    r.update(&report(Vec::new()), 720 * S);
+    assert!(r.in_force().is_empty() && r.status().paths.is_empty());
+}
+
+#[test]
+fn only_kills_of_silences_begun_after_the_remedy_count_against_it() {
+    let mut r = Remedy::new(on());
+    r.update(
+        &report(vec![path(
+            NAT,
+            Ending::ResetOnNextPacket,
+            1,
+            Some(keepalive(9)),
+        )]),
+        100 * S,
+    );
+    let verdict = |at_s: u64, silence: f64, premature: bool| {
+        let mut v: Verdict = serde_json::from_value(serde_json::json!({
+            "client": "100.64.1.7:50000", "server": "192.0.2.1:443", "path": NAT,
+            "ending": "reset_on_next_packet", "premature": premature,
+            "heartbeat_seconds": null, "heartbeat_source": null, "incomplete": false,
+            "at_ns": 0, "flow_age_seconds": 60.0,
+            "evidence": { "silence_seconds": 0.0, "rst_ttl": null, "client_ttl_min": null,
+                "client_ttl_max": null, "rst_ip_id": null, "client_ip_id": null,
+                "rst_window": null, "client_window": null,
+                "after_server_send_seconds": null, "server_owed_answer": false }
+        }))
+        .expect("a verdict");
+        v.at_ns = at_s * S;
+        v.evidence.silence_seconds = silence;
+        v
+    };
+    // Its silence began at 95 s, before the remedy (100 s): not counted.
+    r.observe(&verdict(118, 23.0, true));
+    // Not premature: not counted.
+    r.observe(&verdict(140, 23.0, false));
+    // Began at 117 s: the remedy failed.
+    r.observe(&verdict(140, 23.0, true));
+    assert_eq!(r.status().paths[0].kills_while_remedied, 1);
+}
+
+#[test]
+fn bad_settings_are_refused_naming_the_key() {
+    let bad = [
+        RemedyConfig {
+            floor_seconds: 0.0,
+            ..on()
+        },
+        RemedyConfig {
+            sockets_per_second: 0,
+            ..on()
+        },
+        RemedyConfig {
+            retest_after_seconds: 5,
+            ..on()
+        },
+    ];
+    let names = [
+        "floor_seconds",
+        "sockets_per_second",
+        "retest_after_seconds",
+    ];
+    for (c, name) in bad.iter().zip(names) {
+        let e = c.validate().expect_err(name).to_string();
+        assert!(e.starts_with(name), "{e}");
+    }
+    assert_eq!(on().validate(), Ok(()));
+}

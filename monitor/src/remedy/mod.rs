@@ -1,0 +1,513 @@
+//! The cure, applied (issue 16): the remedy programs, loaded with
+//! `[remedy] keepalive = true`, and the loop that keeps the kernel in step
+//! with `monitor_core::remedy::Remedy`'s decisions.
+//!
+//! Chosen: a sock_ops program on the root cgroup for connections accepted
+//! from now on (no per-packet cost, nothing to poll), and a TCP iterator
+//! for the connections already open, by socket cookie, which this host's
+//! own socket list (sock_diag) gives with their addresses. The iterator
+//! is the only way to set an option on another process's socket without
+//! CAP_SYS_PTRACE (`pidfd_getfd`); it needs Linux 5.15. Both need nothing
+//! after start that the agent does not keep (file descriptors; CAP_BPF
+//! before 6.5, kept already).
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    io::Read,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    maps::{lpm_trie::Key, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray},
+    programs::{links::CgroupAttachMode, Iter, SockOps},
+    util::KernelVersion,
+    Btf, Ebpf, EbpfLoader,
+};
+use monitor_common::remedy::{
+    remedy_net_data, remedy_prefix_len, v4_mapped, KeepaliveSetting, RemedyCounter, RemedyNetData,
+    SweepTarget, MAX_SWEEP_TARGETS, REMEDY_DONE, REMEDY_OWN_KEEPALIVE, REMEDY_PENDING, SWEEP_APPLY,
+    SWEEP_OURS,
+};
+use monitor_core::detector::{keepalive::Keepalive, path::PathKey};
+
+use crate::sock_diag::{self, SockDiagError, TcpSocket};
+
+mod cgroup;
+mod task;
+
+pub use cgroup::{cgroup2_root, CGROUP_ROOT};
+pub use task::{RemedyTask, SYNC_EVERY};
+
+/// Keepalive options in `bpf_setsockopt` from an iterator: Linux 5.15.
+pub const REMEDY_KERNEL: (u8, u8) = (5, 15);
+
+const NEW_PROGRAM: &str = "remedy_new";
+const SWEEP_PROGRAM: &str = "remedy_sweep";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemedyError {
+    #[error(
+        "the remedy needs Linux 5.15 (keepalive from sock_ops and TCP iterators); this is {0}"
+    )]
+    KernelTooOld(String),
+    #[error("reading the kernel version: {0}")]
+    KernelVersion(String),
+    #[error("reading this network namespace's cookie: {0}")]
+    Netns(#[source] SockDiagError),
+    #[error("loading the remedy programs: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("remedy program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("remedy program {0}: missing from the object")]
+    MissingProgram(&'static str),
+    #[error(
+        "finding the cgroup v2 root (remedy.cgroup, else /proc/self/mounts) and opening it: {0}"
+    )]
+    Cgroup(#[source] std::io::Error),
+    #[error("no cgroup v2 hierarchy is mounted here (mount -t cgroup2 none {CGROUP_ROOT}, or /sys/fs/cgroup/unified beside cgroup v1): the remedy's sock_ops program attaches to its root")]
+    NoCgroup2,
+    #[error("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {0}")]
+    Btf(#[source] Box<aya::BtfError>),
+    #[error("remedy map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("listing this host's connections: {0}")]
+    Sockets(#[source] SockDiagError),
+    #[error("running the remedy sweep: {0}")]
+    Sweep(String),
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> RemedyError {
+    move |e| RemedyError::Map {
+        map,
+        source: Box::new(e),
+    }
+}
+
+fn prog_err(program: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> RemedyError {
+    move |e| RemedyError::Program {
+        program,
+        source: Box::new(e),
+    }
+}
+
+/// A socket with our keepalive, and the setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Covered {
+    path: PathKey,
+    idle_s: u32,
+    interval_s: u32,
+    count: u32,
+}
+
+/// What one sync did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncOutcome {
+    /// Connections with the keepalive in force, per path.
+    pub covered: BTreeMap<PathKey, u64>,
+    /// Sockets changed in this sync's sweep.
+    pub swept: usize,
+    /// Changes left for the next sync (the rate bound).
+    pub deferred: usize,
+    /// setsockopt failures in this sweep.
+    pub failed: usize,
+}
+
+/// The loaded remedy programs and what they have done.
+pub struct RemedyRuntime {
+    ebpf: Ebpf,
+    ports: Vec<u16>,
+    prefixes: (u8, u8),
+    /// Path table entries in force.
+    table: Vec<PathKey>,
+    covered: HashMap<u64, Covered>,
+    /// Sockets whose application keeps its own keepalive, or that refused it.
+    left_alone: HashSet<u64>,
+    /// This namespace's keepalive sysctls: what taking it back restores.
+    defaults: KeepaliveSetting,
+}
+
+/// This namespace's keepalive defaults (net.ipv4.tcp_keepalive_*); zero
+/// where unreadable (then taking keepalive back leaves the timings).
+fn keepalive_defaults() -> KeepaliveSetting {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/tcp_keepalive_{name}"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let (idle_s, interval_s, count) = (read("time"), read("intvl"), read("probes"));
+    if idle_s == 0 || interval_s == 0 || count == 0 {
+        return KeepaliveSetting::default();
+    }
+    KeepaliveSetting {
+        idle_s,
+        interval_s,
+        count,
+        path: 0,
+    }
+}
+
+impl RemedyRuntime {
+    /// Load both programs, attach the sock_ops one to the root cgroup (its
+    /// link lives as long as this value), and load the iterator.
+    pub fn start(
+        ports: &[u16],
+        v4_prefix: u8,
+        v6_prefix: u8,
+        cgroup: Option<&std::path::Path>,
+    ) -> Result<Self, RemedyError> {
+        let v = KernelVersion::current().map_err(|e| RemedyError::KernelVersion(e.to_string()))?;
+        if v < KernelVersion::new(REMEDY_KERNEL.0, REMEDY_KERNEL.1, 0) {
+            return Err(RemedyError::KernelTooOld(format!("{v:?}")));
+        }
+        let cookie = sock_diag::netns_cookie().map_err(RemedyError::Netns)?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("NETNS_COOKIE", &cookie, true)
+            .load(crate::REMEDY_OBJECT)
+            .map_err(|e| RemedyError::Load(Box::new(e)))?;
+        let root = match cgroup {
+            Some(p) => p.to_path_buf(),
+            None => cgroup2_root()?,
+        };
+        let cgroup = std::fs::File::open(&root).map_err(RemedyError::Cgroup)?;
+        let new: &mut SockOps = ebpf
+            .program_mut(NEW_PROGRAM)
+            .ok_or(RemedyError::MissingProgram(NEW_PROGRAM))?
+            .try_into()
+            .map_err(prog_err(NEW_PROGRAM))?;
+        new.load().map_err(prog_err(NEW_PROGRAM))?;
+        // A cgroup link (every kernel the remedy runs on has them) is
+        // always added beside the programs already there (the kernel
+        // attaches links with BPF_F_ALLOW_MULTI and refuses flags on them).
+        new.attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(prog_err(NEW_PROGRAM))?;
+        let btf = Btf::from_sys_fs().map_err(|e| RemedyError::Btf(Box::new(e)))?;
+        let sweep: &mut Iter = ebpf
+            .program_mut(SWEEP_PROGRAM)
+            .ok_or(RemedyError::MissingProgram(SWEEP_PROGRAM))?
+            .try_into()
+            .map_err(prog_err(SWEEP_PROGRAM))?;
+        sweep.load("tcp", &btf).map_err(prog_err(SWEEP_PROGRAM))?;
+        Ok(RemedyRuntime {
+            ebpf,
+            ports: ports.to_vec(),
+            prefixes: (v4_prefix, v6_prefix),
+            table: Vec::new(),
+            covered: HashMap::new(),
+            left_alone: HashSet::new(),
+            defaults: keepalive_defaults(),
+        })
+    }
+
+    /// Bring the kernel in step with `wanted`: the path table for new
+    /// connections, and at most `budget` existing sockets changed.
+    pub fn sync(
+        &mut self,
+        wanted: &[(PathKey, Keepalive)],
+        budget: usize,
+    ) -> Result<SyncOutcome, RemedyError> {
+        self.set_table(wanted)?;
+        self.drain_new()?;
+        if wanted.is_empty() && self.covered.is_empty() {
+            // Nothing in force, nothing to take back: no socket listing
+            // (a busy proxy's is long), the usual case.
+            return Ok(SyncOutcome::default());
+        }
+        let sockets: Vec<TcpSocket> = sock_diag::established_tcp()
+            .map_err(RemedyError::Sockets)?
+            .into_iter()
+            .filter(|s| self.ports.contains(&s.local.port()))
+            .collect();
+        self.drain_new()?;
+        self.repath(&sockets);
+        let want: HashMap<PathKey, Keepalive> = wanted.iter().copied().collect();
+        let mut targets = Vec::new();
+        let mut deferred = 0;
+        for s in &sockets {
+            let path = self.path_of(s);
+            let t = match (want.get(&path), self.covered.get(&s.cookie)) {
+                (Some(k), None) if !self.left_alone.contains(&s.cookie) => target(path, k, false),
+                (Some(k), Some(c)) if !same(c, k) => target(path, k, true),
+                (None, Some(c)) => undo(c.path, self.defaults),
+                _ => continue,
+            };
+            if targets.len() >= budget.min(MAX_SWEEP_TARGETS as usize) {
+                deferred += 1;
+                continue;
+            }
+            targets.push((s.cookie, t));
+        }
+        let failed = self.sweep(&targets)?;
+        // New connections covered while we swept (sock_ops ran first).
+        self.drain_new()?;
+        self.repath(&sockets);
+        let live: HashSet<u64> = sockets.iter().map(|s| s.cookie).collect();
+        self.covered.retain(|c, _| live.contains(c));
+        self.left_alone.retain(|c| live.contains(c));
+        let mut covered = BTreeMap::new();
+        for c in self.covered.values() {
+            *covered.entry(c.path).or_insert(0) += 1;
+        }
+        Ok(SyncOutcome {
+            covered,
+            swept: targets.len(),
+            deferred,
+            failed,
+        })
+    }
+
+    /// Take keepalive back from every socket we gave it and empty the path
+    /// table (at exit, and when the remedy is switched off).
+    pub fn undo_all(&mut self) -> Result<usize, RemedyError> {
+        self.drain_new()?;
+        self.set_table(&[])?;
+        // Any connection sock_ops covered before the table emptied.
+        self.drain_new()?;
+        let all: Vec<(u64, (PathKey, SweepTarget))> = self
+            .covered
+            .iter()
+            .map(|(cookie, c)| (*cookie, undo(c.path, self.defaults)))
+            .collect();
+        let mut n = 0;
+        for chunk in all.chunks(MAX_SWEEP_TARGETS as usize) {
+            self.sweep(chunk)?;
+            n += chunk.len();
+        }
+        Ok(n)
+    }
+
+    /// The kernel's counts, summed over CPUs.
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        let Some(m) = self.ebpf.map("REMEDY_COUNTERS") else {
+            return out;
+        };
+        let Ok(a) = PerCpuArray::<&MapData, u64>::try_from(m) else {
+            return out;
+        };
+        for c in RemedyCounter::ALL {
+            let v = a.get(&(c as u32), 0).map_or(0, |vals| vals.iter().sum());
+            out.insert(c.name().to_string(), v);
+        }
+        out
+    }
+
+    /// Covered sockets' paths from their own addresses (the table index
+    /// recorded at establishment may have moved since).
+    fn repath(&mut self, sockets: &[TcpSocket]) {
+        for s in sockets {
+            let path = self.path_of(s);
+            if let Some(c) = self.covered.get_mut(&s.cookie) {
+                c.path = path;
+            }
+        }
+    }
+
+    fn path_of(&self, s: &TcpSocket) -> PathKey {
+        let ip = match s.remote.ip() {
+            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
+            a => a,
+        };
+        PathKey::new(ip, s.local.port(), self.prefixes.0, self.prefixes.1)
+    }
+
+    /// The path table: exactly `wanted`.
+    fn set_table(&mut self, wanted: &[(PathKey, Keepalive)]) -> Result<(), RemedyError> {
+        let mut t: LpmTrie<&mut MapData, RemedyNetData, KeepaliveSetting> =
+            LpmTrie::try_from(self.ebpf.map_mut("REMEDY_PATHS").ok_or(RemedyError::Map {
+                map: "REMEDY_PATHS",
+                source: Box::new(aya::maps::MapError::InvalidName {
+                    name: "REMEDY_PATHS".into(),
+                }),
+            })?)
+            .map_err(map_err("REMEDY_PATHS"))?;
+        for old in &self.table {
+            if !wanted.iter().any(|(k, _)| k == old) {
+                // Gone already is fine.
+                let _ = t.remove(&lpm_key(old));
+            }
+        }
+        for (i, (k, ka)) in wanted.iter().enumerate() {
+            let v = setting(ka, i as u32);
+            t.insert(&lpm_key(k), v, 0)
+                .map_err(map_err("REMEDY_PATHS"))?;
+        }
+        self.table = wanted.iter().map(|(k, _)| *k).collect();
+        Ok(())
+    }
+
+    /// Move the kernel's record of connections covered at establishment
+    /// into ours.
+    fn drain_new(&mut self) -> Result<(), RemedyError> {
+        let mut m: BpfHashMap<&mut MapData, u64, KeepaliveSetting> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("NEW_COVERED")
+                .ok_or(RemedyError::MissingProgram("NEW_COVERED"))?,
+        )
+        .map_err(map_err("NEW_COVERED"))?;
+        let entries: Vec<(u64, KeepaliveSetting)> = m.iter().filter_map(Result::ok).collect();
+        for (cookie, s) in entries {
+            let _ = m.remove(&cookie);
+            // The path is set again from the socket's addresses at the
+            // next listing; until then the table's, or none known.
+            let path = self.table.get(s.path as usize).copied().unwrap_or_else(|| {
+                PathKey::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0, 0, 0)
+            });
+            self.covered.insert(
+                cookie,
+                Covered {
+                    path,
+                    idle_s: s.idle_s,
+                    interval_s: s.interval_s,
+                    count: s.count,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// One walk of this namespace's TCP sockets doing `targets`; records
+    /// what became of each. Returns the failures.
+    fn sweep(&mut self, targets: &[(u64, (PathKey, SweepTarget))]) -> Result<usize, RemedyError> {
+        if targets.is_empty() {
+            return Ok(0);
+        }
+        {
+            let mut m: BpfHashMap<&mut MapData, u64, SweepTarget> = BpfHashMap::try_from(
+                self.ebpf
+                    .map_mut("SWEEP_TARGETS")
+                    .ok_or(RemedyError::MissingProgram("SWEEP_TARGETS"))?,
+            )
+            .map_err(map_err("SWEEP_TARGETS"))?;
+            for (cookie, (_, t)) in targets {
+                m.insert(cookie, t, 0).map_err(map_err("SWEEP_TARGETS"))?;
+            }
+        }
+        let walked = self.walk();
+        let mut m: BpfHashMap<&mut MapData, u64, SweepTarget> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("SWEEP_TARGETS")
+                .ok_or(RemedyError::MissingProgram("SWEEP_TARGETS"))?,
+        )
+        .map_err(map_err("SWEEP_TARGETS"))?;
+        let mut failed = 0;
+        for (cookie, (path, t)) in targets {
+            let done = m.get(cookie, 0).map_or(REMEDY_PENDING, |d| d.result);
+            let _ = m.remove(cookie);
+            match done {
+                REMEDY_DONE if t.flags & SWEEP_APPLY != 0 => {
+                    self.covered.insert(
+                        *cookie,
+                        Covered {
+                            path: *path,
+                            idle_s: t.setting.idle_s,
+                            interval_s: t.setting.interval_s,
+                            count: t.setting.count,
+                        },
+                    );
+                }
+                REMEDY_DONE => {
+                    self.covered.remove(cookie);
+                }
+                REMEDY_OWN_KEEPALIVE => {
+                    self.left_alone.insert(*cookie);
+                }
+                // Closed before the walk reached it.
+                REMEDY_PENDING => {}
+                _ => {
+                    failed += 1;
+                    self.left_alone.insert(*cookie);
+                }
+            }
+        }
+        walked.map(|()| failed)
+    }
+
+    /// Run the iterator once over every TCP socket of this namespace.
+    fn walk(&mut self) -> Result<(), RemedyError> {
+        let sweep: &mut Iter = self
+            .ebpf
+            .program_mut(SWEEP_PROGRAM)
+            .ok_or(RemedyError::MissingProgram(SWEEP_PROGRAM))?
+            .try_into()
+            .map_err(prog_err(SWEEP_PROGRAM))?;
+        let id = sweep.attach().map_err(prog_err(SWEEP_PROGRAM))?;
+        let link = sweep.take_link(id).map_err(prog_err(SWEEP_PROGRAM))?;
+        let mut f = link
+            .into_file()
+            .map_err(|e| RemedyError::Sweep(e.to_string()))?;
+        // The program writes nothing: a read returns at the walk's end.
+        let started = Instant::now();
+        let mut buf = [0u8; 256];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(RemedyError::Sweep(e.to_string())),
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err(RemedyError::Sweep("the walk took over 10 s".into()));
+            }
+        }
+    }
+}
+
+fn same(c: &Covered, k: &Keepalive) -> bool {
+    (c.idle_s, c.interval_s, c.count) == (k.idle_seconds, k.interval_seconds, k.count)
+}
+
+fn setting(k: &Keepalive, path: u32) -> KeepaliveSetting {
+    KeepaliveSetting {
+        idle_s: k.idle_seconds,
+        interval_s: k.interval_seconds,
+        count: k.count,
+        path,
+    }
+}
+
+fn target(path: PathKey, k: &Keepalive, ours: bool) -> (PathKey, SweepTarget) {
+    let flags = SWEEP_APPLY | if ours { SWEEP_OURS } else { 0 };
+    (
+        path,
+        SweepTarget {
+            setting: setting(k, 0),
+            flags,
+            result: REMEDY_PENDING,
+        },
+    )
+}
+
+fn undo(path: PathKey, defaults: KeepaliveSetting) -> (PathKey, SweepTarget) {
+    (
+        path,
+        SweepTarget {
+            setting: defaults,
+            flags: 0,
+            result: REMEDY_PENDING,
+        },
+    )
+}
+
+/// The path table's key for `k`'s client prefix behind its port.
+fn lpm_key(k: &PathKey) -> Key<RemedyNetData> {
+    let addr = if k.v4 {
+        v4_mapped([k.net[0], k.net[1], k.net[2], k.net[3]])
+    } else {
+        k.net
+    };
+    Key::new(
+        remedy_prefix_len(k.v4, k.prefix),
+        remedy_net_data(k.port, &addr),
+    )
+}
+

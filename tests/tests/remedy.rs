@@ -1,0 +1,171 @@
+//! The cure's kernel side on the real kernel (issue 16): the sock_ops
+//! program gives new connections of a remedied path their keepalive as
+//! they are established, the TCP iterator gives it to connections already
+//! open and takes it back, within the rate bound, and neither touches a
+//! socket of another port, the client's end, or one whose application set
+//! its own keepalive. Loopback only: the path is 127.0.0.0/24 behind a
+//! port this test listens on.
+
+use std::{
+    net::{TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+use monitor::{
+    detector::{keepalive::Keepalive, path::PathKey},
+    remedy::RemedyRuntime,
+};
+
+const KA: Keepalive = Keepalive {
+    idle_seconds: 7,
+    interval_seconds: 5,
+    count: 3,
+};
+
+/// (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT) of `s`.
+fn keepalive_of(s: &TcpStream) -> (i32, i32, i32, i32) {
+    let get = |level, name| {
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid socket and an int-sized buffer.
+        let r = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                level,
+                name,
+                &mut v as *mut _ as *mut _,
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "getsockopt");
+        v
+    };
+    (
+        get(libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+        get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+        get(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+        get(libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+    )
+}
+
+fn set_int(s: &TcpStream, level: i32, name: i32, v: i32) {
+    // SAFETY: a valid socket and an int.
+    let r = unsafe { libc::setsockopt(s.as_raw_fd(), level, name, &v as *const _ as *const _, 4) };
+    assert_eq!(r, 0, "setsockopt");
+}
+
+/// A connection to `l`: (client end, server end).
+fn connect(l: &TcpListener) -> (TcpStream, TcpStream) {
+    let c = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    let (s, _) = l.accept().expect("accept");
+    (c, s)
+}
+
+fn path(port: u16) -> PathKey {
+    format!("127.0.0.0/24:{port}").parse().expect("a path")
+}
+
+#[test]
+fn keepalive_goes_to_a_remedied_paths_server_sockets_old_and_new_and_comes_back() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let other = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.set_nonblocking(false).expect("blocking");
+    let port = l.local_addr().expect("addr").port();
+    let (old_c, old_s) = connect(&l);
+    let (_own_c, own_s) = connect(&l);
+    // An application that keeps its own keepalive is left alone.
+    set_int(&own_s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 100);
+    set_int(&own_s, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    let (_oc, other_s) = connect(&other);
+    let mut rt =
+        RemedyRuntime::start(&[port], 24, 56, None).expect("the remedy starts (root, 5.15+)");
+
+    let o = rt.sync(&[(path(port), KA)], 100).expect("sync");
+    assert_eq!(
+        keepalive_of(&old_s),
+        (1, 7, 5, 3),
+        "an open connection is given it"
+    );
+    assert_eq!(keepalive_of(&own_s).0, 1);
+    assert_eq!(
+        keepalive_of(&own_s).1,
+        100,
+        "the application's own keepalive stays"
+    );
+    assert_eq!(keepalive_of(&old_c).0, 0, "the client's end is not ours");
+    assert_eq!(keepalive_of(&other_s).0, 0, "another port is not touched");
+    assert_eq!(o.covered.get(&path(port)), Some(&1), "{o:?}");
+
+    // A new connection has it from establishment, before any sweep.
+    let (new_c, new_s) = connect(&l);
+    assert_eq!(
+        keepalive_of(&new_s),
+        (1, 7, 5, 3),
+        "sock_ops covers a new connection"
+    );
+    assert_eq!(keepalive_of(&new_c).0, 0);
+    let o = rt.sync(&[(path(port), KA)], 100).expect("sync");
+    assert_eq!(o.swept, 0, "nothing left to change: {o:?}");
+    assert_eq!(o.covered.get(&path(port)), Some(&2), "{o:?}");
+    let counters = rt.counters();
+    assert_eq!(counters["new_covered"], 1, "{counters:?}");
+    assert_eq!(counters["sweep_applied"], 1, "{counters:?}");
+
+    // The path heals: keepalive is taken back, the application's stays.
+    let o = rt.sync(&[], 100).expect("sync");
+    assert_eq!(o.swept, 2, "{o:?}");
+    // Off, and the timings back to this namespace's defaults.
+    let sysctl = |n: &str| -> i32 {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/tcp_keepalive_{n}"))
+            .expect("sysctl")
+            .trim()
+            .parse()
+            .expect("a number")
+    };
+    let defaults = (0, sysctl("time"), sysctl("intvl"), sysctl("probes"));
+    assert_eq!(keepalive_of(&old_s), defaults);
+    assert_eq!(keepalive_of(&new_s), defaults);
+    assert_eq!(
+        keepalive_of(&own_s),
+        (1, 100, keepalive_of(&own_s).2, keepalive_of(&own_s).3)
+    );
+    assert!(o.covered.is_empty(), "{o:?}");
+    let (_c3, s3) = connect(&l);
+    assert_eq!(
+        keepalive_of(&s3).0,
+        0,
+        "a healed path's new connections get none"
+    );
+}
+
+#[test]
+fn existing_connections_are_changed_within_the_rate_bound_and_all_taken_back_at_exit() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let mut conns: Vec<(TcpStream, TcpStream)> = (0..5).map(|_| connect(&l)).collect();
+    let mut rt = RemedyRuntime::start(&[port], 24, 56, None).expect("the remedy starts");
+    let o = rt.sync(&[(path(port), KA)], 2).expect("sync");
+    assert_eq!((o.swept, o.deferred), (2, 3), "{o:?}");
+    let on = conns.iter().filter(|(_, s)| keepalive_of(s).0 == 1).count();
+    assert_eq!(on, 2);
+    let o = rt.sync(&[(path(port), KA)], 100).expect("sync");
+    assert_eq!((o.swept, o.deferred), (3, 0), "{o:?}");
+    assert!(conns.iter().all(|(_, s)| keepalive_of(s).0 == 1));
+    // A closed connection leaves the count.
+    drop(conns.remove(0));
+    std::thread::sleep(Duration::from_millis(50));
+    let o = rt.sync(&[(path(port), KA)], 100).expect("sync");
+    assert_eq!(o.covered.get(&path(port)), Some(&4), "{o:?}");
+    let (_c, s) = connect(&l);
+    assert_eq!(keepalive_of(&s).0, 1);
+    assert_eq!(rt.undo_all().expect("undo"), 5, "four swept and one new");
+    assert_eq!(keepalive_of(&s).0, 0);
+    drop(rt);
+    let (_c, s) = connect(&l);
+    assert_eq!(
+        keepalive_of(&s).0,
+        0,
+        "no program left after the runtime is gone"
+    );
+}
