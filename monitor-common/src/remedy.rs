@@ -87,12 +87,15 @@ pub const REMEDY_PENDING: i32 = 2;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SweepTarget {
     pub setting: KeepaliveSetting,
+    /// The keepalive we set before (with [`SWEEP_OURS`], and to take it
+    /// back): changed only if still exactly this.
+    pub ours: KeepaliveSetting,
     pub flags: u32,
     /// [`REMEDY_DONE`], [`REMEDY_OWN_KEEPALIVE`], [`REMEDY_PENDING`], or a
     /// negative errno from `bpf_setsockopt`.
     pub result: i32,
 }
-const _: () = assert!(core::mem::size_of::<SweepTarget>() == 24);
+const _: () = assert!(core::mem::size_of::<SweepTarget>() == 40);
 
 /// What the remedy programs count (per CPU).
 #[repr(u32)]

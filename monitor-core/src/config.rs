@@ -202,6 +202,8 @@ pub enum ConfigError {
     Remedy(#[from] crate::remedy::RemedyConfigError),
     #[error("remedy.keepalive: only an agent on the connections' endpoint (agent.mode = \"server\": the ActiveSync server or its reverse proxy) owns the sockets to give keepalive")]
     RemedyNotOnEndpoint,
+    #[error("remedy.deny: {net} is narrower than a path (/{path_prefix}, detector.ipv4_prefix or ipv6_prefix): the remedy applies to whole paths, so deny the path's prefix")]
+    RemedyDenyNarrow { net: String, path_prefix: u8 },
     #[error("reading the configuration file {path}: {message}")]
     File { path: String, message: String },
 }
@@ -351,6 +353,18 @@ impl FileConfig {
         self.remedy.validate()?;
         if self.remedy.keepalive && self.agent.mode != crate::placement::AgentMode::Server {
             return Err(ConfigError::RemedyNotOnEndpoint);
+        }
+        for net in &self.remedy.deny {
+            let path_prefix = match net {
+                ipnet::IpNet::V4(_) => self.detector.ipv4_prefix,
+                ipnet::IpNet::V6(_) => self.detector.ipv6_prefix,
+            };
+            if net.prefix_len() > path_prefix {
+                return Err(ConfigError::RemedyDenyNarrow {
+                    net: net.to_string(),
+                    path_prefix,
+                });
+            }
         }
         if self.metrics.top_paths == 0 || self.metrics.top_paths > 1000 {
             return Err(ConfigError::TopPaths(self.metrics.top_paths));

@@ -119,7 +119,8 @@ struct RemedyMetrics {
     paths: IntGaugeVec,
     idle: GaugeVec,
     covered: IntGaugeVec,
-    kills: IntGaugeVec,
+    kills: IntCounterVec,
+    kills_last: std::collections::BTreeMap<String, u64>,
     sockets: IntCounterVec,
     sockets_last: std::collections::BTreeMap<String, u64>,
 }
@@ -284,7 +285,8 @@ impl Metrics {
                 paths: reg!(r, IntGaugeVec::new(Opts::new(name("remedy_paths"), "Killing paths by where their keepalive remedy stands: on, lifted (quiet, retesting the box) or not remediable."), &["state"])?),
                 idle: reg!(r, GaugeVec::new(Opts::new(name("remedy_keepalive_idle_seconds"), "TCP keepalive idle time in force per remedied path (top paths by connections covered)."), &["path"])?),
                 covered: reg!(r, IntGaugeVec::new(Opts::new(name("remedy_sockets_covered"), "Connections with the path's keepalive in force, at the last sweep (top paths)."), &["path"])?),
-                kills: reg!(r, IntGaugeVec::new(Opts::new(name("remedy_premature_kills_while_remedied"), "Premature kills on a remedied path of silences that began after the remedy came into force: a remedy that does not work (top paths)."), &["path"])?),
+                kills: reg!(r, IntCounterVec::new(Opts::new(name("remedy_premature_kills_total"), "Premature kills on a remedied path of silences that began after its connections were covered: a remedy that does not work (top paths)."), &["path"])?),
+                kills_last: std::collections::BTreeMap::new(),
                 sockets: reg!(r, IntCounterVec::new(Opts::new(name("remedy_sockets_total"), "Sockets the remedy programs changed or left alone, by outcome (new_covered, new_own_keepalive, new_failed, new_table_full, sweep_applied, sweep_undone, sweep_failed)."), &["outcome"])?),
                 sockets_last: std::collections::BTreeMap::new(),
             },
@@ -468,7 +470,6 @@ impl Metrics {
         }
         m.idle.reset();
         m.covered.reset();
-        m.kills.reset();
         let mut on: Vec<_> = status
             .paths
             .iter()
@@ -478,15 +479,26 @@ impl Metrics {
             })
             .collect();
         on.sort_by_key(|p| std::cmp::Reverse(p.0.sockets_covered));
-        for (p, k) in on.into_iter().take(m.top_paths) {
+        on.truncate(m.top_paths);
+        // A counter's series go with their path (out of the top, or lifted).
+        let shown: Vec<&str> = on.iter().map(|(p, _)| p.path.as_str()).collect();
+        let kills = &m.kills;
+        m.kills_last.retain(|path, _| {
+            let keep = shown.contains(&path.as_str());
+            if !keep {
+                let _ = kills.remove_label_values(&[path]);
+            }
+            keep
+        });
+        for (p, k) in on {
             let l = [p.path.as_str()];
             m.idle.with_label_values(&l).set(f64::from(k.idle_seconds));
             m.covered
                 .with_label_values(&l)
                 .set(p.sockets_covered as i64);
-            m.kills
-                .with_label_values(&l)
-                .set(p.kills_while_remedied as i64);
+            let last = m.kills_last.insert(p.path.clone(), p.kills_while_remedied);
+            let delta = p.kills_while_remedied.saturating_sub(last.unwrap_or(0));
+            m.kills.with_label_values(&l).inc_by(delta);
         }
         for (outcome, v) in &status.counters {
             let last = m.sockets_last.get(outcome).copied().unwrap_or(0);

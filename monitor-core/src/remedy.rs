@@ -141,9 +141,13 @@ pub struct PathRemedy {
     pub state: PathRemedyState,
     /// Connections with the keepalive in force (the last sweep's count).
     pub sockets_covered: u64,
-    /// Premature kills whose silence began after the remedy came into
-    /// force: a remedy that does not work.
+    /// Premature kills whose silence began after the remedy covered the
+    /// path's connections (a sync with none left to change): a remedy that
+    /// does not work. Counted over the path's whole life.
     pub kills_while_remedied: u64,
+    /// When a sync first found every connection of the path covered, since
+    /// it was last switched on (agent clock).
+    pub covered_since_ns: Option<u64>,
     /// Premature kills on the path when it was last remedied or lifted.
     #[serde(skip)]
     premature_seen: u64,
@@ -184,12 +188,12 @@ impl Remedy {
     /// Bring each path's remedy up to date with `report` at `now_ns`.
     pub fn update(&mut self, report: &Report, now_ns: u64) {
         let retest_ns = self.cfg.retest_after_seconds.saturating_mul(1_000_000_000);
-        let mut seen = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
         for p in &report.killing_paths {
             let Ok(key) = p.path.parse::<PathKey>() else {
                 continue;
             };
-            seen.push(key);
+            seen.insert(key);
             let decided = self.decide(&key, p);
             let entry = self.paths.entry(key).or_insert_with(|| PathRemedy {
                 path: p.path.clone(),
@@ -198,6 +202,7 @@ impl Remedy {
                 },
                 sockets_covered: 0,
                 kills_while_remedied: 0,
+                covered_since_ns: None,
                 premature_seen: 0,
                 last_kill_ns: now_ns,
             });
@@ -205,6 +210,9 @@ impl Remedy {
                 entry.last_kill_ns = now_ns;
             }
             entry.state = next_state(entry, decided, p.premature_kills, now_ns, retest_ns);
+            if !matches!(entry.state, PathRemedyState::On { .. }) {
+                entry.covered_since_ns = None;
+            }
             if !matches!(entry.state, PathRemedyState::Lifted { .. }) {
                 entry.premature_seen = p.premature_kills;
             }
@@ -247,8 +255,8 @@ impl Remedy {
             return;
         };
         let silence_ns = (v.evidence.silence_seconds.max(0.0) * 1e9) as u64;
-        if let PathRemedyState::On { since_ns, .. } = p.state {
-            if v.at_ns.saturating_sub(silence_ns) >= since_ns {
+        if let (PathRemedyState::On { .. }, Some(since)) = (p.state, p.covered_since_ns) {
+            if v.at_ns.saturating_sub(silence_ns) >= since {
                 p.kills_while_remedied += 1;
             }
         }
@@ -263,6 +271,20 @@ impl Remedy {
                 _ => None,
             })
             .collect()
+    }
+
+    /// A sync ended at `now_ns`; `complete`: it left no connection to
+    /// change (the rate bound deferred none). Paths on since before it are
+    /// covered from then.
+    pub fn synced(&mut self, now_ns: u64, complete: bool) {
+        if !complete {
+            return;
+        }
+        for p in self.paths.values_mut() {
+            if matches!(p.state, PathRemedyState::On { .. }) && p.covered_since_ns.is_none() {
+                p.covered_since_ns = Some(now_ns);
+            }
+        }
     }
 
     /// How many connections each path's keepalive covers now.

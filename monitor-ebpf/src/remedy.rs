@@ -11,7 +11,8 @@
 //!   `bpf_setsockopt` from an iterator, on the locked socket).
 //!
 //! Neither ever touches a packet; both leave a socket whose application
-//! set its own keepalive alone.
+//! set its own keepalive alone, and take back only a keepalive that is
+//! still exactly theirs (reading options from BPF: Linux 6.1).
 #![no_std]
 #![no_main]
 
@@ -51,11 +52,6 @@ static NETNS_COOKIE: u64 = 0;
 static REMEDY_PATHS: LpmTrie<RemedyNetData, KeepaliveSetting> =
     LpmTrie::with_max_entries(MAX_REMEDY_PATHS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
-/// Where the path table's key is built (a map value, not the stack: its
-/// 18-byte data draws misaligned stores).
-#[map]
-static REMEDY_KEY: PerCpuArray<LpmKey<RemedyNetData>> = PerCpuArray::with_max_entries(1, 0);
-
 /// Connections covered as they were established (cookie → setting), for
 /// user space to count and, when the path heals, undo.
 #[map]
@@ -84,48 +80,68 @@ fn set(sk: *mut c_void, level: i32, name: i32, value: u32) -> i64 {
     unsafe { bpf_setsockopt(sk, level, name, &mut v as *mut i32 as *mut c_void, 4) }
 }
 
-/// Whether the application turned keepalive on itself (unknown: no).
+/// `getsockopt(level, name)` through the helper (Linux 6.1 for these).
 #[inline(always)]
-fn own_keepalive(sk: *mut c_void) -> bool {
+fn get(sk: *mut c_void, level: i32, name: i32) -> Option<u32> {
     let mut v: i32 = 0;
     // SAFETY: as in `set`.
-    let r = unsafe {
-        bpf_getsockopt(
-            sk,
-            SOL_SOCKET,
-            SO_KEEPALIVE,
-            &mut v as *mut i32 as *mut c_void,
-            4,
-        )
-    };
-    r == 0 && v != 0
+    let r = unsafe { bpf_getsockopt(sk, level, name, &mut v as *mut i32 as *mut c_void, 4) };
+    (r == 0).then_some(v as u32)
 }
 
-/// The keepalive of `s` on `sk`: timings first, so that switching it on
-/// arms the timer with them. 0, [`REMEDY_OWN_KEEPALIVE`], or -errno.
+/// Keepalive on `sk` is exactly `ours`: switched on, with our timings.
+/// Anything else is the application's doing (or unreadable): not ours.
+#[inline(always)]
+fn still_ours(sk: *mut c_void, ours: &KeepaliveSetting) -> bool {
+    get(sk, SOL_SOCKET, SO_KEEPALIVE) == Some(1)
+        && get(sk, SOL_TCP, TCP_KEEPIDLE) == Some(ours.idle_s)
+        && get(sk, SOL_TCP, TCP_KEEPINTVL) == Some(ours.interval_s)
+        && get(sk, SOL_TCP, TCP_KEEPCNT) == Some(ours.count)
+}
+
+/// The keepalive of `s` on `sk`, unless the application keeps its own
+/// (`ours`: what we set before, which must still be in force). Switched on
+/// first: the timings set after it re-arm the timer from the last packet
+/// received, so a connection already silent for a while is probed at once
+/// instead of a whole idle time from now. 0, [`REMEDY_OWN_KEEPALIVE`], or
+/// -errno (keepalive switched back off if it was not on before).
 #[inline(never)]
-fn apply(sk: *mut c_void, s: &KeepaliveSetting, ours: bool) -> i32 {
-    if !ours && own_keepalive(sk) {
+fn apply(sk: *mut c_void, s: &KeepaliveSetting, ours: Option<&KeepaliveSetting>) -> i32 {
+    let mine = match ours {
+        Some(o) => still_ours(sk, o),
+        // Unreadable counts as the application's: never overwrite a
+        // keepalive we cannot see.
+        None => get(sk, SOL_SOCKET, SO_KEEPALIVE) == Some(0),
+    };
+    if !mine {
         return REMEDY_OWN_KEEPALIVE;
     }
-    let mut r = set(sk, SOL_TCP, TCP_KEEPIDLE, s.idle_s);
+    let mut r = set(sk, SOL_SOCKET, SO_KEEPALIVE, 1);
+    if r == 0 {
+        r = set(sk, SOL_TCP, TCP_KEEPIDLE, s.idle_s);
+    }
     if r == 0 {
         r = set(sk, SOL_TCP, TCP_KEEPINTVL, s.interval_s);
     }
     if r == 0 {
         r = set(sk, SOL_TCP, TCP_KEEPCNT, s.count);
     }
-    if r == 0 {
-        r = set(sk, SOL_SOCKET, SO_KEEPALIVE, 1);
+    if r != 0 && ours.is_none() {
+        set(sk, SOL_SOCKET, SO_KEEPALIVE, 0);
     }
     r as i32
 }
 
 /// Keepalive off, and the timings back to `defaults` (the namespace's
 /// sysctls, as user space read them; none when zero), so an application
-/// that switches keepalive on later gets what it would have had.
+/// that switches keepalive on later gets what it would have had; unless
+/// the socket's keepalive is no longer `ours` (its application changed it
+/// since: left alone).
 #[inline(never)]
-fn undo(sk: *mut c_void, defaults: &KeepaliveSetting) -> i32 {
+fn undo(sk: *mut c_void, defaults: &KeepaliveSetting, ours: &KeepaliveSetting) -> i32 {
+    if !still_ours(sk, ours) {
+        return REMEDY_OWN_KEEPALIVE;
+    }
     let mut r = set(sk, SOL_SOCKET, SO_KEEPALIVE, 0);
     if r == 0 && defaults.idle_s != 0 {
         r = set(sk, SOL_TCP, TCP_KEEPIDLE, defaults.idle_s);
@@ -187,33 +203,31 @@ fn on_established(ctx: &SockOpsContext) {
         }
         _ => return,
     };
-    let Some(key) = REMEDY_KEY.get_ptr_mut(0) else {
+    // On the stack, not a per-CPU slot: a run in process context (the
+    // listener's backlog) can be interrupted by one in softirq on this CPU.
+    let key = LpmKey::new(128 + 16, remedy_net_data(ctx.local_port() as u16, &addr));
+    let Some(setting) = REMEDY_PATHS.get(&key).copied() else {
         return;
     };
-    // SAFETY: this CPU's scratch slot; `local_port` is in host order.
-    let setting = unsafe {
-        (*key).prefix_len = 128 + 16;
-        (*key).data = remedy_net_data(ctx.local_port() as u16, &addr);
-        match REMEDY_PATHS.get(&*key) {
-            Some(s) => *s,
-            None => return,
-        }
-    };
-    let r = apply(sk, &setting, false);
-    if r == REMEDY_OWN_KEEPALIVE {
-        count(RemedyCounter::NewOwnKeepalive);
-        return;
-    }
-    if r != REMEDY_DONE {
-        count(RemedyCounter::NewFailed);
-        return;
-    }
-    count(RemedyCounter::NewCovered);
     // SAFETY: the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    // Recorded first: a socket given keepalive is always one user space
+    // knows to take it back from.
     if NEW_COVERED.insert(&cookie, &setting, 0).is_err() {
         count(RemedyCounter::NewTableFull);
+        return;
     }
+    let r = apply(sk, &setting, None);
+    if r == REMEDY_DONE {
+        count(RemedyCounter::NewCovered);
+        return;
+    }
+    let _ = NEW_COVERED.remove(&cookie);
+    count(if r == REMEDY_OWN_KEEPALIVE {
+        RemedyCounter::NewOwnKeepalive
+    } else {
+        RemedyCounter::NewFailed
+    });
 }
 
 /// `struct bpf_iter__tcp`: the iterator's arguments, 8 bytes each.
@@ -240,10 +254,12 @@ pub extern "C" fn remedy_sweep(ctx: *mut IterTcp) -> i32 {
     // SAFETY: a value of our table, written by this walk only.
     unsafe {
         let flags = (*t).flags;
-        let r = if flags & SWEEP_APPLY != 0 {
-            apply(sk, &(*t).setting, flags & SWEEP_OURS != 0)
+        let r = if flags & SWEEP_APPLY == 0 {
+            undo(sk, &(*t).setting, &(*t).ours)
+        } else if flags & SWEEP_OURS != 0 {
+            apply(sk, &(*t).setting, Some(&(*t).ours))
         } else {
-            undo(sk, &(*t).setting)
+            apply(sk, &(*t).setting, None)
         };
         (*t).result = r;
         match (r, flags & SWEEP_APPLY != 0) {

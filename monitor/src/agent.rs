@@ -365,28 +365,24 @@ async fn serve(readers: &mut Readers, state: &State) -> anyhow::Result<()> {
 /// a floating or DHCP address moves seldom.
 const LOCAL_ADDRS_EVERY_TICKS: u64 = 30;
 
-/// The remedy's programs and loop, where `[remedy] keepalive` asks for
-/// them. A remedy that cannot start leaves the diagnosis running and says
-/// why (log, `monitor remedy status`, the report).
-fn start_remedy(config: &FileConfig, state: &State) -> Option<crate::remedy::RemedyTask> {
+/// The remedy's programs, loaded and attached while the agent still holds
+/// its capabilities, where `[remedy] keepalive` asks for them. A remedy
+/// that cannot start leaves the diagnosis running and says why (log,
+/// `monitor remedy status`, the report).
+fn start_remedy(config: &FileConfig, state: &State) -> Option<crate::remedy::RemedyRuntime> {
     if !config.remedy.keepalive {
         return None;
     }
     let d = &config.detector;
     let cgroup = config.remedy.cgroup.as_deref();
-    match crate::remedy::RemedyRuntime::start(
-        &config.agent.ports,
-        d.ipv4_prefix,
-        d.ipv6_prefix,
-        cgroup,
-    ) {
+    let ports = &config.agent.ports;
+    match crate::remedy::RemedyRuntime::start(ports, d.ipv4_prefix, d.ipv6_prefix, cgroup) {
         Ok(rt) => {
             log::info!(
-                "remedy: keepalive for paths whose box forgets idle flows, on ports {:?}, at most {} sockets/s",
-                config.agent.ports,
+                "remedy: keepalive for paths whose box forgets idle flows, on ports {ports:?}, at most {} sockets/s",
                 config.remedy.sockets_per_second
             );
-            Some(crate::remedy::RemedyTask::spawn(rt, state.clone()))
+            Some(rt)
         }
         Err(e) => {
             log::error!("remedy off: {e}");
@@ -490,6 +486,9 @@ pub async fn run(config: FileConfig) -> anyhow::Result<()> {
     let qdisc = lock(&state).monitor.needs_net_admin_to_detach();
     let kept = crate::privilege::drop_capabilities(qdisc).context("after attaching")?;
     log::info!("capabilities dropped; kept: {kept:?}");
+    // Its thread starts after the drop: capabilities are per thread, and a
+    // thread started before would keep them all.
+    let remedy = remedy.map(|rt| crate::remedy::RemedyTask::spawn(rt, state.clone()));
 
     let served = serve(&mut readers, &state).await;
     // Keepalive taken back from every socket given it, whatever ended the loop.

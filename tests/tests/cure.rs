@@ -90,6 +90,23 @@ fn kills_split(verdicts: &[Verdict], path: &str, since: u64) -> (usize, usize) {
     (kills.len() - after, after)
 }
 
+/// (thread id, CapEff) of each thread of process `pid`.
+fn capabilities_of_threads(pid: u32) -> Vec<(String, String)> {
+    let dir = format!("/proc/{pid}/task");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).expect("the agent's threads") {
+        let e = e.expect("a thread");
+        let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+        let cap = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default();
+        out.push((e.file_name().to_string_lossy().into_owned(), cap));
+    }
+    out
+}
+
 fn devices_of<'a>(devices: &'a [DeviceReport], name: &str) -> Vec<&'a DeviceReport> {
     devices.iter().filter(|d| d.path == name).collect()
 }
@@ -140,7 +157,24 @@ fn keepalive_stops_the_kills_of_boxes_that_forget_and_heartbeats_climb() {
     let verdicts = lab.agent().verdicts().expect("monitor events --json");
     let metrics = lab.agent().scrape().expect("scrape /metrics");
     let devices = lab.devices();
+    // Capabilities are per thread: the remedy's holds none either.
+    let pid = lab.agent().pid();
+    let threads = capabilities_of_threads(pid);
     let log = lab.stop().expect("the agent stops cleanly");
+    assert!(
+        threads.len() >= 2,
+        "the agent and its remedy thread: {threads:?}"
+    );
+    // What the main thread kept (nothing from Linux 6.5), every thread.
+    let main = threads
+        .iter()
+        .find(|(t, _)| *t == pid.to_string())
+        .map(|(_, c)| c.clone())
+        .expect("the main thread");
+    assert!(
+        threads.iter().all(|(_, cap)| *cap == main) && main == "0000000000000000",
+        "every thread of the agent dropped its capabilities: {threads:?}"
+    );
     println!("{text}\n{report_text}");
 
     for (name, p) in names.iter().zip(&remedied) {
@@ -282,9 +316,15 @@ fn keepalive_stops_the_kills_of_boxes_that_forget_and_heartbeats_climb() {
     assert!(st.counters["new_covered"] >= 1, "{:?}", st.counters);
     // What the shipped alert reads (ActiveSyncRemedyStillKilling).
     assert!(
-        metrics.contains("activesync_monitor_remedy_premature_kills_while_remedied{"),
+        metrics.contains("activesync_monitor_remedy_premature_kills_total{"),
         "{metrics}"
     );
+    if let Some(l) = log
+        .lines()
+        .find(|l| l.contains("remedy: keepalive taken back from"))
+    {
+        println!("at exit: {l}");
+    }
     assert!(
         log.contains("remedy: keepalive taken back from"),
         "the agent undoes it at exit: {log}"

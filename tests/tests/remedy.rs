@@ -169,3 +169,84 @@ fn existing_connections_are_changed_within_the_rate_bound_and_all_taken_back_at_
         "no program left after the runtime is gone"
     );
 }
+
+#[test]
+fn keepalive_an_application_turned_on_after_us_is_left_to_it() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let mut rt = RemedyRuntime::start(&[port], 24, 56, None).expect("the remedy starts");
+    rt.sync(&[(path(port), KA)], 100).expect("sync");
+    let (_c, s) = connect(&l);
+    assert_eq!(keepalive_of(&s), (1, 7, 5, 3), "covered at establishment");
+    // The application then sets its own.
+    set_int(&s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 100);
+    let o = rt.sync(&[], 100).expect("sync");
+    assert_eq!(keepalive_of(&s).0, 1, "not switched off: {o:?}");
+    assert_eq!(keepalive_of(&s).1, 100);
+    assert!(o.covered.is_empty(), "no longer counted as ours: {o:?}");
+    assert_eq!(rt.undo_all().expect("undo"), 0);
+}
+
+/// The keepalive timer of the server end on `port`, in ms, as `ss` shows it.
+fn keepalive_timer_ms(port: u16) -> Option<u64> {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tnoH",
+            "state",
+            "established",
+            "sport",
+            "=",
+            &format!(":{port}"),
+        ])
+        .output()
+        .expect("ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let t = text.split("timer:(keepalive,").nth(1)?;
+    let v = t.split(',').next()?;
+    // "980ms", "2sec"; this iproute2 prints "1.996ms" for 1.996 s.
+    let (n, unit_ms) = match (v.strip_suffix("ms"), v.strip_suffix("sec")) {
+        (Some(n), _) if n.contains('.') => (n, 1000.0),
+        (Some(n), _) => (n, 1.0),
+        (None, Some(n)) => (n, 1000.0),
+        _ => return None,
+    };
+    Some((n.parse::<f64>().ok()? * unit_ms) as u64)
+}
+
+#[test]
+fn a_connection_already_silent_is_probed_from_its_last_packet_not_a_whole_idle_later() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let (_c, _s) = connect(&l);
+    std::thread::sleep(Duration::from_secs(3));
+    let mut rt = RemedyRuntime::start(&[port], 24, 56, None).expect("the remedy starts");
+    let ka = Keepalive {
+        idle_seconds: 5,
+        ..KA
+    };
+    rt.sync(&[(path(port), ka)], 100).expect("sync");
+    let left = keepalive_timer_ms(port).expect("a keepalive timer on the server end");
+    // Silent 3 s already: the first probe is due in about 2 s, not 5.
+    assert!(left <= 2_500, "the probe is due in {left} ms");
+    rt.undo_all().expect("undo");
+}
+
+#[test]
+fn another_network_namespaces_connections_on_the_same_path_are_not_touched() {
+    xtask::netns::require_root();
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let mut rt = RemedyRuntime::start(&[port], 24, 56, None).expect("the remedy starts");
+    rt.sync(&[(path(port), KA)], 100).expect("sync");
+    // The same address, port and path, in a namespace of its own.
+    let ns = xtask::netns::Netns::new(format!("remedy{}", xtask::netns::unique_tag()));
+    let theirs = ns.run(move || {
+        let l = TcpListener::bind(("127.0.0.1", port)).expect("bind in the namespace");
+        let (_c, s) = connect(&l);
+        keepalive_of(&s).0
+    });
+    assert_eq!(theirs, 0, "sock_ops leaves another namespace alone");
+    let (_c, s) = connect(&l);
+    assert_eq!(keepalive_of(&s).0, 1, "and covers its own");
+    rt.undo_all().expect("undo");
+}

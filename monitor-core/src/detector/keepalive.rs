@@ -2,8 +2,9 @@
 //! team's load balancer), TCP keepalive from this host's end of each
 //! connection keeps its state: a packet crosses it before its timer runs
 //! out, and the device keeps its long heartbeat. This is the choice of
-//! settings from the diagnosis (issue 16, item 1); the report prints them
-//! for the operator to set. The agent does not apply them itself yet.
+//! settings from the diagnosis: the report prints them for the operator
+//! to set, and with `[remedy] keepalive` the agent applies them itself
+//! (`crate::remedy`).
 
 use serde::{Deserialize, Serialize};
 
@@ -61,6 +62,8 @@ pub fn keepalive_for(timeout_s: f64, floor_s: f64) -> Option<Keepalive> {
     }
     // A dead client found within about twice the idle time, probes at
     // least 5 s and at most 75 s (Linux's default interval) apart.
+    // Linux's largest TCP_KEEPIDLE (MAX_TCP_KEEPIDLE): under it, still safe.
+    let idle = idle.min(32_767.0);
     let interval = (idle / f64::from(PROBES)).clamp(5.0, 75.0).floor();
     Some(Keepalive {
         idle_seconds: idle as u32,
@@ -82,6 +85,11 @@ mod tests {
         // 3600 s: 10 % is 360 s; the interval stays at Linux's 75 s.
         let k = keepalive_for(3600.0, FLOOR_SECONDS).unwrap();
         assert_eq!((k.idle_seconds, k.interval_seconds), (3240, 75));
+        // Twelve hours: Linux's largest idle time, 32767 s.
+        assert_eq!(
+            keepalive_for(43_200.0, FLOOR_SECONDS).unwrap().idle_seconds,
+            32_767
+        );
     }
 
     #[test]

@@ -198,7 +198,7 @@ fn a_quiet_remedied_path_is_lifted_to_retest_and_comes_back_only_if_it_kills_aga
 }
 
 #[test]
-fn only_kills_of_silences_begun_after_the_remedy_count_against_it() {
+fn only_kills_of_silences_begun_after_the_remedy_covered_the_path_count_against_it() {
     let mut r = Remedy::new(on());
     r.update(
         &report(vec![path(
@@ -225,6 +225,17 @@ fn only_kills_of_silences_begun_after_the_remedy_count_against_it() {
         v.evidence.silence_seconds = silence;
         v
     };
+    // Nothing counts before a sync has covered the path's connections.
+    r.observe(&verdict(130, 5.0, true));
+    assert_eq!(r.status().paths[0].kills_while_remedied, 0);
+    r.synced(101 * S, false);
+    r.observe(&verdict(130, 5.0, true));
+    assert_eq!(
+        r.status().paths[0].kills_while_remedied,
+        0,
+        "a sync that deferred some"
+    );
+    r.synced(100 * S, true);
     // Its silence began at 95 s, before the remedy (100 s): not counted.
     r.observe(&verdict(118, 23.0, true));
     // Not premature: not counted.
@@ -260,4 +271,23 @@ fn bad_settings_are_refused_naming_the_key() {
         assert!(e.starts_with(name), "{e}");
     }
     assert_eq!(on().validate(), Ok(()));
+}
+
+#[test]
+fn the_remedy_is_refused_off_the_endpoint_and_a_deny_narrower_than_a_path() {
+    let mut c = crate::FileConfig::default();
+    c.agent.interfaces = vec!["eth0".into()];
+    c.remedy = on();
+    assert_eq!(c.validate(), Ok(()));
+    c.remedy.deny = vec!["203.0.113.7/32".parse().unwrap()];
+    let e = c
+        .validate()
+        .expect_err("a /32 inside a /24 path")
+        .to_string();
+    assert!(e.starts_with("remedy.deny: 203.0.113.7/32"), "{e}");
+    c.remedy.deny = vec!["203.0.113.0/24".parse().unwrap()];
+    assert_eq!(c.validate(), Ok(()));
+    c.agent.mode = crate::config::AgentMode::Tap;
+    let e = c.validate().expect_err("tap mode").to_string();
+    assert!(e.starts_with("remedy.keepalive"), "{e}");
 }

@@ -10,7 +10,11 @@ pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// An agent in a mount namespace of its own (a container, `ip netns
 /// exec`) needs the host's hierarchy mounted there.
 pub fn cgroup2_root() -> Result<std::path::PathBuf, RemedyError> {
-    let own = std::fs::read_to_string("/proc/self/mounts").map_err(RemedyError::Cgroup)?;
+    let own =
+        std::fs::read_to_string("/proc/self/mounts").map_err(|source| RemedyError::Cgroup {
+            path: "/proc/self/mounts".into(),
+            source,
+        })?;
     cgroup2_in(&own).ok_or(RemedyError::NoCgroup2)
 }
 
@@ -22,7 +26,6 @@ fn cgroup2_in(mounts: &str) -> Option<std::path::PathBuf> {
         (kind == "cgroup2").then(|| std::path::PathBuf::from(at))
     })
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -44,4 +47,3 @@ mod tests {
         assert_eq!(cgroup2_in("tmpfs /sys/fs/cgroup tmpfs rw 0 0"), None);
     }
 }
-

@@ -7,26 +7,23 @@
 //! for the connections already open, by socket cookie, which this host's
 //! own socket list (sock_diag) gives with their addresses. The iterator
 //! is the only way to set an option on another process's socket without
-//! CAP_SYS_PTRACE (`pidfd_getfd`); it needs Linux 5.15. Both need nothing
-//! after start that the agent does not keep (file descriptors; CAP_BPF
-//! before 6.5, kept already).
+//! CAP_SYS_PTRACE (`pidfd_getfd`). Linux 6.1 (keepalive options set from
+//! an iterator, and read back to tell an application's own). Both need
+//! nothing after start that the agent does not keep (file descriptors).
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    io::Read,
     net::IpAddr,
-    time::{Duration, Instant},
 };
 
 use aya::{
-    maps::{lpm_trie::Key, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray},
+    maps::{MapData, PerCpuArray},
     programs::{links::CgroupAttachMode, Iter, SockOps},
     util::KernelVersion,
     Btf, Ebpf, EbpfLoader,
 };
 use monitor_common::remedy::{
-    remedy_net_data, remedy_prefix_len, v4_mapped, KeepaliveSetting, RemedyCounter, RemedyNetData,
-    SweepTarget, MAX_SWEEP_TARGETS, REMEDY_DONE, REMEDY_OWN_KEEPALIVE, REMEDY_PENDING, SWEEP_APPLY,
+    KeepaliveSetting, RemedyCounter, SweepTarget, MAX_SWEEP_TARGETS, REMEDY_PENDING, SWEEP_APPLY,
     SWEEP_OURS,
 };
 use monitor_core::detector::{keepalive::Keepalive, path::PathKey};
@@ -34,13 +31,16 @@ use monitor_core::detector::{keepalive::Keepalive, path::PathKey};
 use crate::sock_diag::{self, SockDiagError, TcpSocket};
 
 mod cgroup;
+mod maps;
 mod task;
 
 pub use cgroup::{cgroup2_root, CGROUP_ROOT};
 pub use task::{RemedyTask, SYNC_EVERY};
 
-/// Keepalive options in `bpf_setsockopt` from an iterator: Linux 5.15.
-pub const REMEDY_KERNEL: (u8, u8) = (5, 15);
+/// Keepalive options in `bpf_setsockopt` from an iterator (5.15) and
+/// reading them back with `bpf_getsockopt`, which tells an application's
+/// own keepalive from ours (6.1).
+pub const REMEDY_KERNEL: (u8, u8) = (6, 1);
 
 const NEW_PROGRAM: &str = "remedy_new";
 const SWEEP_PROGRAM: &str = "remedy_sweep";
@@ -48,7 +48,7 @@ const SWEEP_PROGRAM: &str = "remedy_sweep";
 #[derive(Debug, thiserror::Error)]
 pub enum RemedyError {
     #[error(
-        "the remedy needs Linux 5.15 (keepalive from sock_ops and TCP iterators); this is {0}"
+        "the remedy needs Linux 6.1 (keepalive set and read back from sock_ops and TCP iterators); this is {0}"
     )]
     KernelTooOld(String),
     #[error("reading the kernel version: {0}")]
@@ -65,10 +65,16 @@ pub enum RemedyError {
     },
     #[error("remedy program {0}: missing from the object")]
     MissingProgram(&'static str),
+    #[error("remedy map {0}: missing from the object")]
+    MissingMap(&'static str),
     #[error(
-        "finding the cgroup v2 root (remedy.cgroup, else /proc/self/mounts) and opening it: {0}"
+        "opening the cgroup v2 root {path} (remedy.cgroup, else the first cgroup2 mount): {source}"
     )]
-    Cgroup(#[source] std::io::Error),
+    Cgroup {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("no cgroup v2 hierarchy is mounted here (mount -t cgroup2 none {CGROUP_ROOT}, or /sys/fs/cgroup/unified beside cgroup v1): the remedy's sock_ops program attaches to its root")]
     NoCgroup2,
     #[error("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {0}")]
@@ -81,8 +87,10 @@ pub enum RemedyError {
     },
     #[error("listing this host's connections: {0}")]
     Sockets(#[source] SockDiagError),
-    #[error("running the remedy sweep: {0}")]
-    Sweep(String),
+    #[error("running the remedy sweep (TCP iterator): {0}")]
+    Sweep(#[source] std::io::Error),
+    #[error("running the remedy sweep (TCP iterator): {0}")]
+    SweepLink(#[source] Box<aya::programs::links::LinkError>),
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> RemedyError {
@@ -99,13 +107,12 @@ fn prog_err(program: &'static str) -> impl FnOnce(aya::programs::ProgramError) -
     }
 }
 
-/// A socket with our keepalive, and the setting.
+/// A socket with our keepalive, and the setting (its `path` field unused:
+/// the path is `path`, from the socket's own addresses).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Covered {
     path: PathKey,
-    idle_s: u32,
-    interval_s: u32,
-    count: u32,
+    setting: KeepaliveSetting,
 }
 
 /// What one sync did.
@@ -178,7 +185,10 @@ impl RemedyRuntime {
             Some(p) => p.to_path_buf(),
             None => cgroup2_root()?,
         };
-        let cgroup = std::fs::File::open(&root).map_err(RemedyError::Cgroup)?;
+        let cgroup = std::fs::File::open(&root).map_err(|source| RemedyError::Cgroup {
+            path: root.display().to_string(),
+            source,
+        })?;
         let new: &mut SockOps = ebpf
             .program_mut(NEW_PROGRAM)
             .ok_or(RemedyError::MissingProgram(NEW_PROGRAM))?
@@ -222,6 +232,9 @@ impl RemedyRuntime {
             // (a busy proxy's is long), the usual case.
             return Ok(SyncOutcome::default());
         }
+        // Only sockets we knew of before the listing can be missing from it
+        // because they closed; sock_ops may cover one meanwhile.
+        let known: HashSet<u64> = self.covered.keys().copied().collect();
         let sockets: Vec<TcpSocket> = sock_diag::established_tcp()
             .map_err(RemedyError::Sockets)?
             .into_iter()
@@ -235,9 +248,9 @@ impl RemedyRuntime {
         for s in &sockets {
             let path = self.path_of(s);
             let t = match (want.get(&path), self.covered.get(&s.cookie)) {
-                (Some(k), None) if !self.left_alone.contains(&s.cookie) => target(path, k, false),
-                (Some(k), Some(c)) if !same(c, k) => target(path, k, true),
-                (None, Some(c)) => undo(c.path, self.defaults),
+                (Some(k), None) if !self.left_alone.contains(&s.cookie) => target(path, k, None),
+                (Some(k), Some(c)) if !same(c, k) => target(path, k, Some(c.setting)),
+                (None, Some(c)) => undo(c, self.defaults),
                 _ => continue,
             };
             if targets.len() >= budget.min(MAX_SWEEP_TARGETS as usize) {
@@ -251,7 +264,8 @@ impl RemedyRuntime {
         self.drain_new()?;
         self.repath(&sockets);
         let live: HashSet<u64> = sockets.iter().map(|s| s.cookie).collect();
-        self.covered.retain(|c, _| live.contains(c));
+        self.covered
+            .retain(|c, _| live.contains(c) || !known.contains(c));
         self.left_alone.retain(|c| live.contains(c));
         let mut covered = BTreeMap::new();
         for c in self.covered.values() {
@@ -275,7 +289,7 @@ impl RemedyRuntime {
         let all: Vec<(u64, (PathKey, SweepTarget))> = self
             .covered
             .iter()
-            .map(|(cookie, c)| (*cookie, undo(c.path, self.defaults)))
+            .map(|(cookie, c)| (*cookie, undo(c, self.defaults)))
             .collect();
         let mut n = 0;
         for chunk in all.chunks(MAX_SWEEP_TARGETS as usize) {
@@ -319,151 +333,11 @@ impl RemedyRuntime {
         };
         PathKey::new(ip, s.local.port(), self.prefixes.0, self.prefixes.1)
     }
-
-    /// The path table: exactly `wanted`.
-    fn set_table(&mut self, wanted: &[(PathKey, Keepalive)]) -> Result<(), RemedyError> {
-        let mut t: LpmTrie<&mut MapData, RemedyNetData, KeepaliveSetting> =
-            LpmTrie::try_from(self.ebpf.map_mut("REMEDY_PATHS").ok_or(RemedyError::Map {
-                map: "REMEDY_PATHS",
-                source: Box::new(aya::maps::MapError::InvalidName {
-                    name: "REMEDY_PATHS".into(),
-                }),
-            })?)
-            .map_err(map_err("REMEDY_PATHS"))?;
-        for old in &self.table {
-            if !wanted.iter().any(|(k, _)| k == old) {
-                // Gone already is fine.
-                let _ = t.remove(&lpm_key(old));
-            }
-        }
-        for (i, (k, ka)) in wanted.iter().enumerate() {
-            let v = setting(ka, i as u32);
-            t.insert(&lpm_key(k), v, 0)
-                .map_err(map_err("REMEDY_PATHS"))?;
-        }
-        self.table = wanted.iter().map(|(k, _)| *k).collect();
-        Ok(())
-    }
-
-    /// Move the kernel's record of connections covered at establishment
-    /// into ours.
-    fn drain_new(&mut self) -> Result<(), RemedyError> {
-        let mut m: BpfHashMap<&mut MapData, u64, KeepaliveSetting> = BpfHashMap::try_from(
-            self.ebpf
-                .map_mut("NEW_COVERED")
-                .ok_or(RemedyError::MissingProgram("NEW_COVERED"))?,
-        )
-        .map_err(map_err("NEW_COVERED"))?;
-        let entries: Vec<(u64, KeepaliveSetting)> = m.iter().filter_map(Result::ok).collect();
-        for (cookie, s) in entries {
-            let _ = m.remove(&cookie);
-            // The path is set again from the socket's addresses at the
-            // next listing; until then the table's, or none known.
-            let path = self.table.get(s.path as usize).copied().unwrap_or_else(|| {
-                PathKey::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0, 0, 0)
-            });
-            self.covered.insert(
-                cookie,
-                Covered {
-                    path,
-                    idle_s: s.idle_s,
-                    interval_s: s.interval_s,
-                    count: s.count,
-                },
-            );
-        }
-        Ok(())
-    }
-
-    /// One walk of this namespace's TCP sockets doing `targets`; records
-    /// what became of each. Returns the failures.
-    fn sweep(&mut self, targets: &[(u64, (PathKey, SweepTarget))]) -> Result<usize, RemedyError> {
-        if targets.is_empty() {
-            return Ok(0);
-        }
-        {
-            let mut m: BpfHashMap<&mut MapData, u64, SweepTarget> = BpfHashMap::try_from(
-                self.ebpf
-                    .map_mut("SWEEP_TARGETS")
-                    .ok_or(RemedyError::MissingProgram("SWEEP_TARGETS"))?,
-            )
-            .map_err(map_err("SWEEP_TARGETS"))?;
-            for (cookie, (_, t)) in targets {
-                m.insert(cookie, t, 0).map_err(map_err("SWEEP_TARGETS"))?;
-            }
-        }
-        let walked = self.walk();
-        let mut m: BpfHashMap<&mut MapData, u64, SweepTarget> = BpfHashMap::try_from(
-            self.ebpf
-                .map_mut("SWEEP_TARGETS")
-                .ok_or(RemedyError::MissingProgram("SWEEP_TARGETS"))?,
-        )
-        .map_err(map_err("SWEEP_TARGETS"))?;
-        let mut failed = 0;
-        for (cookie, (path, t)) in targets {
-            let done = m.get(cookie, 0).map_or(REMEDY_PENDING, |d| d.result);
-            let _ = m.remove(cookie);
-            match done {
-                REMEDY_DONE if t.flags & SWEEP_APPLY != 0 => {
-                    self.covered.insert(
-                        *cookie,
-                        Covered {
-                            path: *path,
-                            idle_s: t.setting.idle_s,
-                            interval_s: t.setting.interval_s,
-                            count: t.setting.count,
-                        },
-                    );
-                }
-                REMEDY_DONE => {
-                    self.covered.remove(cookie);
-                }
-                REMEDY_OWN_KEEPALIVE => {
-                    self.left_alone.insert(*cookie);
-                }
-                // Closed before the walk reached it.
-                REMEDY_PENDING => {}
-                _ => {
-                    failed += 1;
-                    self.left_alone.insert(*cookie);
-                }
-            }
-        }
-        walked.map(|()| failed)
-    }
-
-    /// Run the iterator once over every TCP socket of this namespace.
-    fn walk(&mut self) -> Result<(), RemedyError> {
-        let sweep: &mut Iter = self
-            .ebpf
-            .program_mut(SWEEP_PROGRAM)
-            .ok_or(RemedyError::MissingProgram(SWEEP_PROGRAM))?
-            .try_into()
-            .map_err(prog_err(SWEEP_PROGRAM))?;
-        let id = sweep.attach().map_err(prog_err(SWEEP_PROGRAM))?;
-        let link = sweep.take_link(id).map_err(prog_err(SWEEP_PROGRAM))?;
-        let mut f = link
-            .into_file()
-            .map_err(|e| RemedyError::Sweep(e.to_string()))?;
-        // The program writes nothing: a read returns at the walk's end.
-        let started = Instant::now();
-        let mut buf = [0u8; 256];
-        loop {
-            match f.read(&mut buf) {
-                Ok(0) => return Ok(()),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(RemedyError::Sweep(e.to_string())),
-            }
-            if started.elapsed() > Duration::from_secs(10) {
-                return Err(RemedyError::Sweep("the walk took over 10 s".into()));
-            }
-        }
-    }
 }
 
 fn same(c: &Covered, k: &Keepalive) -> bool {
-    (c.idle_s, c.interval_s, c.count) == (k.idle_seconds, k.interval_seconds, k.count)
+    let s = &c.setting;
+    (s.idle_s, s.interval_s, s.count) == (k.idle_seconds, k.interval_seconds, k.count)
 }
 
 fn setting(k: &Keepalive, path: u32) -> KeepaliveSetting {
@@ -475,39 +349,29 @@ fn setting(k: &Keepalive, path: u32) -> KeepaliveSetting {
     }
 }
 
-fn target(path: PathKey, k: &Keepalive, ours: bool) -> (PathKey, SweepTarget) {
-    let flags = SWEEP_APPLY | if ours { SWEEP_OURS } else { 0 };
+/// Keepalive `k` for a socket of `path`; `ours`: the keepalive we set on
+/// it before (changed only if still in force).
+fn target(path: PathKey, k: &Keepalive, ours: Option<KeepaliveSetting>) -> (PathKey, SweepTarget) {
     (
         path,
         SweepTarget {
             setting: setting(k, 0),
-            flags,
+            ours: ours.unwrap_or_default(),
+            flags: SWEEP_APPLY | if ours.is_some() { SWEEP_OURS } else { 0 },
             result: REMEDY_PENDING,
         },
     )
 }
 
-fn undo(path: PathKey, defaults: KeepaliveSetting) -> (PathKey, SweepTarget) {
+/// Keepalive taken back from a socket we gave it, timings to `defaults`.
+fn undo(c: &Covered, defaults: KeepaliveSetting) -> (PathKey, SweepTarget) {
     (
-        path,
+        c.path,
         SweepTarget {
             setting: defaults,
+            ours: c.setting,
             flags: 0,
             result: REMEDY_PENDING,
         },
     )
 }
-
-/// The path table's key for `k`'s client prefix behind its port.
-fn lpm_key(k: &PathKey) -> Key<RemedyNetData> {
-    let addr = if k.v4 {
-        v4_mapped([k.net[0], k.net[1], k.net[2], k.net[3]])
-    } else {
-        k.net
-    };
-    Key::new(
-        remedy_prefix_len(k.v4, k.prefix),
-        remedy_net_data(k.port, &addr),
-    )
-}
-

@@ -51,11 +51,13 @@ fn run(mut rt: RemedyRuntime, state: &crate::shared::State, stop: &std::sync::at
             s.remedy.in_force()
         };
         let outcome = rt.sync(&wanted, budget);
+        let counters = rt.counters();
         let mut s = lock(state);
-        s.remedy_kernel = rt.counters();
+        s.remedy_kernel = counters;
         match outcome {
             Ok(o) => {
                 s.remedy.set_coverage(&o.covered);
+                s.remedy.synced(crate::clock::now_ns(), o.deferred == 0);
                 s.remedy_error = None;
                 last_error = None;
                 if o.swept > 0 || o.failed > 0 {
