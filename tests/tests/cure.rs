@@ -38,16 +38,6 @@ fn scenario() -> Scenario {
     Scenario::load(&root.join("xtask/scenarios/cure.toml")).expect("cure scenario")
 }
 
-fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec; CLOCK_MONOTONIC is the agent's clock.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn remedy_status(lab: &LabRun) -> RemedyStatus {
     let text = lab
         .agent()
@@ -115,7 +105,7 @@ fn devices_of<'a>(devices: &'a [DeviceReport], name: &str) -> Vec<&'a DeviceRepo
 fn keepalive_stops_the_kills_of_boxes_that_forget_and_heartbeats_climb() {
     xtask::netns::require_root();
     let s = scenario();
-    let started_ns = now_ns();
+    let started_ns = monitor::clock::now_ns();
     let lab = LabRun::start(&s, &agent_bin()).expect("lab up");
     let mut monitor_path: BTreeMap<String, String> = lab
         .topo
@@ -142,7 +132,7 @@ fn keepalive_stops_the_kills_of_boxes_that_forget_and_heartbeats_climb() {
         let report = lab.report().expect("monitor report --json");
         for p in &remedied {
             let settles = since(&st, p).map(|t| t + SETTLE.as_nanos() as u64);
-            if !settled.contains_key(p) && settles.is_some_and(|t| now_ns() >= t) {
+            if !settled.contains_key(p) && settles.is_some_and(|t| monitor::clock::now_ns() >= t) {
                 settled.insert(p.clone(), kills_and_churn(&report, p));
             }
         }
