@@ -164,6 +164,10 @@ pub struct RemedyStatus {
     pub counters: BTreeMap<String, u64>,
     /// Why the remedy is not running, where it failed to start.
     pub error: Option<String>,
+    /// The last sync's failure, while the remedy runs (cleared by the next
+    /// sync that works).
+    #[serde(default)]
+    pub sync_error: Option<String>,
 }
 
 /// The remedy's state machine over the agent's reports.
@@ -243,7 +247,8 @@ impl Remedy {
     }
 
     /// A verdict: a premature kill on a remedied path, of a silence that
-    /// began after the remedy came into force, is one it failed to stop.
+    /// began after a sync covered the path's connections, is one the
+    /// remedy failed to stop.
     pub fn observe(&mut self, v: &Verdict) {
         if !(v.premature && v.ending.is_kill()) {
             return;
@@ -300,6 +305,7 @@ impl Remedy {
             paths: self.paths.values().cloned().collect(),
             counters: BTreeMap::new(),
             error: None,
+            sync_error: None,
         }
     }
 }

@@ -154,6 +154,9 @@ pub fn remedy(m: &crate::remedy::RemedyStatus) -> String {
         .filter(|p| matches!(p.state, St::On { .. }))
         .count();
     let _ = writeln!(s, "REMEDY: TCP keepalive in force on {on} path(s).");
+    if let Some(e) = &m.sync_error {
+        let _ = writeln!(s, "  the last sync failed (retried every 2 s): {e}");
+    }
     for p in &m.paths {
         match p.state {
             St::On { keepalive: k, .. } => {

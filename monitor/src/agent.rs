@@ -448,6 +448,7 @@ fn new_state(monitor: Monitor, config: &FileConfig) -> anyhow::Result<State> {
         remedy: monitor_core::remedy::Remedy::new(config.remedy.clone()),
         remedy_kernel: Default::default(),
         remedy_error: None,
+        remedy_sync_error: None,
     })))
 }
 

@@ -41,6 +41,8 @@ pub struct Shared {
     pub remedy_kernel: std::collections::BTreeMap<String, u64>,
     /// Why the remedy is not running, where it was asked for.
     pub remedy_error: Option<String>,
+    /// The remedy's last sync failure (cleared by one that works).
+    pub remedy_sync_error: Option<String>,
 }
 
 pub type State = Arc<Mutex<Shared>>;
@@ -191,6 +193,7 @@ impl Shared {
         let mut st = self.remedy.status();
         st.counters = self.remedy_kernel.clone();
         st.error = self.remedy_error.clone();
+        st.sync_error = self.remedy_sync_error.clone();
         st
     }
 

@@ -291,3 +291,36 @@ fn the_remedy_is_refused_off_the_endpoint_and_a_deny_narrower_than_a_path() {
     let e = c.validate().expect_err("tap mode").to_string();
     assert!(e.starts_with("remedy.keepalive"), "{e}");
 }
+
+#[test]
+fn the_status_text_says_what_is_in_force_what_is_not_and_a_failed_sync() {
+    let mut r = Remedy::new(on());
+    r.update(
+        &report(vec![
+            path(NAT, Ending::ResetOnNextPacket, 3, Some(keepalive(9))),
+            path("100.64.4.0/24:443", Ending::ProxyTimeout, 3, None),
+        ]),
+        10 * S,
+    );
+    r.set_coverage(&BTreeMap::from([(NAT.parse().unwrap(), 3)]));
+    let mut st = r.status();
+    st.sync_error = Some("listing this host's connections: timed out".into());
+    let text = crate::render::remedy(&st);
+    assert!(
+        text.contains("TCP keepalive in force on 1 path(s)"),
+        "{text}"
+    );
+    assert!(text.contains("100.64.1.0/24:443: keepalive idle 9 s, probes 5 s apart, 4 unanswered end it; 3 connection(s) covered"), "{text}");
+    assert!(
+        text.contains("100.64.4.0/24:443: not remediable: a proxy times out the request"),
+        "{text}"
+    );
+    assert!(
+        text.contains("the last sync failed (retried every 2 s): listing"),
+        "{text}"
+    );
+    st.error = Some("the remedy needs Linux 6.1".into());
+    assert!(
+        crate::render::remedy(&st).starts_with("REMEDY: not running: the remedy needs Linux 6.1")
+    );
+}

@@ -58,7 +58,7 @@ fn run(mut rt: RemedyRuntime, state: &crate::shared::State, stop: &std::sync::at
             Ok(o) => {
                 s.remedy.set_coverage(&o.covered);
                 s.remedy.synced(crate::clock::now_ns(), o.deferred == 0);
-                s.remedy_error = None;
+                s.remedy_sync_error = None;
                 last_error = None;
                 if o.swept > 0 || o.failed > 0 {
                     log::info!(
@@ -75,7 +75,7 @@ fn run(mut rt: RemedyRuntime, state: &crate::shared::State, stop: &std::sync::at
                 if last_error.as_ref() != Some(&e) {
                     log::warn!("remedy: {e}");
                 }
-                s.remedy_error = Some(e.clone());
+                s.remedy_sync_error = Some(e.clone());
                 last_error = Some(e);
             }
         }
