@@ -145,6 +145,14 @@ pub fn seq_after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
 }
 
+/// A keepalive (or zero-window) probe: an empty segment one byte behind
+/// what the server has sent, which only an answer from the client's end
+/// acknowledges. (A pure ACK or window update carries the next number.)
+#[inline(always)]
+pub fn is_probe(flow: &Flow, pkt: &Packet) -> bool {
+    pkt.payload_len == 0 && pkt.tcp_flags & TCP_SYN == 0 && pkt.seq != flow.server_seq_next
+}
+
 /// What `pkt` means for `flow`, before any change: at most one event kind.
 /// Most packets mean nothing worth an event (events are for silences and
 /// endings, not per packet).
@@ -169,14 +177,15 @@ pub fn classify(
         return Some(EventKind::Closed);
     }
     if dir == Dir::Out
-        && pkt.payload_len > 0
         && flow.state & (state::SEQ_KNOWN | state::RETRANS_REPORTED) == state::SEQ_KNOWN
+        && (pkt.payload_len > 0 || is_probe(flow, pkt))
         && !seq_after(pkt.seq.wrapping_add(pkt.payload_len), flow.server_seq_next)
         && flow.last_in_ns != 0
         && now.saturating_sub(flow.last_in_ns) >= gap_threshold_ns
     {
         // Data already sent, sent again, to a client silent for a while: the
-        // server's answer may be falling into a black hole.
+        // server's answer may be falling into a black hole. Or a keepalive
+        // probe: it asks the silent client for an answer just the same.
         return Some(EventKind::Retransmit);
     }
     if dir == Dir::In && flow.state & state::RETRANS_REPORTED != 0 {

@@ -72,6 +72,13 @@ pub const SWEEP_APPLY: u32 = 1;
 /// `SweepTarget::flags`: keepalive on this socket is ours already (a new
 /// setting, not an application's own keepalive to leave alone).
 pub const SWEEP_OURS: u32 = 2;
+/// `SweepTarget::flags`: set the idle time one second longer first, so the
+/// keepalive timer is armed afresh for what remains (armed far ahead, a
+/// timer fires up to an eighth of its wait late, and setting the same
+/// value again leaves it where it was): a sounding probe on time.
+pub const SWEEP_REARM: u32 = 4;
+/// Linux's largest TCP_KEEPIDLE.
+pub const MAX_KEEPIDLE: u32 = 32_767;
 
 /// `SweepTarget::result` and the new-connection outcome: applied.
 pub const REMEDY_DONE: i32 = 0;

@@ -200,7 +200,7 @@ pub enum ConfigError {
     Detector(#[from] DetectorConfigError),
     #[error("remedy.{0}")]
     Remedy(#[from] crate::remedy::RemedyConfigError),
-    #[error("remedy.keepalive: only an agent on the connections' endpoint (agent.mode = \"server\": the ActiveSync server or its reverse proxy) owns the sockets to give keepalive")]
+    #[error("remedy.keepalive and remedy.sound: only an agent on the connections' endpoint (agent.mode = \"server\": the ActiveSync server or its reverse proxy) owns the sockets to give keepalive")]
     RemedyNotOnEndpoint,
     #[error("remedy.deny: {net} is narrower than a path (/{path_prefix}, detector.ipv4_prefix or ipv6_prefix): the remedy applies to whole paths, so deny the path's prefix")]
     RemedyDenyNarrow { net: String, path_prefix: u8 },
@@ -351,7 +351,7 @@ impl FileConfig {
         self.agent.validate()?;
         self.detector.validate()?;
         self.remedy.validate()?;
-        if self.remedy.keepalive && self.agent.mode != crate::placement::AgentMode::Server {
+        if self.remedy.runs() && self.agent.mode != crate::placement::AgentMode::Server {
             return Err(ConfigError::RemedyNotOnEndpoint);
         }
         for net in &self.remedy.deny {

@@ -163,6 +163,18 @@ impl FlowEvent {
     pub fn has_payload(&self) -> bool {
         self.raw.payload_len > 0
     }
+    /// The server's keepalive (or zero-window) probe: an empty segment
+    /// behind what it has sent (see [`monitor_common::flow::is_probe`]).
+    /// Only the first of a run is reported as one (`Retransmit`); the
+    /// repeats end gaps of their own.
+    pub fn is_probe(&self) -> bool {
+        let r = &self.raw;
+        self.dir == Dir::Out
+            && r.payload_len == 0
+            && r.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
+            && r.flow_state & monitor_common::state::SEQ_KNOWN != 0
+            && monitor_common::flow::seq_after(r.server_seq_next, r.seq)
+    }
     /// The client's TTL baseline (min, max), if a client packet was seen.
     pub fn ttl_baseline(&self) -> Option<(u8, u8)> {
         (self.raw.flow_state & monitor_common::state::CLIENT_SEEN != 0)

@@ -261,7 +261,7 @@ impl Metrics {
             hold_time: reg!(r, Histogram::with_opts(HistogramOpts::new(name("hold_time_seconds"), "Time the server held a client request before answering (heartbeat or early answer).").buckets(SILENCE_BUCKETS.to_vec()))?),
             requests: reg!(r, IntCounterVec::new(Opts::new(name("plaintext_requests_total"), "Client requests read on plaintext ports, by ActiveSync command (ping, other) or unreadable."), &["command"])?),
             ping_heartbeat: reg!(r, Histogram::with_opts(HistogramOpts::new(name("ping_heartbeat_interval_seconds"), "HeartbeatInterval stated in Ping requests read on plaintext ports (exact heartbeats).").buckets(SILENCE_BUCKETS.to_vec()))?),
-            path_estimate: reg!(r, GaugeVec::new(Opts::new(name("path_idle_timeout_estimate_seconds"), "Estimated middlebox idle timeout per killing path (point estimate, or the bracket's upper end)."), &["path"])?),
+            path_estimate: reg!(r, GaugeVec::new(Opts::new(name("path_idle_timeout_estimate_seconds"), "Estimated middlebox idle timeout per killing path (point estimate, sounded point, or the bracket's upper end)."), &["path"])?),
             path_recommended: reg!(r, GaugeVec::new(Opts::new(name("path_recommended_idle_timeout_seconds"), "Idle timeout the path's middlebox needs: the heartbeat to cover plus 120 s."), &["path"])?),
             window_mean: reg!(r, Gauge::new(name("heartbeat_window_mean_seconds"), "Mean of the Exchange 3033/1040-style heartbeat window.")?),
             window_samples: reg!(r, IntGauge::new(name("heartbeat_window_samples"), "Samples in the heartbeat window.")?),

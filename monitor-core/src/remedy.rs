@@ -14,7 +14,13 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::detector::{keepalive::Keepalive, path::PathKey, report::Report, Ending, Verdict};
+use crate::detector::{
+    keepalive::Keepalive, path::PathKey, report::Report, DetectorConfig, Ending, Verdict,
+};
+
+pub mod sound;
+
+use sound::{Candidates, Limits, PathSounding, Sounder};
 
 /// `[remedy]` in the configuration file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -36,6 +42,12 @@ pub struct RemedyConfig {
     /// The cgroup v2 root the sock_ops program attaches to (default: the
     /// first cgroup2 mount; in a container, the host's, mounted in).
     pub cgroup: Option<std::path::PathBuf>,
+    /// Sound the timeout of paths known only as a bracket: one connection
+    /// at a time gets a keepalive probe at a chosen silence inside it.
+    pub sound: bool,
+    /// Most probes per path per hour (each unanswered one costs its
+    /// connection, already forgotten by the box).
+    pub probes_per_hour: u32,
 }
 
 impl Default for RemedyConfig {
@@ -48,6 +60,8 @@ impl Default for RemedyConfig {
             sockets_per_second: 200,
             retest_after_seconds: 86_400,
             cgroup: None,
+            sound: false,
+            probes_per_hour: 4,
         }
     }
 }
@@ -60,6 +74,8 @@ pub enum RemedyConfigError {
     Rate(u32),
     #[error("retest_after_seconds: must be at least 60, got {0}")]
     Retest(u64),
+    #[error("probes_per_hour: must be between 1 and 60, got {0}")]
+    ProbesPerHour(u32),
 }
 
 impl RemedyConfig {
@@ -73,7 +89,15 @@ impl RemedyConfig {
         if self.retest_after_seconds < 60 {
             return Err(RemedyConfigError::Retest(self.retest_after_seconds));
         }
+        if !(1..=60).contains(&self.probes_per_hour) {
+            return Err(RemedyConfigError::ProbesPerHour(self.probes_per_hour));
+        }
         Ok(())
+    }
+
+    /// Whether the remedy's programs run: for keepalive, or sounding alone.
+    pub fn runs(&self) -> bool {
+        self.keepalive || self.sound
     }
 
     /// Whether the lists let `path` be remedied.
@@ -153,6 +177,10 @@ pub struct PathRemedy {
     premature_seen: u64,
     #[serde(skip)]
     last_kill_ns: u64,
+    /// Premature kills of connections the sounding probed: its own, on
+    /// purpose, never the remedy's failure nor a reason to retest later.
+    #[serde(skip)]
+    sounding_kills: u64,
 }
 
 /// What `monitor remedy status` shows, and the report's section.
@@ -168,6 +196,11 @@ pub struct RemedyStatus {
     /// sync that works).
     #[serde(default)]
     pub sync_error: Option<String>,
+    /// `remedy.sound`, and the paths being sounded.
+    #[serde(default)]
+    pub sounding_enabled: bool,
+    #[serde(default)]
+    pub sounding: Vec<PathSounding>,
 }
 
 /// The remedy's state machine over the agent's reports.
@@ -175,14 +208,35 @@ pub struct RemedyStatus {
 pub struct Remedy {
     cfg: RemedyConfig,
     paths: BTreeMap<PathKey, PathRemedy>,
+    sounder: Sounder,
+    limits: Limits,
+    /// Connections a probe could go on, from the last sync.
+    candidates: Candidates,
 }
 
 impl Remedy {
     pub fn new(cfg: RemedyConfig) -> Remedy {
+        let limits = Limits {
+            probes_per_hour: cfg.probes_per_hour,
+            min_silence_s: 0.0,
+            black_hole_after_s: 0.0,
+        };
         Remedy {
             cfg,
             paths: BTreeMap::new(),
+            sounder: Sounder::default(),
+            limits,
+            candidates: Candidates::default(),
         }
+        .with_detector(&DetectorConfig::default())
+    }
+
+    /// What the sounding needs of the detector's settings: the shortest
+    /// silence it counts, and how long a black hole waits for its proof.
+    pub fn with_detector(mut self, d: &DetectorConfig) -> Remedy {
+        self.limits.min_silence_s = d.min_silence.as_secs_f64();
+        self.limits.black_hole_after_s = d.black_hole_after.as_secs_f64();
+        self
     }
 
     pub fn config(&self) -> &RemedyConfig {
@@ -193,7 +247,13 @@ impl Remedy {
     pub fn update(&mut self, report: &Report, now_ns: u64) {
         let retest_ns = self.cfg.retest_after_seconds.saturating_mul(1_000_000_000);
         let mut seen = std::collections::BTreeSet::new();
-        for p in &report.killing_paths {
+        // Sounding alone: no path's connections get keepalive.
+        let paths = if self.cfg.keepalive {
+            &report.killing_paths[..]
+        } else {
+            &[]
+        };
+        for p in paths {
             let Ok(key) = p.path.parse::<PathKey>() else {
                 continue;
             };
@@ -209,20 +269,44 @@ impl Remedy {
                 covered_since_ns: None,
                 premature_seen: 0,
                 last_kill_ns: now_ns,
+                sounding_kills: 0,
             });
-            if p.premature_kills > entry.premature_seen {
+            let premature = p.premature_kills.saturating_sub(entry.sounding_kills);
+            if premature > entry.premature_seen {
                 entry.last_kill_ns = now_ns;
             }
-            entry.state = next_state(entry, decided, p.premature_kills, now_ns, retest_ns);
+            entry.state = next_state(entry, decided, premature, now_ns, retest_ns);
             if !matches!(entry.state, PathRemedyState::On { .. }) {
                 entry.covered_since_ns = None;
             }
             if !matches!(entry.state, PathRemedyState::Lifted { .. }) {
-                entry.premature_seen = p.premature_kills;
+                entry.premature_seen = premature;
             }
         }
         // A path the detector forgot is healthy: nothing to keep in force.
         self.paths.retain(|k, _| seen.contains(k));
+        if self.cfg.sound {
+            let cfg = &self.cfg;
+            self.sounder
+                .update(report, &self.candidates, now_ns, &self.limits, |k| {
+                    cfg.permits(k)
+                });
+        }
+    }
+
+    /// The probes to set: socket cookie and keepalive (over the path's).
+    pub fn probes(&self) -> Vec<(u64, Keepalive)> {
+        self.sounder.probes()
+    }
+
+    /// Paths that want a connection to probe.
+    pub fn sounding_paths(&self) -> Vec<PathKey> {
+        self.sounder.wanting().copied().collect()
+    }
+
+    /// The connections a probe could go on, from a sync.
+    pub fn set_candidates(&mut self, candidates: Candidates) {
+        self.candidates = candidates;
     }
 
     /// What the diagnosis of `p` allows.
@@ -259,6 +343,11 @@ impl Remedy {
         let Some(p) = self.paths.get_mut(&key) else {
             return;
         };
+        // A probe's kill is the sounding's, on purpose.
+        if self.sounder.probed(v.client) {
+            p.sounding_kills += 1;
+            return;
+        }
         let silence_ns = (v.evidence.silence_seconds.max(0.0) * 1e9) as u64;
         if let (PathRemedyState::On { .. }, Some(since)) = (p.state, p.covered_since_ns) {
             if v.at_ns.saturating_sub(silence_ns) >= since {
@@ -306,6 +395,8 @@ impl Remedy {
             counters: BTreeMap::new(),
             error: None,
             sync_error: None,
+            sounding_enabled: self.cfg.sound,
+            sounding: self.sounder.status(),
         }
     }
 }

@@ -146,6 +146,7 @@ pub fn remedy(m: &crate::remedy::RemedyStatus) -> String {
             s,
             "REMEDY: off (set [remedy] keepalive = true to keep connections alive through boxes that forget idle flows)."
         );
+        sounding(&mut s, m);
         return s;
     }
     let on = m
@@ -184,7 +185,35 @@ pub fn remedy(m: &crate::remedy::RemedyStatus) -> String {
     for (name, v) in &m.counters {
         let _ = writeln!(s, "  kernel {name}: {v}");
     }
+    sounding(&mut s, m);
     s
+}
+
+/// The sounding's part of the remedy status.
+fn sounding(s: &mut String, m: &crate::remedy::RemedyStatus) {
+    if !m.sounding_enabled {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "SOUNDING: {} path(s) known only as a bracket; one connection at a time gets a keepalive probe at a silence inside it.",
+        m.sounding.iter().filter(|p| !p.done).count()
+    );
+    for p in &m.sounding {
+        let now = match (&p.active, p.done) {
+            (_, true) => "done: the estimate is a point".to_string(),
+            (Some(a), _) => format!(
+                "probe at {} s of silence on {}'s connection (bracket ({:.1}, {:.1}])",
+                a.keepalive.idle_seconds, a.client, a.low_seconds, a.high_seconds
+            ),
+            (None, _) => "waiting (the hourly budget, or a connection to probe)".to_string(),
+        };
+        let _ = writeln!(
+            s,
+            "  {}: {now}; {} probe(s) this hour, {} in all, {} without an outcome.",
+            p.path, p.probes_last_hour, p.probes_total, p.abandoned
+        );
+    }
 }
 
 fn killing_path(s: &mut String, p: &PathReport, r: &Report) {
@@ -319,6 +348,24 @@ fn estimate(e: &Estimate) -> String {
         } if *low_seconds > 0.0 => format!(
             "between {low_seconds:.1} s (longest silence that survived) and {high_seconds:.1} s (shortest that was killed), from {samples} kills"
         ),
+        Estimate::Sounded {
+            seconds,
+            low_seconds,
+            high_seconds,
+            probes,
+        } => {
+            let shown: Vec<String> = probes
+                .iter()
+                .map(|p| {
+                    let outcome = if p.survived { "answered" } else { "killed" };
+                    format!("{:.1} s {outcome}", p.silence_seconds)
+                })
+                .collect();
+            format!(
+                "{seconds:.1} s, sounded: between {low_seconds:.1} s (survived) and {high_seconds:.1} s (killed); keepalive probes: {}",
+                shown.join(", ")
+            )
+        }
         // No silence has survived below the kills: only the upper bound is known.
         Estimate::Bracket {
             high_seconds,

@@ -29,8 +29,8 @@ use aya_ebpf::{
 };
 use monitor_common::remedy::{
     remedy_net_data, v4_mapped, KeepaliveSetting, RemedyCounter, RemedyNetData, SweepTarget,
-    MAX_NEW_COVERED, MAX_REMEDY_PATHS, MAX_SWEEP_TARGETS, REMEDY_DONE, REMEDY_OWN_KEEPALIVE,
-    SWEEP_APPLY, SWEEP_OURS,
+    MAX_KEEPIDLE, MAX_NEW_COVERED, MAX_REMEDY_PATHS, MAX_SWEEP_TARGETS, REMEDY_DONE,
+    REMEDY_OWN_KEEPALIVE, SWEEP_APPLY, SWEEP_OURS, SWEEP_REARM,
 };
 
 const SOL_SOCKET: i32 = 1;
@@ -104,9 +104,15 @@ fn still_ours(sk: *mut c_void, ours: &KeepaliveSetting) -> bool {
 /// first: the timings set after it re-arm the timer from the last packet
 /// received, so a connection already silent for a while is probed at once
 /// instead of a whole idle time from now. 0, [`REMEDY_OWN_KEEPALIVE`], or
-/// -errno (keepalive switched back off if it was not on before).
+/// -errno (keepalive switched back off if it was not on before). `rearm`:
+/// see [`SWEEP_REARM`].
 #[inline(never)]
-fn apply(sk: *mut c_void, s: &KeepaliveSetting, ours: Option<&KeepaliveSetting>) -> i32 {
+fn apply(
+    sk: *mut c_void,
+    s: &KeepaliveSetting,
+    ours: Option<&KeepaliveSetting>,
+    rearm: bool,
+) -> i32 {
     let mine = match ours {
         Some(o) => still_ours(sk, o),
         // Unreadable counts as the application's: never overwrite a
@@ -117,6 +123,9 @@ fn apply(sk: *mut c_void, s: &KeepaliveSetting, ours: Option<&KeepaliveSetting>)
         return REMEDY_OWN_KEEPALIVE;
     }
     let mut r = set(sk, SOL_SOCKET, SO_KEEPALIVE, 1);
+    if r == 0 && rearm && s.idle_s < MAX_KEEPIDLE {
+        r = set(sk, SOL_TCP, TCP_KEEPIDLE, s.idle_s + 1);
+    }
     if r == 0 {
         r = set(sk, SOL_TCP, TCP_KEEPIDLE, s.idle_s);
     }
@@ -217,7 +226,7 @@ fn on_established(ctx: &SockOpsContext) {
         count(RemedyCounter::NewTableFull);
         return;
     }
-    let r = apply(sk, &setting, None);
+    let r = apply(sk, &setting, None, false);
     if r == REMEDY_DONE {
         count(RemedyCounter::NewCovered);
         return;
@@ -257,9 +266,14 @@ pub extern "C" fn remedy_sweep(ctx: *mut IterTcp) -> i32 {
         let r = if flags & SWEEP_APPLY == 0 {
             undo(sk, &(*t).setting, &(*t).ours)
         } else if flags & SWEEP_OURS != 0 {
-            apply(sk, &(*t).setting, Some(&(*t).ours))
+            apply(
+                sk,
+                &(*t).setting,
+                Some(&(*t).ours),
+                flags & SWEEP_REARM != 0,
+            )
         } else {
-            apply(sk, &(*t).setting, None)
+            apply(sk, &(*t).setting, None, flags & SWEEP_REARM != 0)
         };
         (*t).result = r;
         match (r, flags & SWEEP_APPLY != 0) {

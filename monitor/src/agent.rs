@@ -370,7 +370,7 @@ const LOCAL_ADDRS_EVERY_TICKS: u64 = 30;
 /// that cannot start leaves the diagnosis running and says why (log,
 /// `monitor remedy status`, the report).
 fn start_remedy(config: &FileConfig, state: &State) -> Option<crate::remedy::RemedyRuntime> {
-    if !config.remedy.keepalive {
+    if !config.remedy.runs() {
         return None;
     }
     let d = &config.detector;
@@ -445,7 +445,8 @@ fn new_state(monitor: Monitor, config: &FileConfig) -> anyhow::Result<State> {
         started: Instant::now(),
         config: config.clone(),
         followers: broadcast::channel(FOLLOW_BUFFER).0,
-        remedy: monitor_core::remedy::Remedy::new(config.remedy.clone()),
+        remedy: monitor_core::remedy::Remedy::new(config.remedy.clone())
+            .with_detector(&config.detector),
         remedy_kernel: Default::default(),
         remedy_error: None,
         remedy_sync_error: None,

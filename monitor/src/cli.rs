@@ -47,7 +47,8 @@ pub enum Command {
     /// Flow endings with their verdicts (the most recent first, then live with --follow).
     Events(EventsArgs),
     /// The cure: TCP keepalive the agent gives the connections of paths
-    /// whose box forgets idle flows (`[remedy] keepalive = true`).
+    /// whose box forgets idle flows (`[remedy] keepalive = true`), and the
+    /// sounding of their exact timeout (`[remedy] sound = true`).
     #[command(subcommand)]
     Remedy(RemedyCommand),
     /// Analyse a capture (pcap or pcapng, e.g. from tcpdump on a firewall or a
@@ -77,7 +78,8 @@ pub enum Command {
 #[derive(Debug, clap::Subcommand)]
 pub enum RemedyCommand {
     /// Per path: remedy on, lifted or not remediable (and why), the idle
-    /// time in force, connections covered, kills since; the kernel's counts.
+    /// time in force, connections covered, kills since; the kernel's
+    /// counts; the sounding's probe in flight and its budget.
     Status(JsonArg),
 }
 

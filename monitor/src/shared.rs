@@ -200,14 +200,14 @@ impl Shared {
     /// The report, with the remedy's section where one was asked for.
     pub fn report(&self) -> crate::detector::report::Report {
         let mut r = self.pipeline.report();
-        if self.config.remedy.keepalive {
+        if self.config.remedy.runs() {
             r.remedy = Some(self.remedy_status());
         }
         r
     }
 
     pub fn metrics_text(&mut self) -> Result<String, prometheus::Error> {
-        if self.config.remedy.keepalive {
+        if self.config.remedy.runs() {
             let st = self.remedy_status();
             self.metrics.set_remedy(&st);
         }

@@ -18,6 +18,9 @@ pub struct TcpSocket {
     pub cookie: u64,
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    /// Its peer has not answered a retransmission or probe yet (a
+    /// connection a box forgot lingers like this until the server gives up).
+    pub unanswered: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -404,6 +407,9 @@ fn tcp_socket(m: &InetDiagMsg) -> Option<TcpSocket> {
         cookie,
         local,
         remote,
+        // Timers 1 (retransmission), 2 (keepalive), 4 (zero window probe):
+        // idiag_retrans counts what went unanswered.
+        unanswered: matches!(m.idiag_timer, 1 | 2 | 4) && m.idiag_retrans > 0,
     })
 }
 
@@ -560,11 +566,13 @@ mod tests {
             cookie: 0x1122_3344_5566_7788,
             local: sa("10.0.0.1:443"),
             remote: sa("192.168.1.2:51000"),
+            unanswered: false,
         };
         let v6 = TcpSocket {
             cookie: 5,
             local: sa("[2001:db8::1]:8080"),
             remote: sa("[2001:db8::2]:40000"),
+            unanswered: false,
         };
         let mut buf = nl(
             SOCK_DIAG_BY_FAMILY,
@@ -591,6 +599,22 @@ mod tests {
             Progress::Done
         );
         assert_eq!(out, want);
+    }
+
+    #[test]
+    fn a_socket_retransmitting_or_probing_unanswered_is_marked_so() {
+        let (l, r) = (sa("10.0.0.1:443"), sa("192.168.1.2:51000"));
+        let mut out = Vec::new();
+        for (timer, retrans) in [(1u8, 3u8), (2, 1), (1, 0), (0, 0)] {
+            let mut d = diag(libc::AF_INET, 1, l, r, 7);
+            d[2] = timer; // idiag_timer, then idiag_retrans
+            d[3] = retrans;
+            let mut buf = nl(SOCK_DIAG_BY_FAMILY, &d);
+            buf.extend(nl(NLMSG_DONE, &0i32.to_ne_bytes()));
+            parse_datagram(&buf, &mut out, MAX_SOCKETS).unwrap();
+        }
+        let marks: Vec<bool> = out.iter().map(|s| s.unanswered).collect();
+        assert_eq!(marks, [true, true, false, false]);
     }
 
     #[test]

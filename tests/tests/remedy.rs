@@ -14,7 +14,7 @@ use std::{
 
 use monitor::{
     detector::{keepalive::Keepalive, path::PathKey},
-    remedy::RemedyRuntime,
+    remedy::{RemedyRuntime, Wanted},
 };
 
 const KA: Keepalive = Keepalive {
@@ -62,6 +62,14 @@ fn connect(l: &TcpListener) -> (TcpStream, TcpStream) {
     (c, s)
 }
 
+/// Keepalive for these paths, nothing sounded.
+fn paths(p: &[(PathKey, Keepalive)]) -> Wanted {
+    Wanted {
+        paths: p.to_vec(),
+        ..Wanted::default()
+    }
+}
+
 fn path(port: u16) -> PathKey {
     format!("127.0.0.0/24:{port}").parse().expect("a path")
 }
@@ -81,7 +89,7 @@ fn keepalive_goes_to_a_remedied_paths_server_sockets_old_and_new_and_comes_back(
     let mut rt =
         RemedyRuntime::start(&[port], 24, 56, None).expect("the remedy starts (root, 5.15+)");
 
-    let o = rt.sync(&[(path(port), KA)], 100).expect("sync");
+    let o = rt.sync(&paths(&[(path(port), KA)]), 100).expect("sync");
     assert_eq!(
         keepalive_of(&old_s),
         (1, 7, 5, 3),
@@ -105,7 +113,7 @@ fn keepalive_goes_to_a_remedied_paths_server_sockets_old_and_new_and_comes_back(
         "sock_ops covers a new connection"
     );
     assert_eq!(keepalive_of(&new_c).0, 0);
-    let o = rt.sync(&[(path(port), KA)], 100).expect("sync");
+    let o = rt.sync(&paths(&[(path(port), KA)]), 100).expect("sync");
     assert_eq!(o.swept, 0, "nothing left to change: {o:?}");
     assert_eq!(o.covered.get(&path(port)), Some(&2), "{o:?}");
     let counters = rt.counters();
@@ -113,7 +121,7 @@ fn keepalive_goes_to_a_remedied_paths_server_sockets_old_and_new_and_comes_back(
     assert_eq!(counters["sweep_applied"], 1, "{counters:?}");
 
     // The path heals: keepalive is taken back, the application's stays.
-    let o = rt.sync(&[], 100).expect("sync");
+    let o = rt.sync(&paths(&[]), 100).expect("sync");
     assert_eq!(o.swept, 2, "{o:?}");
     // Off, and the timings back to this namespace's defaults.
     let sysctl = |n: &str| -> i32 {
@@ -145,17 +153,17 @@ fn existing_connections_are_changed_within_the_rate_bound_and_all_taken_back_at_
     let port = l.local_addr().expect("addr").port();
     let mut conns: Vec<(TcpStream, TcpStream)> = (0..5).map(|_| connect(&l)).collect();
     let mut rt = RemedyRuntime::start(&[port], 24, 56, None).expect("the remedy starts");
-    let o = rt.sync(&[(path(port), KA)], 2).expect("sync");
+    let o = rt.sync(&paths(&[(path(port), KA)]), 2).expect("sync");
     assert_eq!((o.swept, o.deferred), (2, 3), "{o:?}");
     let on = conns.iter().filter(|(_, s)| keepalive_of(s).0 == 1).count();
     assert_eq!(on, 2);
-    let o = rt.sync(&[(path(port), KA)], 100).expect("sync");
+    let o = rt.sync(&paths(&[(path(port), KA)]), 100).expect("sync");
     assert_eq!((o.swept, o.deferred), (3, 0), "{o:?}");
     assert!(conns.iter().all(|(_, s)| keepalive_of(s).0 == 1));
     // A closed connection leaves the count.
     drop(conns.remove(0));
     std::thread::sleep(Duration::from_millis(50));
-    let o = rt.sync(&[(path(port), KA)], 100).expect("sync");
+    let o = rt.sync(&paths(&[(path(port), KA)]), 100).expect("sync");
     assert_eq!(o.covered.get(&path(port)), Some(&4), "{o:?}");
     let (_c, s) = connect(&l);
     assert_eq!(keepalive_of(&s).0, 1);
@@ -175,12 +183,12 @@ fn keepalive_an_application_turned_on_after_us_is_left_to_it() {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = l.local_addr().expect("addr").port();
     let mut rt = RemedyRuntime::start(&[port], 24, 56, None).expect("the remedy starts");
-    rt.sync(&[(path(port), KA)], 100).expect("sync");
+    rt.sync(&paths(&[(path(port), KA)]), 100).expect("sync");
     let (_c, s) = connect(&l);
     assert_eq!(keepalive_of(&s), (1, 7, 5, 3), "covered at establishment");
     // The application then sets its own.
     set_int(&s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 100);
-    let o = rt.sync(&[], 100).expect("sync");
+    let o = rt.sync(&paths(&[]), 100).expect("sync");
     assert_eq!(keepalive_of(&s).0, 1, "not switched off: {o:?}");
     assert_eq!(keepalive_of(&s).1, 100);
     assert!(o.covered.is_empty(), "no longer counted as ours: {o:?}");
@@ -224,7 +232,7 @@ fn a_connection_already_silent_is_probed_from_its_last_packet_not_a_whole_idle_l
         idle_seconds: 5,
         ..KA
     };
-    rt.sync(&[(path(port), ka)], 100).expect("sync");
+    rt.sync(&paths(&[(path(port), ka)]), 100).expect("sync");
     let left = keepalive_timer_ms(port).expect("a keepalive timer on the server end");
     // Silent 3 s already: the first probe is due in about 2 s, not 5.
     assert!(left <= 2_500, "the probe is due in {left} ms");
@@ -237,7 +245,7 @@ fn another_network_namespaces_connections_on_the_same_path_are_not_touched() {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = l.local_addr().expect("addr").port();
     let mut rt = RemedyRuntime::start(&[port], 24, 56, None).expect("the remedy starts");
-    rt.sync(&[(path(port), KA)], 100).expect("sync");
+    rt.sync(&paths(&[(path(port), KA)]), 100).expect("sync");
     // The same address, port and path, in a namespace of its own.
     let ns = xtask::netns::Netns::new(format!("remedy{}", xtask::netns::unique_tag()));
     let theirs = ns.run(move || {
@@ -249,4 +257,147 @@ fn another_network_namespaces_connections_on_the_same_path_are_not_touched() {
     let (_c, s) = connect(&l);
     assert_eq!(keepalive_of(&s).0, 1, "and covers its own");
     rt.undo_all().expect("undo");
+}
+
+/// Sounding: one connection of the path gets the probe's keepalive over
+/// the path's; the others keep the path's; the sounded path's connections
+/// are listed as candidates, not one whose application keeps its own; the
+/// probe lifted, its connection returns to the path's keepalive.
+#[test]
+fn a_probe_goes_on_one_connection_over_its_paths_keepalive_and_comes_back_off_it() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let (a_c, a_s) = connect(&l);
+    let (_b_c, b_s) = connect(&l);
+    let (_own_c, own_s) = connect(&l);
+    set_int(&own_s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 100);
+    set_int(&own_s, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    let mut rt =
+        RemedyRuntime::start(&[port], 24, 56, None).expect("the remedy starts (root, 6.1+)");
+    let mut w = paths(&[(path(port), KA)]);
+    w.sounding = vec![path(port)];
+    let o = rt.sync(&w, 100).expect("sync");
+    let cands = &o.candidates.ready[&path(port)];
+    assert_eq!(
+        cands.len(),
+        2,
+        "the application's own keepalive is no candidate: {cands:?}"
+    );
+    let client_a = a_c.local_addr().expect("addr");
+    let (cookie, _) = *cands
+        .iter()
+        .find(|(_, c)| *c == client_a)
+        .expect("the client's address as the detector spells it");
+    let probe = Keepalive {
+        idle_seconds: 23,
+        interval_seconds: 18,
+        count: 8,
+    };
+    w.probes = vec![(cookie, probe)];
+    let o = rt.sync(&w, 100).expect("sync");
+    assert_eq!(keepalive_of(&a_s), (1, 23, 18, 8), "the probe's connection");
+    assert!(o.candidates.probed_open.contains(&cookie), "{o:?}");
+    // Set again at the next sync (its timer re-armed), not counted as a change.
+    let o = rt.sync(&w, 100).expect("sync");
+    assert_eq!(o.swept, 0, "{o:?}");
+    assert_eq!(
+        keepalive_of(&b_s),
+        (1, 7, 5, 3),
+        "the others keep the path's"
+    );
+    assert_eq!(keepalive_of(&own_s).1, 100);
+    w.probes.clear();
+    rt.sync(&w, 100).expect("sync");
+    assert_eq!(keepalive_of(&a_s), (1, 7, 5, 3), "back to the path's");
+    // Sounding alone (no keepalive for the path): the probe lifted, its
+    // connection's keepalive is taken back.
+    let mut alone = Wanted {
+        sounding: vec![path(port)],
+        probes: vec![(cookie, probe)],
+        ..Wanted::default()
+    };
+    rt.sync(&alone, 100).expect("sync");
+    assert_eq!(keepalive_of(&a_s), (1, 23, 18, 8));
+    assert_eq!(
+        keepalive_of(&b_s).0,
+        0,
+        "no remedy: the others are given back theirs"
+    );
+    alone.probes.clear();
+    rt.sync(&alone, 100).expect("sync");
+    assert_eq!(keepalive_of(&a_s).0, 0);
+}
+
+/// Milliseconds since `s` last received an ACK (TCP_INFO).
+fn last_ack_recv_ms(s: &TcpStream) -> u32 {
+    // SAFETY: tcp_info is plain data; the kernel fills at most its size.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid socket and a buffer of `len` bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            &mut info as *mut _ as *mut _,
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "TCP_INFO");
+    info.tcpi_last_ack_recv
+}
+
+/// A sounding probe is only as good as its timing: armed once 17 s ahead,
+/// Linux's timer wheel fires the keepalive up to 2 s late; set again at
+/// every sync (the agent's 2 s) it goes out on time. The client's answer
+/// to it is the server end's last ACK received.
+#[test]
+fn a_probe_set_again_at_each_sync_goes_out_at_its_age() {
+    use std::io::{Read, Write};
+    const AGE: u32 = 18;
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let (mut c, mut s) = connect(&l);
+    let mut rt =
+        RemedyRuntime::start(&[port], 24, 56, None).expect("the remedy starts (root, 6.1+)");
+    let mut w = Wanted {
+        sounding: vec![path(port)],
+        ..Wanted::default()
+    };
+    let cookie = rt.sync(&w, 100).expect("sync").candidates.ready[&path(port)][0].0;
+    // The last word on the connection: the silence starts here.
+    c.write_all(b"ping").expect("write");
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).expect("read");
+    let start = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(1300));
+    w.probes = vec![(
+        cookie,
+        Keepalive {
+            idle_seconds: AGE,
+            interval_seconds: 30,
+            count: 8,
+        },
+    )];
+    let mut last_sync = std::time::Instant::now() - Duration::from_secs(3);
+    let mut seen = None;
+    while start.elapsed() < Duration::from_secs(u64::from(AGE) + 4) {
+        if last_sync.elapsed() >= Duration::from_secs(2) {
+            rt.sync(&w, 100).expect("sync");
+            last_sync = std::time::Instant::now();
+        }
+        let since_ack = Duration::from_millis(u64::from(last_ack_recv_ms(&s)));
+        let at = start.elapsed().saturating_sub(since_ack);
+        if at > Duration::from_secs(2) {
+            seen = Some(at);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let at = seen.expect("the probe reached the client").as_secs_f64();
+    println!("probe for {AGE} s of silence arrived after {at:.3} s");
+    assert!(
+        at >= f64::from(AGE) - 0.1 && at <= f64::from(AGE) + 0.3,
+        "on time: {at:.3} s for {AGE} s"
+    );
 }

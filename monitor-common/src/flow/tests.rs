@@ -330,6 +330,38 @@ fn server_retransmission_after_client_silence_is_reported_once_then_answered() {
 }
 
 #[test]
+fn a_keepalive_probe_to_a_silent_client_asks_for_an_answer_like_a_retransmission() {
+    let mut c = Conn::new();
+    c.handshake();
+    c.send(S, Dir::In, TCP_ACK | TCP_PSH, 300, 64);
+    c.send(S + S / 50, Dir::Out, TCP_ACK, 0, 64);
+    // Linux's probe: empty, one byte behind what the server has sent.
+    let probe = c.packet(Dir::Out, TCP_ACK, 0, c.server_seq.wrapping_sub(1), 64);
+    let ev = c.feed(24 * S, Dir::Out, &probe).unwrap();
+    assert_eq!(EventKind::from_u8(ev.kind), Some(EventKind::Retransmit));
+    assert_eq!(ev.payload_len, 0);
+    // A repeat soon after (no answer yet) stays quiet; the client's ACK ends it.
+    assert!(c.feed(24 * S + S / 2, Dir::Out, &probe).is_none());
+    assert_eq!(
+        kind(c.send(31 * S, Dir::In, TCP_ACK, 0, 64)),
+        Some(EventKind::RetransAnswered)
+    );
+}
+
+#[test]
+fn an_empty_segment_at_the_next_number_after_a_silence_is_no_probe() {
+    let mut c = Conn::new();
+    c.handshake();
+    c.send(S, Dir::In, TCP_ACK | TCP_PSH, 300, 64);
+    c.send(S + S / 50, Dir::Out, TCP_ACK, 0, 64);
+    // A window update or pure ACK carries the next number: it asks nothing.
+    assert_eq!(
+        kind(c.send(24 * S, Dir::Out, TCP_ACK, 0, 64)),
+        Some(EventKind::GapEnded)
+    );
+}
+
+#[test]
 fn retransmission_while_the_client_is_active_is_not_reported() {
     let mut c = Conn::new();
     c.handshake();

@@ -32,6 +32,8 @@ pub(super) fn next_packet_window(rtt_s: Option<f64>, configured_s: f64) -> f64 {
 pub(super) struct ServerSend {
     /// The silence before it (seconds).
     pub silence_s: f64,
+    /// It was a keepalive probe, not data.
+    pub probe: bool,
 }
 
 /// The facts a flow's close is judged on.
@@ -159,6 +161,9 @@ fn classify_client_side_reset(c: &CloseFacts, evidence: &mut Evidence) -> Ending
         signals.push(Signal::NextPacketTiming);
         if let Some(g) = c.after_server_gap {
             evidence.silence_seconds = g.silence_s;
+            if g.probe {
+                signals.push(Signal::KeepaliveProbe);
+            }
         }
         evidence.server_owed_answer = true;
         evidence.signals = signals;
@@ -342,7 +347,10 @@ mod tests {
         for ttl_is_clients in [Some(true), Some(false), None] {
             let mut c = facts();
             c.ttl_is_clients = ttl_is_clients;
-            c.after_server_gap = Some(ServerSend { silence_s: 30.0 });
+            c.after_server_gap = Some(ServerSend {
+                silence_s: 30.0,
+                probe: false,
+            });
             c.since_server = Some(0.05);
             let mut e = Evidence::default();
             assert_eq!(classify_close(&c, &mut e), Ending::ResetOnNextPacket);
@@ -357,7 +365,10 @@ mod tests {
         c.since_server = Some(0.05);
         let mut e = Evidence::default();
         assert_eq!(classify_close(&c, &mut e), Ending::ClientReset);
-        c.after_server_gap = Some(ServerSend { silence_s: 30.0 });
+        c.after_server_gap = Some(ServerSend {
+            silence_s: 30.0,
+            probe: false,
+        });
         c.since_server = Some(1.5);
         assert_eq!(classify_close(&c, &mut e), Ending::ClientReset);
     }

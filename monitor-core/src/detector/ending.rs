@@ -200,6 +200,9 @@ pub enum Signal {
     /// A second RST followed within 100 ms with another sequence number: an
     /// injector's spray (a client's stack repeats its number).
     RstBurst,
+    /// What the box forgot before was the server's keepalive probe, sent
+    /// at a chosen age of the silence (sounding, or any keepalive).
+    KeepaliveProbe,
 }
 
 impl Signal {
@@ -220,6 +223,7 @@ impl Signal {
             Signal::AckZero => "ack_zero",
             Signal::RstBurst => "rst_burst",
             Signal::AnswerOwed => "answer_owed",
+            Signal::KeepaliveProbe => "keepalive_probe",
         }
     }
 }

@@ -49,6 +49,8 @@ pub fn safe_timeout(e: &Estimate) -> Option<f64> {
         Estimate::Point { seconds, .. } => Some(*seconds),
         Estimate::Bracket { low_seconds, .. } if *low_seconds > 0.0 => Some(*low_seconds),
         Estimate::Bracket { .. } => None,
+        // Sounded to within a second: still only its low end is known safe.
+        Estimate::Sounded { low_seconds, .. } => Some(*low_seconds),
     }
 }
 
@@ -63,7 +65,7 @@ pub fn keepalive_for(timeout_s: f64, floor_s: f64) -> Option<Keepalive> {
     // A dead client found within about twice the idle time, probes at
     // least 5 s and at most 75 s (Linux's default interval) apart.
     // Linux's largest TCP_KEEPIDLE (MAX_TCP_KEEPIDLE): under it, still safe.
-    let idle = idle.min(32_767.0);
+    let idle = idle.min(f64::from(monitor_common::remedy::MAX_KEEPIDLE));
     let interval = (idle / f64::from(PROBES)).clamp(5.0, 75.0).floor();
     Some(Keepalive {
         idle_seconds: idle as u32,

@@ -16,7 +16,7 @@ pub mod window;
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use monitor_common::{state, Dir, EventKind, FlowKey};
@@ -31,7 +31,7 @@ use crate::{
     ping::{Heartbeat, PingRequest},
 };
 use close::{classify_close, is_premature, CloseFacts, ServerSend};
-use path::Kill;
+use path::{Kill, Probe};
 use upstream::{Answer, GiveUp, Judged, Upstream};
 
 const NS: f64 = 1e9;
@@ -65,6 +65,9 @@ struct Gap {
     owed: bool,
     /// Its payload could be a TLS alert (a close_notify): see [`TLS_ALERT_BYTES`].
     alert_sized: bool,
+    /// The server's keepalive probe ended it: the client's answer, or the
+    /// box's, is as telling as to data.
+    probe: bool,
 }
 
 impl Gap {
@@ -93,6 +96,8 @@ struct Suspect {
     /// its request plus the heartbeat to cover. A device that got no
     /// answer reconnects by then, plus `black_hole_after`.
     gives_up_ns: u64,
+    /// What went unanswered was a keepalive probe.
+    probe: bool,
 }
 
 /// What the detector keeps of a followed flow, beside its key (whose
@@ -135,6 +140,22 @@ const CLIENT_SAMPLES: usize = 5;
 /// Two answers this close (relative) are the same heartbeat: no-change
 /// answers repeat the device's interval, early answers fall at random.
 const SAME_HEARTBEAT: f64 = 0.02;
+
+/// The silence `ev` ended, waiting for its proof; `hold_s`: the server
+/// answered a request with it, after holding it this long; `probe`: a
+/// keepalive probe ended it (the first, reported as unanswered so far).
+fn gap_of(ev: &FlowEvent, hold_s: Option<f64>, probe: bool) -> Gap {
+    Gap {
+        silence_s: ev.silence().as_secs_f64(),
+        dir: ev.dir,
+        payload: ev.has_payload(),
+        end_ns: ev.raw.ts_ns,
+        hold_s,
+        owed: ev.raw.last_payload_dir == Dir::In as u8,
+        alert_sized: TLS_ALERT_BYTES.contains(&ev.raw.payload_len),
+        probe,
+    }
+}
 
 /// The handshake's round trip, from the event of the client's ACK that
 /// completed it: the time since the server's SYN-ACK.
@@ -447,7 +468,7 @@ impl Detector {
         match ev.kind {
             EventKind::Opened => self.opened(ev, &mut out),
             EventKind::GapEnded => self.gap_ended(ev, &mut out),
-            EventKind::Retransmit => self.retransmit(ev),
+            EventKind::Retransmit => self.retransmit(ev, &mut out),
             EventKind::RetransAnswered => {
                 let Some(f) = self.flows.get_mut(&key) else {
                     return out;
@@ -455,7 +476,7 @@ impl Detector {
                 if f.suspect.take().is_some() {
                     let path = f.path;
                     if let Some(g) = f.pending_gap.take() {
-                        self.survived(client.ip(), path, g, now, &mut out);
+                        self.survived(client, path, g, now, &mut out);
                     }
                     self.unsuspect(client.ip(), &key);
                 }
@@ -468,28 +489,61 @@ impl Detector {
 
     /// The server resends what it sent after a silence, to a client silent
     /// since: the flow is suspect until the client is heard or comes back.
-    fn retransmit(&mut self, ev: &FlowEvent) {
+    fn retransmit(&mut self, ev: &FlowEvent, out: &mut Vec<Output>) {
         let now = ev.raw.ts_ns;
         let client = ev.client().ip();
         let Some(f) = self.track(ev) else { return };
         if f.suspect.is_some() || f.finalized {
             return;
         }
+        let path = f.path;
+        if ev.is_probe() {
+            // The silence before this one first, if the client proved it.
+            if let Some(g) = f.pending_gap.filter(|g| g.proven_by(ev)) {
+                f.pending_gap = None;
+                self.survived(ev.client(), path, g, now, out);
+            }
+            // A probe of a silence no longer than one the path already
+            // survived asks nothing new (a remedy's keepalive under the
+            // timeout): the gap it ends, as any send's, so a client slow
+            // to answer, or gone, is never a kill under the low end.
+            let silence = ev.silence().as_secs_f64();
+            let known = self.paths.get(&path).map_or(0.0, |p| p.longest_survived_s);
+            if silence <= known {
+                return self.gap_ended(ev, out);
+            }
+            // A keepalive probe is the send after the silence itself.
+            let Some(f) = self.flows.get_mut(&ev.raw.key) else {
+                return;
+            };
+            f.pending_gap = Some(gap_of(ev, None, true));
+        }
+        let Some(f) = self.flows.get_mut(&ev.raw.key) else {
+            return;
+        };
         // The send that goes unanswered and the silence before it; none
         // if that send followed no silence (an answer at once: no timer expired).
         let send = f
             .pending_gap
-            .filter(|g| g.dir == Dir::Out && g.payload && !g.heard_after(ev));
+            .filter(|g| g.dir == Dir::Out && (g.payload || g.probe) && !g.heard_after(ev));
+        // A probe's device waits from its request still owed, if any.
+        let owed_request = (ev.is_probe() && ev.raw.last_payload_dir == Dir::In as u8)
+            .then(|| ev.since_payload())
+            .flatten()
+            .map(|d| now.saturating_sub(d.as_nanos() as u64));
         // The device waits for its answer up to its heartbeat, which may
         // exceed any answer seen (a raise is what gets killed): up to the
         // largest heartbeat to cover.
         let heartbeat = (self.heartbeat_to_cover() * NS) as u64;
-        let request = send.and_then(|g| Some(g.end_ns.saturating_sub((g.hold_s? * NS) as u64)));
+        let request = send
+            .and_then(|g| Some(g.end_ns.saturating_sub((g.hold_s? * NS) as u64)))
+            .or(owed_request);
         if let Some(f) = self.flows.get_mut(&ev.raw.key) {
             f.suspect = Some(Box::new(Suspect {
                 since_ns: now,
                 silence_s: send.map_or(0.0, |g| g.silence_s),
                 gives_up_ns: request.map_or(now, |r| (r + heartbeat).max(now)),
+                probe: send.is_some_and(|g| g.probe),
             }));
         }
         self.suspects.entry(client).or_default().push(ev.raw.key);
@@ -515,18 +569,10 @@ impl Detector {
             .then(|| ev.since_payload())
             .flatten()
             .map(|d| d.as_secs_f64());
-        let previous = f.pending_gap.replace(Gap {
-            silence_s: ev.silence().as_secs_f64(),
-            dir: ev.dir,
-            payload: ev.has_payload(),
-            end_ns: now,
-            hold_s,
-            owed: ev.raw.last_payload_dir == Dir::In as u8,
-            alert_sized: TLS_ALERT_BYTES.contains(&ev.raw.payload_len),
-        });
+        let previous = f.pending_gap.replace(gap_of(ev, hold_s, false));
         let upstream_leg = f.upstream;
         if let Some(g) = previous.filter(|g| g.proven_by(ev)) {
-            self.survived(client, path, g, now, out);
+            self.survived(ev.client(), path, g, now, out);
         }
         if self.upstream.serves(&ev.raw.key) && !upstream_leg {
             // On a proxy host an answer may be the proxy's timeout: it
@@ -604,8 +650,29 @@ impl Detector {
 
     /// A silence the client was heard after: it counts for the path, and
     /// the answer that ended it (if any) is a delivered hold time.
-    fn survived(&mut self, client: IpAddr, path: PathKey, g: Gap, now: u64, out: &mut Vec<Output>) {
-        self.path_mut(path, now).record_survival(g.silence_s);
+    fn survived(
+        &mut self,
+        client: SocketAddr,
+        path: PathKey,
+        g: Gap,
+        now: u64,
+        out: &mut Vec<Output>,
+    ) {
+        let min_silence = self.cfg.min_silence.as_secs_f64();
+        let p = self.path_mut(path, now);
+        // Only a probe that raised the low end is kept as evidence: a
+        // remedy's probes well under the timeout come every few seconds.
+        let raised = g.silence_s > p.longest_survived_s;
+        p.record_survival(g.silence_s);
+        if g.probe && raised && g.silence_s >= min_silence {
+            p.record_probe(Probe {
+                silence_seconds: g.silence_s,
+                survived: true,
+                at_ns: now,
+                client,
+            });
+        }
+        let client = client.ip();
         if let Some(h) = g.hold_s {
             // An answer still waiting for its pairing waits delivered.
             if self.upstream.enabled() && self.upstream.deliver_of(client, g.end_ns) {
@@ -658,14 +725,14 @@ impl Detector {
         last_heard: impl Fn(&FlowKey) -> Option<u64>,
     ) -> Vec<Output> {
         let mut out = Vec::new();
-        let proven: Vec<(FlowKey, IpAddr, PathKey, Gap)> = self
+        let proven: Vec<(FlowKey, SocketAddr, PathKey, Gap)> = self
             .flows
             .iter()
             .filter(|(_, f)| !f.finalized && f.suspect.is_none())
             .filter_map(|(k, f)| {
                 let g = f.pending_gap?;
                 let heard = last_heard(k)?;
-                (g.dir == Dir::In || heard > g.end_ns).then_some((*k, client_of(k).ip(), f.path, g))
+                (g.dir == Dir::In || heard > g.end_ns).then_some((*k, client_of(k), f.path, g))
             })
             .collect();
         for (key, client, path, g) in proven {
@@ -719,13 +786,21 @@ impl Detector {
         // unanswered answer ran out (within `black_hole_after` of its
         // request plus its heartbeat) has given up on it: a black hole.
         let limit = self.cfg.black_hole_after.as_nanos() as u64;
+        let configured = self.cfg.next_packet_window.as_secs_f64();
         if let Some(keys) = self.suspects.get(&client.ip()).cloned() {
             for k in keys {
-                let fresh = self
-                    .flows
-                    .get(&k)
-                    .and_then(|f| f.suspect.as_deref())
-                    .is_some_and(|s| now <= s.gives_up_ns.saturating_add(limit));
+                // A probe is unanswered only once its client's round trip,
+                // and the shortest silence counted, have passed (a phone
+                // waking its radio answers late; a retransmission already
+                // waited an RTO).
+                let fresh = self.flows.get(&k).is_some_and(|f| {
+                    let patience = close::next_packet_window(f.rtt_s.map(f64::from), configured)
+                        .max(self.cfg.min_silence.as_secs_f64());
+                    f.suspect.as_deref().is_some_and(|s| {
+                        now <= s.gives_up_ns.saturating_add(limit)
+                            && (!s.probe || now.saturating_sub(s.since_ns) as f64 > patience * NS)
+                    })
+                });
                 if k != ev.raw.key && fresh {
                     self.black_hole(&k, now, "the client opened a new connection", out);
                 }
@@ -870,6 +945,11 @@ impl Detector {
             silence_seconds: s.silence_s,
             after_server_send_seconds: Some(now.saturating_sub(s.since_ns) as f64 / NS),
             server_owed_answer: true,
+            signals: if s.probe {
+                vec![Signal::KeepaliveProbe]
+            } else {
+                Vec::new()
+            },
             note: Some(note.into()),
             ..Evidence::default()
         };
@@ -927,7 +1007,7 @@ impl Detector {
         };
         let key = &ev.raw.key;
         if let Some(g) = f.pending_gap.filter(proven) {
-            self.survived(client_of(key).ip(), f.path, g, now, out);
+            self.survived(client_of(key), f.path, g, now, out);
         }
         let heartbeat = self.heartbeat_in_force(key, &f).map(|h| h.0);
         let premature = is_premature(ending, &evidence, heartbeat, facts.min_silence);
@@ -1094,9 +1174,10 @@ impl Detector {
                 .map(|(lo, hi)| ttl.saturating_add(tol) >= lo && ttl <= hi.saturating_add(tol)),
             after_server_gap: f
                 .pending_gap
-                .filter(|g| g.dir == Dir::Out && g.payload)
+                .filter(|g| g.dir == Dir::Out && (g.payload || g.probe))
                 .map(|g| ServerSend {
                     silence_s: g.silence_s,
+                    probe: g.probe,
                 }),
             window_s: close::next_packet_window(f.rtt_s.map(f64::from), configured),
             suspect_silence: f.suspect.as_ref().map(|s| s.silence_s),
@@ -1158,6 +1239,14 @@ impl Detector {
                     ending: v.ending,
                     at_ns: now,
                 });
+                if v.evidence.signals.contains(&Signal::KeepaliveProbe) {
+                    p.record_probe(Probe {
+                        silence_seconds: v.evidence.silence_seconds,
+                        survived: false,
+                        at_ns: now,
+                        client: v.client,
+                    });
+                }
             }
         }
         if v.premature {

@@ -169,6 +169,43 @@ pub enum Estimate {
         high_seconds: f64,
         samples: usize,
     },
+    /// A bracket that keepalive probes at chosen silences (sounding, issue
+    /// 16) closed to under [`SOUNDED_WIDTH`]: the timeout is its middle,
+    /// within half its width either way.
+    Sounded {
+        seconds: f64,
+        low_seconds: f64,
+        high_seconds: f64,
+        /// The path's probes, most recent last (at most [`PROBES_SHOWN`]).
+        probes: Vec<ProbeOutcome>,
+    },
+}
+
+/// A bracket narrower than this is a point (seconds).
+pub const SOUNDED_WIDTH: f64 = 2.0;
+/// Probes an estimate shows as its evidence.
+pub const PROBES_SHOWN: usize = 8;
+/// Probes each path keeps.
+pub const PROBES_KEPT: usize = 64;
+
+/// One keepalive probe's outcome, as evidence.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProbeOutcome {
+    /// The silence the probe ended (seconds).
+    pub silence_seconds: f64,
+    /// The client answered it (else the box reset it or dropped it).
+    pub survived: bool,
+}
+
+/// A keepalive probe of one of the path's connections and what came of it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Probe {
+    pub silence_seconds: f64,
+    pub survived: bool,
+    /// When its outcome was known (kernel clock).
+    pub at_ns: u64,
+    /// The connection's client end.
+    pub client: std::net::SocketAddr,
 }
 
 impl Estimate {
@@ -178,6 +215,7 @@ impl Estimate {
         match self {
             Estimate::Point { seconds, .. } => *seconds,
             Estimate::Bracket { high_seconds, .. } => *high_seconds,
+            Estimate::Sounded { seconds, .. } => *seconds,
         }
     }
 
@@ -201,6 +239,7 @@ impl Estimate {
             {
                 Confidence::High
             }
+            Estimate::Sounded { .. } => Confidence::High,
             _ => Confidence::Low,
         }
     }
@@ -236,6 +275,8 @@ pub struct PathStats {
     /// give-ups ended (at most [`ANSWERED_PATHS_KEPT`]).
     pub answered_paths: std::collections::BTreeMap<PathKey, u64>,
     pub kills: VecDeque<Kill>,
+    /// Keepalive probes whose outcome is known (at most [`PROBES_KEPT`]).
+    pub probes: VecDeque<Probe>,
     /// Recent heartbeat samples (hold times), most recent last.
     pub heartbeats: VecDeque<f64>,
     /// Each client's current heartbeat estimate (the largest of its last few
@@ -303,6 +344,13 @@ impl PathStats {
             self.kills.pop_front();
         }
         self.kills.push_back(kill);
+    }
+
+    pub fn record_probe(&mut self, probe: Probe) {
+        if self.probes.len() >= PROBES_KEPT {
+            self.probes.pop_front();
+        }
+        self.probes.push_back(probe);
     }
 
     pub fn record_heartbeat(&mut self, client: IpAddr, seconds: f64) {
@@ -398,6 +446,29 @@ impl PathStats {
         } else {
             0.0
         };
+        // Sounded: probes, not the devices alone, closed it (one of its
+        // ends is a probe's silence).
+        let bounds = |p: &Probe| {
+            let end = if p.survived { low } else { high };
+            (p.silence_seconds - end).abs() < 1e-9
+        };
+        if low > 0.0 && high - low < SOUNDED_WIDTH && self.probes.iter().any(bounds) {
+            let skip = self.probes.len().saturating_sub(PROBES_SHOWN);
+            return Some(Estimate::Sounded {
+                seconds: (low + high) / 2.0,
+                low_seconds: low,
+                high_seconds: high,
+                probes: self
+                    .probes
+                    .iter()
+                    .skip(skip)
+                    .map(|p| ProbeOutcome {
+                        silence_seconds: p.silence_seconds,
+                        survived: p.survived,
+                    })
+                    .collect(),
+            });
+        }
         Some(Estimate::Bracket {
             low_seconds: low,
             high_seconds: high,
@@ -521,6 +592,26 @@ mod tests {
         assert_eq!(b(19.0, 23.0).confidence(), Confidence::High);
         assert_eq!(b(19.1, 40.0).confidence(), Confidence::Low);
         assert_eq!(b(0.0, 23.0).confidence(), Confidence::Low);
+    }
+
+    #[test]
+    fn a_bracket_the_devices_closed_is_no_sounded_point() {
+        let mut p = PathStats::default();
+        p.record_survival(19.5);
+        p.record_kill(kill(21.0, Ending::BlackHole));
+        // A probe elsewhere on the path bounds nothing here.
+        let client = "198.51.100.7:40000".parse().unwrap();
+        let probe = |silence_seconds, survived| Probe {
+            silence_seconds,
+            survived,
+            at_ns: 0,
+            client,
+        };
+        p.record_probe(probe(30.0, false));
+        assert!(matches!(p.estimate(), Some(Estimate::Bracket { .. })));
+        // One that ends it does.
+        p.record_probe(probe(19.5, true));
+        assert!(matches!(p.estimate(), Some(Estimate::Sounded { .. })));
     }
 
     #[test]

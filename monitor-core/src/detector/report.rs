@@ -54,6 +54,10 @@ pub struct PathReport {
     /// timeout known to be safe above the floor).
     #[serde(default)]
     pub keepalive_cure: Option<super::keepalive::Keepalive>,
+    /// The path's latest keepalive probes with an outcome (sounding reads
+    /// its own here), most recent last.
+    #[serde(default)]
+    pub recent_probes: Vec<super::path::Probe>,
 }
 
 /// Held requests that end at one value, below what the devices' Pings ask
@@ -238,7 +242,7 @@ impl Detector {
                     recommended_timeout_seconds: recommended,
                     cure: proxy_cure(recommended),
                 }),
-                Estimate::Bracket { .. } => None,
+                Estimate::Bracket { .. } | Estimate::Sounded { .. } => None,
             })
             .collect();
         out.sort_by(|a, b| a.upstream.cmp(&b.upstream));
@@ -290,6 +294,12 @@ impl Detector {
             kill_silence_histogram: p.kill_histogram(8),
             proxy_timeout_answers: p.proxy_timeout_answers,
             keepalive_cure,
+            recent_probes: p
+                .probes
+                .iter()
+                .skip(p.probes.len().saturating_sub(super::path::PROBES_SHOWN))
+                .copied()
+                .collect(),
         }
     }
 
@@ -302,11 +312,18 @@ impl Detector {
             Some(Estimate::Point { seconds, .. }) => {
                 middlebox::near(&self.table, *seconds, self.cfg.device_match_tolerance)
             }
-            Some(Estimate::Bracket {
-                low_seconds,
-                high_seconds,
-                ..
-            }) if *low_seconds > 0.0 => {
+            Some(
+                Estimate::Bracket {
+                    low_seconds,
+                    high_seconds,
+                    ..
+                }
+                | Estimate::Sounded {
+                    low_seconds,
+                    high_seconds,
+                    ..
+                },
+            ) if *low_seconds > 0.0 => {
                 let inside = middlebox::within(&self.table, *low_seconds, *high_seconds);
                 if inside.len() == 1 {
                     inside

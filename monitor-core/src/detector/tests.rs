@@ -1221,3 +1221,286 @@ fn a_clients_own_reset_at_its_next_number_repeated_is_no_burst() {
 }
 
 mod upstream;
+
+/// The server's keepalive probe at `at`: empty, one byte behind what it sent.
+fn probe(lab: &mut Lab, c: &mut Conn, at: u64) {
+    let seq = c.sseq.wrapping_sub(1);
+    lab.send(c, at, Dir::Out, TCP_ACK, 0, 64, Some(seq));
+}
+
+fn probes(lab: &Lab) -> Vec<(f64, bool)> {
+    lab.det
+        .paths()
+        .flat_map(|(_, p)| p.probes.iter().map(|q| (q.silence_seconds, q.survived)))
+        .collect()
+}
+
+#[test]
+fn a_keepalive_probe_the_client_answers_is_a_survived_silence_of_its_age() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    lab.ping(&mut c, S);
+    probe(&mut lab, &mut c, 24 * S);
+    lab.send(
+        &mut c,
+        24 * S + 20 * MS,
+        Dir::In,
+        TCP_ACK,
+        0,
+        CLIENT_TTL,
+        None,
+    );
+    assert!((longest_survived(&lab) - 23.0).abs() < 0.01);
+    let p = probes(&lab);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!((p[0].0 - 23.0).abs() < 0.01 && p[0].1, "{p:?}");
+    assert!(lab.verdicts().is_empty());
+}
+
+#[test]
+fn a_box_that_resets_a_keepalive_probe_killed_the_silence_before_it() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    lab.ping(&mut c, S);
+    probe(&mut lab, &mut c, 24 * S);
+    // The box answers the probe for the client, with its own TTL.
+    lab.send(&mut c, 24 * S + 2 * MS, Dir::In, TCP_RST, 0, 64, Some(5000));
+    let v = lab.last();
+    assert_eq!(v.ending, Ending::ResetOnNextPacket);
+    assert!(v.premature);
+    assert!((v.evidence.silence_seconds - 23.0).abs() < 0.01, "{v:?}");
+    assert!(
+        v.evidence.signals.contains(&Signal::KeepaliveProbe),
+        "{v:?}"
+    );
+    assert_eq!(probes(&lab).len(), 1);
+    assert!(!probes(&lab)[0].1);
+}
+
+#[test]
+fn an_unanswered_keepalive_probe_then_a_reconnect_is_a_black_hole_at_the_probes_age() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    lab.ping(&mut c, S);
+    probe(&mut lab, &mut c, 24 * S);
+    probe(&mut lab, &mut c, 24 * S + 300 * MS);
+    // The server answers the Ping at 41 s, into the hole; the device gives up.
+    lab.send(&mut c, 41 * S, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
+    assert!(lab.verdicts().is_empty());
+    let _c2 = lab.connect("198.51.100.7", 47 * S);
+    let v = lab.last();
+    assert_eq!(v.ending, Ending::BlackHole);
+    assert!(v.premature);
+    assert!((v.evidence.silence_seconds - 23.0).abs() < 0.01, "{v:?}");
+    assert!(v.evidence.signals.contains(&Signal::KeepaliveProbe));
+    assert_eq!(probes(&lab), vec![(v.evidence.silence_seconds, false)]);
+}
+
+/// An empty segment at the next number (a window update) asks nothing:
+/// a box's reset after it is no probe's kill.
+#[test]
+fn a_window_update_after_a_silence_is_no_probe() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    lab.ping(&mut c, S);
+    lab.send(&mut c, 24 * S, Dir::Out, TCP_ACK, 0, 64, None);
+    lab.send(
+        &mut c,
+        24 * S + 20 * MS,
+        Dir::In,
+        TCP_ACK,
+        0,
+        CLIENT_TTL,
+        None,
+    );
+    lab.send(
+        &mut c,
+        30 * S,
+        Dir::In,
+        TCP_ACK | TCP_PSH,
+        300,
+        CLIENT_TTL,
+        None,
+    );
+    assert!(probes(&lab).is_empty());
+}
+
+/// Probes at chosen ages close a bracket the devices left wide: under
+/// 2 s it is a point, `sounded`, with the probes as evidence.
+#[test]
+fn probes_that_close_a_bracket_under_two_seconds_make_a_sounded_point() {
+    let mut lab = Lab::new(cfg());
+    // Heartbeats of 19 s survive, one of 27 s is reset on the next packet.
+    let mut c = lab.connect("198.51.100.7", 0);
+    let t = cycle(&mut lab, &mut c, S, 19 * S);
+    lab.ping(&mut c, t);
+    lab.send(
+        &mut c,
+        t + 27 * S,
+        Dir::Out,
+        TCP_ACK | TCP_PSH,
+        200,
+        64,
+        None,
+    );
+    lab.send(
+        &mut c,
+        t + 27 * S + 2 * MS,
+        Dir::In,
+        TCP_RST,
+        0,
+        64,
+        Some(5000),
+    );
+    let est = |lab: &Lab| lab.det.paths().next().and_then(|(_, p)| p.estimate());
+    assert!(matches!(est(&lab), Some(Estimate::Bracket { .. })));
+    // Probes at 23 s and 21 s are reset; one at 20.5 s is answered.
+    let mut at = t + 40 * S;
+    for (age, answered) in [(23, false), (21, false)] {
+        let mut c = lab.connect("198.51.100.7", at);
+        lab.ping(&mut c, at + S);
+        probe(&mut lab, &mut c, at + S + MS + age * S);
+        if !answered {
+            lab.send(
+                &mut c,
+                at + S + MS + age * S + 2 * MS,
+                Dir::In,
+                TCP_RST,
+                0,
+                64,
+                Some(5000),
+            );
+        }
+        at += 40 * S;
+    }
+    assert!(
+        matches!(est(&lab), Some(Estimate::Bracket { .. })),
+        "{:?}",
+        est(&lab)
+    );
+    let mut c = lab.connect("198.51.100.7", at);
+    lab.ping(&mut c, at + S);
+    probe(&mut lab, &mut c, at + S + MS + 20 * S + S / 2);
+    lab.send(&mut c, at + 22 * S, Dir::In, TCP_ACK, 0, CLIENT_TTL, None);
+    let Some(Estimate::Sounded {
+        seconds,
+        low_seconds,
+        high_seconds,
+        probes,
+    }) = est(&lab)
+    else {
+        panic!("{:?}", est(&lab));
+    };
+    assert!((low_seconds - 20.5).abs() < 0.01 && (high_seconds - 21.0).abs() < 0.01);
+    assert!((seconds - 20.75).abs() < 0.01);
+    assert_eq!(probes.len(), 3);
+    assert_eq!(est(&lab).unwrap().confidence(), path::Confidence::High);
+}
+
+/// A device's other connection opened while a probe is on its way (a
+/// Sync beside the Ping) proves nothing: a probe is unanswered only once
+/// the client's round trip has passed.
+#[test]
+fn a_new_connection_within_a_round_trip_of_a_probe_is_no_black_hole() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    lab.ping(&mut c, S);
+    probe(&mut lab, &mut c, 24 * S);
+    let _c2 = lab.connect("198.51.100.7", 24 * S + 10 * MS);
+    lab.send(
+        &mut c,
+        24 * S + 20 * MS,
+        Dir::In,
+        TCP_ACK,
+        0,
+        CLIENT_TTL,
+        None,
+    );
+    assert!(lab.verdicts().is_empty(), "{:?}", lab.verdicts());
+    assert_eq!(probes(&lab), vec![(probes(&lab)[0].0, true)]);
+}
+
+/// The remedy's keepalive, under a low end the path already survived,
+/// asks nothing new: a client slow to answer it (a phone waking its
+/// radio) while its address opens another connection, or one that resets
+/// it, is no kill under the low end.
+#[test]
+fn a_probe_under_the_low_end_is_no_kill_however_it_is_answered() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    let t = cycle(&mut lab, &mut c, S, 19 * S);
+    lab.ping(&mut c, t);
+    probe(&mut lab, &mut c, t + 9 * S);
+    let _c2 = lab.connect("198.51.100.7", t + 9 * S + S / 2);
+    lab.send(&mut c, t + 10 * S, Dir::In, TCP_ACK, 0, CLIENT_TTL, None);
+    probe(&mut lab, &mut c, t + 19 * S);
+    lab.send(
+        &mut c,
+        t + 19 * S + 2 * MS,
+        Dir::In,
+        TCP_RST,
+        0,
+        64,
+        Some(5000),
+    );
+    let v = lab.verdicts();
+    assert!(v.iter().all(|v| !v.premature), "{v:?}");
+    assert!(probes(&lab).is_empty());
+    assert!(longest_survived(&lab) > 18.9, "{}", longest_survived(&lab));
+}
+
+/// A phone that answers a probe a few seconds late, while its address
+/// opens another connection, has not dropped it.
+#[test]
+fn a_probe_answered_late_while_the_address_reconnects_is_no_black_hole() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    lab.ping(&mut c, S);
+    probe(&mut lab, &mut c, 24 * S);
+    let _c2 = lab.connect("198.51.100.7", 26 * S);
+    lab.send(&mut c, 27 * S, Dir::In, TCP_ACK, 0, CLIENT_TTL, None);
+    assert!(lab.verdicts().is_empty(), "{:?}", lab.verdicts());
+    assert_eq!(probes(&lab).len(), 1);
+    assert!(probes(&lab)[0].1, "answered: survived");
+}
+
+/// Only the first probe of a run asks about the silence: a reset after a
+/// repeat (the first went unanswered) is no kill at the probes' interval.
+#[test]
+fn a_reset_after_a_repeated_probe_is_no_kill_at_the_probe_interval() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    lab.ping(&mut c, S);
+    probe(&mut lab, &mut c, 24 * S);
+    probe(&mut lab, &mut c, 31 * S);
+    lab.send(&mut c, 31 * S + 2 * MS, Dir::In, TCP_RST, 0, 64, Some(5000));
+    let v = lab.verdicts();
+    assert!(
+        v.iter()
+            .all(|v| v.ending != Ending::ResetOnNextPacket || v.evidence.silence_seconds > 20.0),
+        "{v:?}"
+    );
+    assert!(
+        probes(&lab).iter().all(|p| p.0 > 20.0),
+        "{:?}",
+        probes(&lab)
+    );
+}
+
+/// An empty segment ahead of what the server was seen to send (a tap
+/// that missed some) is no probe.
+#[test]
+fn an_empty_segment_ahead_of_the_servers_number_is_no_probe() {
+    let mut lab = Lab::new(cfg());
+    let mut c = lab.connect("198.51.100.7", 0);
+    lab.ping(&mut c, S);
+    let ahead = c.sseq.wrapping_add(500);
+    lab.send(&mut c, 24 * S, Dir::Out, TCP_ACK, 0, 64, Some(ahead));
+    lab.send(&mut c, 24 * S + 2 * MS, Dir::In, TCP_RST, 0, 64, Some(5000));
+    let v = lab.last();
+    assert!(
+        !v.evidence.signals.contains(&Signal::KeepaliveProbe),
+        "{v:?}"
+    );
+    assert!(probes(&lab).is_empty());
+}

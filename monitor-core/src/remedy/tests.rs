@@ -16,7 +16,7 @@ fn keepalive(idle: u32) -> Keepalive {
     }
 }
 
-fn path(name: &str, how: Ending, premature: u64, cure: Option<Keepalive>) -> PathReport {
+pub(super) fn path(name: &str, how: Ending, premature: u64, cure: Option<Keepalive>) -> PathReport {
     PathReport {
         path: name.to_string(),
         flows_ended: premature,
@@ -44,10 +44,11 @@ fn path(name: &str, how: Ending, premature: u64, cure: Option<Keepalive>) -> Pat
         kill_silence_histogram: Vec::new(),
         proxy_timeout_answers: 0,
         keepalive_cure: cure,
+        recent_probes: Vec::new(),
     }
 }
 
-fn report(paths: Vec<PathReport>) -> Report {
+pub(super) fn report(paths: Vec<PathReport>) -> Report {
     Report {
         flows_tracked: 0,
         endings: BTreeMap::new(),
@@ -322,5 +323,56 @@ fn the_status_text_says_what_is_in_force_what_is_not_and_a_failed_sync() {
     st.error = Some("the remedy needs Linux 6.1".into());
     assert!(
         crate::render::remedy(&st).starts_with("REMEDY: not running: the remedy needs Linux 6.1")
+    );
+}
+
+/// A probe's kill is the sounding's: it neither counts against the
+/// remedy nor postpones the retest of a quiet remedied path.
+#[test]
+fn the_soundings_own_kills_neither_count_against_the_remedy_nor_postpone_its_retest() {
+    let mut r = Remedy::new(RemedyConfig {
+        sound: true,
+        ..on()
+    });
+    let killing = |n| {
+        let mut p = path(NAT, Ending::ResetOnNextPacket, n, Some(keepalive(9)));
+        p.estimate = Some(Estimate::Bracket {
+            low_seconds: 19.0,
+            high_seconds: 27.0,
+            samples: 2,
+        });
+        report(vec![p])
+    };
+    let client: std::net::SocketAddr = "100.64.1.7:50000".parse().unwrap();
+    let key: PathKey = NAT.parse().unwrap();
+    r.set_candidates(sound::Candidates {
+        ready: [(key, vec![(9, client)])].into_iter().collect(),
+        probed_open: [9].into_iter().collect(),
+        listed_ns: 0,
+    });
+    r.update(&killing(2), 10 * S);
+    r.synced(10 * S, true);
+    assert_eq!(r.probes().len(), 1, "a probe on the one connection");
+    let mut v: Verdict = serde_json::from_value(serde_json::json!({
+        "client": client.to_string(), "server": "192.0.2.1:443", "path": NAT,
+        "ending": "reset_on_next_packet", "premature": true,
+        "heartbeat_seconds": null, "heartbeat_source": null, "incomplete": false,
+        "at_ns": 0, "flow_age_seconds": 60.0,
+        "evidence": { "silence_seconds": 23.0, "rst_ttl": null, "client_ttl_min": null,
+            "client_ttl_max": null, "rst_ip_id": null, "client_ip_id": null,
+            "rst_window": null, "client_window": null,
+            "after_server_send_seconds": null, "server_owed_answer": true }
+    }))
+    .expect("a verdict");
+    v.at_ns = 40 * S;
+    r.observe(&v);
+    assert_eq!(r.status().paths[0].kills_while_remedied, 0);
+    // The report now counts 3 premature kills, one the probe's: still
+    // quiet since 10 s, so lifted at the retest time (600 s).
+    r.update(&killing(3), 611 * S);
+    assert!(
+        matches!(r.status().paths[0].state, PathRemedyState::Lifted { .. }),
+        "{:?}",
+        r.status().paths[0]
     );
 }

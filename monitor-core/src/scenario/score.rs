@@ -177,6 +177,7 @@ fn describe_estimate(e: Option<&Estimate>) -> String {
             high_seconds,
             ..
         }) => format!("bracket ({low_seconds:.1}, {high_seconds:.1}]"),
+        Some(Estimate::Sounded { seconds, .. }) => format!("sounded {seconds:.1}s"),
     }
 }
 
@@ -200,6 +201,8 @@ fn estimate_right(p: &PathTruth, e: Option<&Estimate>) -> bool {
     let at_expiry = p.manner.is_some_and(|m| m.kills_at_expiry());
     match e {
         Some(Estimate::Point { seconds, .. }) => at_expiry && (seconds - t).abs() <= 1.0,
+        // Probes closed the bracket: within a second, like a point.
+        Some(Estimate::Sounded { seconds, .. }) => !at_expiry && (seconds - t).abs() <= 1.0,
         Some(Estimate::Bracket {
             low_seconds,
             high_seconds,

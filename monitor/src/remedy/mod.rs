@@ -13,7 +13,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use aya::{
@@ -24,9 +24,12 @@ use aya::{
 };
 use monitor_common::remedy::{
     KeepaliveSetting, RemedyCounter, SweepTarget, MAX_SWEEP_TARGETS, REMEDY_PENDING, SWEEP_APPLY,
-    SWEEP_OURS,
+    SWEEP_OURS, SWEEP_REARM,
 };
-use monitor_core::detector::{keepalive::Keepalive, path::PathKey};
+use monitor_core::{
+    detector::{keepalive::Keepalive, path::PathKey},
+    remedy::sound::Candidates,
+};
 
 use crate::sock_diag::{self, SockDiagError, TcpSocket};
 
@@ -120,13 +123,30 @@ struct Covered {
 pub struct SyncOutcome {
     /// Connections with the keepalive in force, per path.
     pub covered: BTreeMap<PathKey, u64>,
-    /// Sockets changed in this sync's sweep.
+    /// Sockets changed in this sync's sweep (not counting a probe's
+    /// setting set again).
     pub swept: usize,
     /// Changes left for the next sync (the rate bound).
     pub deferred: usize,
     /// setsockopt failures in this sweep.
     pub failed: usize,
+    /// Connections of the paths being sounded a probe could go on.
+    pub candidates: Candidates,
 }
+
+/// What the remedy wants of the kernel.
+#[derive(Clone, Debug, Default)]
+pub struct Wanted {
+    /// Keepalive per remedied path.
+    pub paths: Vec<(PathKey, Keepalive)>,
+    /// Keepalive probes by socket cookie, over their path's (sounding).
+    pub probes: Vec<(u64, Keepalive)>,
+    /// Paths being sounded: list their connections as candidates.
+    pub sounding: Vec<PathKey>,
+}
+
+/// Candidates listed per sounded path, at most.
+const CANDIDATES_KEPT: usize = 64;
 
 /// The loaded remedy programs and what they have done.
 pub struct RemedyRuntime {
@@ -138,6 +158,8 @@ pub struct RemedyRuntime {
     covered: HashMap<u64, Covered>,
     /// Sockets whose application keeps its own keepalive, or that refused it.
     left_alone: HashSet<u64>,
+    /// Sockets given a sounding probe's setting.
+    probing: HashSet<u64>,
     /// This namespace's keepalive sysctls: what taking it back restores.
     defaults: KeepaliveSetting,
 }
@@ -214,20 +236,17 @@ impl RemedyRuntime {
             table: Vec::new(),
             covered: HashMap::new(),
             left_alone: HashSet::new(),
+            probing: HashSet::new(),
             defaults: keepalive_defaults(),
         })
     }
 
     /// Bring the kernel in step with `wanted`: the path table for new
     /// connections, and at most `budget` existing sockets changed.
-    pub fn sync(
-        &mut self,
-        wanted: &[(PathKey, Keepalive)],
-        budget: usize,
-    ) -> Result<SyncOutcome, RemedyError> {
-        self.set_table(wanted)?;
+    pub fn sync(&mut self, wanted: &Wanted, budget: usize) -> Result<SyncOutcome, RemedyError> {
+        self.set_table(&wanted.paths)?;
         self.drain_new()?;
-        if wanted.is_empty() && self.covered.is_empty() {
+        if wanted.paths.is_empty() && wanted.sounding.is_empty() && self.covered.is_empty() {
             // Nothing in force, nothing to take back: no socket listing
             // (a busy proxy's is long), the usual case.
             return Ok(SyncOutcome::default());
@@ -240,22 +259,53 @@ impl RemedyRuntime {
             .into_iter()
             .filter(|s| self.ports.contains(&s.local.port()))
             .collect();
+        let listed_ns = crate::clock::now_ns();
         self.drain_new()?;
         self.repath(&sockets);
-        let want: HashMap<PathKey, Keepalive> = wanted.iter().copied().collect();
+        let want: HashMap<PathKey, Keepalive> = wanted.paths.iter().copied().collect();
+        let probes: HashMap<u64, Keepalive> = wanted.probes.iter().copied().collect();
         let mut targets = Vec::new();
         let mut deferred = 0;
+        let mut rearmed = 0;
         for s in &sockets {
             let path = self.path_of(s);
-            let t = match (want.get(&path), self.covered.get(&s.cookie)) {
-                (Some(k), None) if !self.left_alone.contains(&s.cookie) => target(path, k, None),
-                (Some(k), Some(c)) if !same(c, k) => target(path, k, Some(c.setting)),
-                (None, Some(c)) => undo(c, self.defaults),
+            let probe = probes.get(&s.cookie);
+            if probe.is_some() {
+                self.probing.insert(s.cookie);
+            } else if self.probing.contains(&s.cookie) {
+                // The sounding moved on, but a probe out unanswered keeps
+                // its setting: the connection must outlive the device's own
+                // wait, whose reconnect proves the black hole.
+                if s.unanswered {
+                    continue;
+                }
+                self.probing.remove(&s.cookie);
+            }
+            // A probe's setting is set again at every sync until its probe
+            // goes out, re-arming the keepalive timer for what remains of
+            // the idle time ([`SWEEP_REARM`]): its last arming is short and
+            // it fires on time (measured: 20.00-20.03 s for 20, against up
+            // to 22 s armed once). Not once it is out: that would send the
+            // next probe early.
+            let rearm = probe.is_some() && !s.unanswered;
+            let k = probe.or_else(|| want.get(&path));
+            let (mut t, again) = match (k, self.covered.get(&s.cookie)) {
+                (Some(k), None) if !self.left_alone.contains(&s.cookie) => {
+                    (target(path, k, None), false)
+                }
+                (Some(k), Some(c)) if !same(c, k) || rearm => {
+                    (target(path, k, Some(c.setting)), same(c, k))
+                }
+                (None, Some(c)) => (undo(c, self.defaults), false),
                 _ => continue,
             };
             if targets.len() >= budget.min(MAX_SWEEP_TARGETS as usize) {
                 deferred += 1;
                 continue;
+            }
+            rearmed += usize::from(again);
+            if rearm {
+                t.1.flags |= SWEEP_REARM;
             }
             targets.push((s.cookie, t));
         }
@@ -267,15 +317,19 @@ impl RemedyRuntime {
         self.covered
             .retain(|c, _| live.contains(c) || !known.contains(c));
         self.left_alone.retain(|c| live.contains(c));
+        self.probing.retain(|c| live.contains(c));
+        let mut candidates = self.candidates(&sockets, wanted);
+        candidates.listed_ns = listed_ns;
         let mut covered = BTreeMap::new();
         for c in self.covered.values() {
             *covered.entry(c.path).or_insert(0) += 1;
         }
         Ok(SyncOutcome {
             covered,
-            swept: targets.len(),
+            swept: targets.len() - rearmed,
             deferred,
             failed,
+            candidates,
         })
     }
 
@@ -315,6 +369,36 @@ impl RemedyRuntime {
         out
     }
 
+    /// The connections of the `sounding` paths a probe could go on: not
+    /// one whose application keeps its own keepalive (the sweep just told),
+    /// nor one already unanswered (a box may have forgotten it: it lingers
+    /// on the server, retransmitting, with no device behind it).
+    fn candidates(&self, sockets: &[TcpSocket], wanted: &Wanted) -> Candidates {
+        let mut out = Candidates::default();
+        if wanted.sounding.is_empty() && wanted.probes.is_empty() {
+            return out;
+        }
+        let probed: HashSet<u64> = wanted.probes.iter().map(|(c, _)| *c).collect();
+        let sounding: HashSet<PathKey> = wanted.sounding.iter().copied().collect();
+        for s in sockets {
+            let own = self.left_alone.contains(&s.cookie);
+            if probed.contains(&s.cookie) && !own {
+                out.probed_open.insert(s.cookie);
+            }
+            if own || s.unanswered {
+                continue;
+            }
+            let path = self.path_of(s);
+            if sounding.contains(&path) {
+                let c = out.ready.entry(path).or_default();
+                if c.len() < CANDIDATES_KEPT {
+                    c.push((s.cookie, client_of(s)));
+                }
+            }
+        }
+        out
+    }
+
     /// Covered sockets' paths from their own addresses (the table index
     /// recorded at establishment may have moved since).
     fn repath(&mut self, sockets: &[TcpSocket]) {
@@ -327,12 +411,18 @@ impl RemedyRuntime {
     }
 
     fn path_of(&self, s: &TcpSocket) -> PathKey {
-        let ip = match s.remote.ip() {
-            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
-            a => a,
-        };
+        let ip = client_of(s).ip();
         PathKey::new(ip, s.local.port(), self.prefixes.0, self.prefixes.1)
     }
+}
+
+/// The client's address as the detector spells it (IPv4, not mapped).
+fn client_of(s: &TcpSocket) -> SocketAddr {
+    let ip = match s.remote.ip() {
+        IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
+        a => a,
+    };
+    SocketAddr::new(ip, s.remote.port())
 }
 
 fn same(c: &Covered, k: &Keepalive) -> bool {

@@ -48,7 +48,11 @@ fn run(mut rt: RemedyRuntime, state: &crate::shared::State, stop: &std::sync::at
             let mut s = lock(state);
             let report = s.pipeline.report();
             s.remedy.update(&report, crate::clock::now_ns());
-            s.remedy.in_force()
+            super::Wanted {
+                paths: s.remedy.in_force(),
+                probes: s.remedy.probes(),
+                sounding: s.remedy.sounding_paths(),
+            }
         };
         let outcome = rt.sync(&wanted, budget);
         let counters = rt.counters();
@@ -57,6 +61,7 @@ fn run(mut rt: RemedyRuntime, state: &crate::shared::State, stop: &std::sync::at
         match outcome {
             Ok(o) => {
                 s.remedy.set_coverage(&o.covered);
+                s.remedy.set_candidates(o.candidates);
                 s.remedy.synced(crate::clock::now_ns(), o.deferred == 0);
                 s.remedy_sync_error = None;
                 last_error = None;

@@ -215,10 +215,11 @@ impl PathSpec {
 mod tests {
     use super::*;
 
-    const SHIPPED: [(&str, &str); 3] = [
+    const SHIPPED: [(&str, &str); 4] = [
         ("demo.toml", include_str!("../../scenarios/demo.toml")),
         ("soak.toml", include_str!("../../scenarios/soak.toml")),
         ("cure.toml", include_str!("../../scenarios/cure.toml")),
+        ("sound.toml", include_str!("../../scenarios/sound.toml")),
     ];
 
     fn one_path(path: &str) -> Result<Scenario> {
