@@ -145,9 +145,10 @@ pub fn seq_after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
 }
 
-/// A keepalive (or zero-window) probe: an empty segment one byte behind
-/// what the server has sent, which only an answer from the client's end
-/// acknowledges. (A pure ACK or window update carries the next number.)
+/// A keepalive (or zero-window) probe: an empty segment behind what the
+/// server has sent (Linux's: one byte behind), which only an answer from
+/// the client's end acknowledges. (A pure ACK or window update carries the
+/// next number; [`classify`] also requires it to be behind, not ahead.)
 #[inline(always)]
 pub fn is_probe(flow: &Flow, pkt: &Packet) -> bool {
     pkt.payload_len == 0 && pkt.tcp_flags & TCP_SYN == 0 && pkt.seq != flow.server_seq_next

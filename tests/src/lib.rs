@@ -32,3 +32,19 @@ pub fn run_output(cmd: &mut std::process::Command) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+
+/// A scenario shipped in `xtask/scenarios`.
+pub fn shipped_scenario(file: &str) -> xtask::lab::Scenario {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    xtask::lab::Scenario::load(&root.join("xtask/scenarios").join(file))
+        .unwrap_or_else(|e| panic!("scenario {file}: {e:#}"))
+}
+
+/// `monitor remedy status --json` from a lab's agent.
+pub fn remedy_status(lab: &xtask::lab::LabRun) -> monitor_core::remedy::RemedyStatus {
+    let text = lab
+        .agent()
+        .cli(&["remedy", "status", "--json"])
+        .expect("monitor remedy status --json");
+    serde_json::from_str(&text).expect("a remedy status")
+}

@@ -10,14 +10,13 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use monitor::detector::{report::Report, Ending, Verdict};
 use monitor_core::remedy::{NotRemediable, PathRemedyState, RemedyStatus};
-use monitor_tests::agent_bin;
-use xtask::lab::{device::DeviceReport, LabRun, Scenario};
+use monitor_tests::{agent_bin, remedy_status, shipped_scenario};
+use xtask::lab::{device::DeviceReport, LabRun};
 
 const NAT: &str = "nat-reset-next-packet";
 const BLACK_HOLE: &str = "lb-black-hole";
@@ -32,19 +31,6 @@ const MAX_HEARTBEAT: u32 = 43;
 /// After this long in force, every silence that can still end in a kill
 /// began after the remedy (the longest Ping, 43 s, and the devices' grace).
 const SETTLE: Duration = Duration::from_secs(50);
-
-fn scenario() -> Scenario {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    Scenario::load(&root.join("xtask/scenarios/cure.toml")).expect("cure scenario")
-}
-
-fn remedy_status(lab: &LabRun) -> RemedyStatus {
-    let text = lab
-        .agent()
-        .cli(&["remedy", "status", "--json"])
-        .expect("monitor remedy status --json");
-    serde_json::from_str(&text).expect("a remedy status")
-}
 
 /// When the remedy came into force on `path` (agent clock), if it has.
 fn since(st: &RemedyStatus, path: &str) -> Option<u64> {
@@ -104,7 +90,7 @@ fn devices_of<'a>(devices: &'a [DeviceReport], name: &str) -> Vec<&'a DeviceRepo
 #[test]
 fn keepalive_stops_the_kills_of_boxes_that_forget_and_heartbeats_climb() {
     xtask::netns::require_root();
-    let s = scenario();
+    let s = shipped_scenario("cure.toml");
     let started_ns = monitor::clock::now_ns();
     let lab = LabRun::start(&s, &agent_bin()).expect("lab up");
     let mut monitor_path: BTreeMap<String, String> = lab

@@ -8,32 +8,15 @@
 //! within the hourly budget; the kills the probes cost are not counted
 //! against the remedy.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use monitor::detector::Estimate;
-use monitor_core::remedy::RemedyStatus;
-use monitor_tests::agent_bin;
-use xtask::lab::{LabRun, Scenario};
+use monitor_tests::{agent_bin, remedy_status, shipped_scenario};
+use xtask::lab::LabRun;
 
 const PATHS: [&str; 2] = ["nat-reset-next-packet", "lb-black-hole"];
 /// The boxes' true timeout.
 const TIMEOUT_S: f64 = 20.0;
-
-fn scenario() -> Scenario {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    Scenario::load(&root.join("xtask/scenarios/sound.toml")).expect("sound scenario")
-}
-
-fn remedy_status(lab: &LabRun) -> RemedyStatus {
-    let text = lab
-        .agent()
-        .cli(&["remedy", "status", "--json"])
-        .expect("monitor remedy status --json");
-    serde_json::from_str(&text).expect("a remedy status")
-}
 
 fn estimate_of(report: &monitor::detector::report::Report, path: &str) -> Option<Estimate> {
     report
@@ -47,7 +30,7 @@ fn estimate_of(report: &monitor::detector::report::Report, path: &str) -> Option
 #[test]
 fn sounding_turns_the_brackets_of_boxes_that_forget_into_points_within_a_second() {
     xtask::netns::require_root();
-    let s = scenario();
+    let s = shipped_scenario("sound.toml");
     let lab = LabRun::start(&s, &agent_bin()).expect("lab up");
     let monitor_path: Vec<(String, String)> = lab
         .topo

@@ -147,6 +147,11 @@ impl Lab {
         self.send(c, at + MS, Dir::Out, TCP_ACK, 0, 64, None);
     }
 
+    /// The client's bare ACK at `at` (of a probe, say).
+    fn client_ack(&mut self, c: &mut Conn, at: u64) {
+        self.send(c, at, Dir::In, TCP_ACK, 0, CLIENT_TTL, None);
+    }
+
     /// The server answers at `at`; the client ACKs one RTT later.
     fn answer(&mut self, c: &mut Conn, at: u64, rtt: u64) {
         self.send(c, at, Dir::Out, TCP_ACK | TCP_PSH, 200, 64, None);
@@ -1241,15 +1246,7 @@ fn a_keepalive_probe_the_client_answers_is_a_survived_silence_of_its_age() {
     let mut c = lab.connect("198.51.100.7", 0);
     lab.ping(&mut c, S);
     probe(&mut lab, &mut c, 24 * S);
-    lab.send(
-        &mut c,
-        24 * S + 20 * MS,
-        Dir::In,
-        TCP_ACK,
-        0,
-        CLIENT_TTL,
-        None,
-    );
+    lab.client_ack(&mut c, 24 * S + 20 * MS);
     assert!((longest_survived(&lab) - 23.0).abs() < 0.01);
     let p = probes(&lab);
     assert_eq!(p.len(), 1, "{p:?}");
@@ -1304,15 +1301,7 @@ fn a_window_update_after_a_silence_is_no_probe() {
     let mut c = lab.connect("198.51.100.7", 0);
     lab.ping(&mut c, S);
     lab.send(&mut c, 24 * S, Dir::Out, TCP_ACK, 0, 64, None);
-    lab.send(
-        &mut c,
-        24 * S + 20 * MS,
-        Dir::In,
-        TCP_ACK,
-        0,
-        CLIENT_TTL,
-        None,
-    );
+    lab.client_ack(&mut c, 24 * S + 20 * MS);
     lab.send(
         &mut c,
         30 * S,
@@ -1381,7 +1370,7 @@ fn probes_that_close_a_bracket_under_two_seconds_make_a_sounded_point() {
     let mut c = lab.connect("198.51.100.7", at);
     lab.ping(&mut c, at + S);
     probe(&mut lab, &mut c, at + S + MS + 20 * S + S / 2);
-    lab.send(&mut c, at + 22 * S, Dir::In, TCP_ACK, 0, CLIENT_TTL, None);
+    lab.client_ack(&mut c, at + 22 * S);
     let Some(Estimate::Sounded {
         seconds,
         low_seconds,
@@ -1407,15 +1396,7 @@ fn a_new_connection_within_a_round_trip_of_a_probe_is_no_black_hole() {
     lab.ping(&mut c, S);
     probe(&mut lab, &mut c, 24 * S);
     let _c2 = lab.connect("198.51.100.7", 24 * S + 10 * MS);
-    lab.send(
-        &mut c,
-        24 * S + 20 * MS,
-        Dir::In,
-        TCP_ACK,
-        0,
-        CLIENT_TTL,
-        None,
-    );
+    lab.client_ack(&mut c, 24 * S + 20 * MS);
     assert!(lab.verdicts().is_empty(), "{:?}", lab.verdicts());
     assert_eq!(probes(&lab), vec![(probes(&lab)[0].0, true)]);
 }
@@ -1432,7 +1413,7 @@ fn a_probe_under_the_low_end_is_no_kill_however_it_is_answered() {
     lab.ping(&mut c, t);
     probe(&mut lab, &mut c, t + 9 * S);
     let _c2 = lab.connect("198.51.100.7", t + 9 * S + S / 2);
-    lab.send(&mut c, t + 10 * S, Dir::In, TCP_ACK, 0, CLIENT_TTL, None);
+    lab.client_ack(&mut c, t + 10 * S);
     probe(&mut lab, &mut c, t + 19 * S);
     lab.send(
         &mut c,
@@ -1458,7 +1439,7 @@ fn a_probe_answered_late_while_the_address_reconnects_is_no_black_hole() {
     lab.ping(&mut c, S);
     probe(&mut lab, &mut c, 24 * S);
     let _c2 = lab.connect("198.51.100.7", 26 * S);
-    lab.send(&mut c, 27 * S, Dir::In, TCP_ACK, 0, CLIENT_TTL, None);
+    lab.client_ack(&mut c, 27 * S);
     assert!(lab.verdicts().is_empty(), "{:?}", lab.verdicts());
     assert_eq!(probes(&lab).len(), 1);
     assert!(probes(&lab)[0].1, "answered: survived");
