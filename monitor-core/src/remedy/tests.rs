@@ -198,6 +198,21 @@ fn a_quiet_remedied_path_is_lifted_to_retest_and_comes_back_only_if_it_kills_aga
     assert!(r.in_force().is_empty() && r.status().paths.is_empty());
 }
 
+/// A reset on the next packet of `client` on the NAT path (silence 0, at 0).
+fn reset_verdict(client: &str, premature: bool) -> Verdict {
+    serde_json::from_value(serde_json::json!({
+        "client": client, "server": "192.0.2.1:443", "path": NAT,
+        "ending": "reset_on_next_packet", "premature": premature,
+        "heartbeat_seconds": null, "heartbeat_source": null, "incomplete": false,
+        "at_ns": 0, "flow_age_seconds": 60.0,
+        "evidence": { "silence_seconds": 0.0, "rst_ttl": null, "client_ttl_min": null,
+            "client_ttl_max": null, "rst_ip_id": null, "client_ip_id": null,
+            "rst_window": null, "client_window": null,
+            "after_server_send_seconds": null, "server_owed_answer": false }
+    }))
+    .expect("a verdict")
+}
+
 #[test]
 fn only_kills_of_silences_begun_after_the_remedy_covered_the_path_count_against_it() {
     let mut r = Remedy::new(on());
@@ -211,17 +226,7 @@ fn only_kills_of_silences_begun_after_the_remedy_covered_the_path_count_against_
         100 * S,
     );
     let verdict = |at_s: u64, silence: f64, premature: bool| {
-        let mut v: Verdict = serde_json::from_value(serde_json::json!({
-            "client": "100.64.1.7:50000", "server": "192.0.2.1:443", "path": NAT,
-            "ending": "reset_on_next_packet", "premature": premature,
-            "heartbeat_seconds": null, "heartbeat_source": null, "incomplete": false,
-            "at_ns": 0, "flow_age_seconds": 60.0,
-            "evidence": { "silence_seconds": 0.0, "rst_ttl": null, "client_ttl_min": null,
-                "client_ttl_max": null, "rst_ip_id": null, "client_ip_id": null,
-                "rst_window": null, "client_window": null,
-                "after_server_send_seconds": null, "server_owed_answer": false }
-        }))
-        .expect("a verdict");
+        let mut v = reset_verdict("100.64.1.7:50000", premature);
         v.at_ns = at_s * S;
         v.evidence.silence_seconds = silence;
         v
@@ -353,17 +358,9 @@ fn the_soundings_own_kills_neither_count_against_the_remedy_nor_postpone_its_ret
     r.update(&killing(2), 10 * S);
     r.synced(10 * S, true);
     assert_eq!(r.probes().len(), 1, "a probe on the one connection");
-    let mut v: Verdict = serde_json::from_value(serde_json::json!({
-        "client": client.to_string(), "server": "192.0.2.1:443", "path": NAT,
-        "ending": "reset_on_next_packet", "premature": true,
-        "heartbeat_seconds": null, "heartbeat_source": null, "incomplete": false,
-        "at_ns": 0, "flow_age_seconds": 60.0,
-        "evidence": { "silence_seconds": 23.0, "rst_ttl": null, "client_ttl_min": null,
-            "client_ttl_max": null, "rst_ip_id": null, "client_ip_id": null,
-            "rst_window": null, "client_window": null,
-            "after_server_send_seconds": null, "server_owed_answer": true }
-    }))
-    .expect("a verdict");
+    let mut v = reset_verdict(&client.to_string(), true);
+    v.evidence.silence_seconds = 23.0;
+    v.evidence.server_owed_answer = true;
     v.at_ns = 40 * S;
     r.observe(&v);
     assert_eq!(r.status().paths[0].kills_while_remedied, 0);
